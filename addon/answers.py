@@ -1,0 +1,71 @@
+"""What a registry request gets back from regcache, independent of mitmproxy.
+
+The services (manifests, blobs) decide; the addon turns the decision into a flow change:
+- `Answer`: a small, complete response made here (manifests, errors, pings);
+- `LocalStream`: re-target the flow to regcache's loopback blob server, which streams the bytes;
+- `PassThrough`: let mitmproxy forward the request to the upstream unchanged.
+
+`result` is the cache outcome, logged per request and sent as `X-Cache`:
+HIT (from the store, no upstream contact), MISS (fetched upstream), REVALIDATED (tag checked
+upstream, bytes from the store), STALE (upstream failed, stored answer served), PASS (relayed,
+nothing to cache), ERROR (answered with an error made here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .routes import API_VERSION_HEADER, HOP_BY_HOP, error_body
+from .store import Manifest
+from .upstream import UpstreamAnswer
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    result: str
+    # For HEAD: the Content-Length of the GET this stands for (the body itself is empty).
+    content_length: int | None = None
+    note: str = ""
+
+
+@dataclass
+class LocalStream:
+    path: str
+    result: str
+    note: str = ""
+
+
+@dataclass
+class PassThrough:
+    result: str = "PASS"
+    note: str = field(default="")
+
+
+Decision = Answer | LocalStream | PassThrough
+
+
+def manifest_answer(manifest: Manifest, digest: str, head: bool, result: str, note: str = "") -> Answer:
+    headers = [
+        ("Content-Type", manifest.media_type),
+        ("Docker-Content-Digest", digest),
+        ("Etag", f'"{digest}"'),
+        *API_VERSION_HEADER.items(),
+    ]
+    body = b"" if head else manifest.body
+    return Answer(200, headers, body, result, content_length=len(manifest.body), note=note)
+
+
+def relay(answer: UpstreamAnswer, result: str, note: str = "") -> Answer:
+    """Pass an upstream answer on as it came (minus hop-by-hop headers)."""
+    headers = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP]
+    length = answer.headers.get("Content-Length")
+    content_length = int(length) if length and length.isdigit() else None
+    return Answer(answer.status, headers, answer.body, result, content_length=content_length, note=note)
+
+
+def error_answer(status: int, code: str, message: str, detail: object = None, note: str = "") -> Answer:
+    headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
+    return Answer(status, headers, error_body(code, message, detail), "ERROR", note=note or message)

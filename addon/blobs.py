@@ -1,0 +1,194 @@
+"""Blobs: hits streamed from the store, misses fetched once upstream while clients stream the fill.
+
+A miss starts a `Fill`: one upstream `GET` (redirects to a CDN followed by `UpstreamClient`),
+written to a staging file and hashed as it arrives, committed to the store only when size and
+digest match. Clients are re-targeted to the loopback blob server, which streams the staging file
+as it grows (`BlobServer`), so the first pull is never held back until the whole blob is in.
+Concurrent requests for the same digest join the running fill instead of fetching again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .answers import Decision, LocalStream, PassThrough, relay
+from .manifests import unavailable
+from .routes import RegistryRequest
+from .store import BlobStaging, DigestMismatch, Store
+from .upstream import (
+    MAX_ERROR_BODY,
+    UpstreamAnswer,
+    UpstreamClient,
+    UpstreamUnavailable,
+    describe_error,
+    read_limited,
+)
+
+log = logging.getLogger(__name__)
+
+# A committed fill stays visible this long, so a request that missed the store just before the
+# commit joins it instead of fetching the blob a second time.
+COMMITTED_GRACE_SECONDS = 30.0
+
+
+class Fill:
+    """One upstream fetch of one blob, shared by every client that asked for it meanwhile."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.started = asyncio.Event()  # the upstream status is known (or the fill failed)
+        self.upstream_refusal: UpstreamAnswer | None = None  # a non-200 upstream answer
+        self.error: str | None = None
+        self.expected_size: int | None = None
+        self.staging_path: Path | None = None
+        self.written = 0
+        self.finished = False
+        self.committed = False
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once more than `offset` bytes are written, or the fill has ended."""
+        changed = self._changed
+        if self.written > offset or self.finished:
+            return
+        await changed.wait()
+
+
+class Fills:
+    """The running fills, by digest (single flight)."""
+
+    def __init__(self, store: Store, upstream: UpstreamClient) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._fills: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, digest: str) -> Fill | None:
+        return self._fills.get(digest)
+
+    def start(self, digest: str, url: str, headers: CIMultiDict[str]) -> Fill:
+        fill = self._fills.get(digest)
+        if fill is not None:
+            return fill
+        fill = self._fills[digest] = Fill(digest)
+        # The fill belongs to no flow: a client that goes away does not abort it for the others.
+        task = asyncio.create_task(self._run(fill, url, headers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str]) -> None:
+        started_at = time.monotonic()
+        response: aiohttp.ClientResponse | None = None
+        staging: BlobStaging | None = None
+        try:
+            response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
+            if response.status != 200:
+                body = await read_limited(response, MAX_ERROR_BODY)
+                fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
+                return
+            fill.expected_size = response.content_length
+            staging = await asyncio.to_thread(self._store.stage_blob, fill.digest)
+            fill.staging_path = staging.path
+            fill.started.set()
+            async for chunk in response.content.iter_any():
+                await asyncio.to_thread(_append, staging, chunk)
+                fill.written += len(chunk)
+                fill._notify()
+            committing, staging = staging, None
+            await asyncio.to_thread(self._store.commit_blob, committing, fill.expected_size)
+            fill.committed = True
+        except (UpstreamUnavailable, DigestMismatch) as err:
+            fill.error = str(err)
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            fill.error = f"GET {url}: {describe_error(err)}"
+        finally:
+            if staging is not None:
+                staging.discard()
+            if response is not None:
+                response.release()
+            fill.finished = True
+            fill.started.set()
+            fill._notify()
+            self._retire(fill)
+            self._log(fill, time.monotonic() - started_at)
+
+    def _retire(self, fill: Fill) -> None:
+        if not fill.committed:
+            self._fills.pop(fill.digest, None)
+            return
+        asyncio.get_running_loop().call_later(COMMITTED_GRACE_SECONDS, self._forget, fill)
+
+    def _forget(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+
+    @staticmethod
+    def _log(fill: Fill, seconds: float) -> None:
+        if fill.committed:
+            log.info("STORED blob %s %d B in %.0f ms", fill.digest, fill.written, seconds * 1000)
+        elif fill.error:
+            log.warning("fill of %s failed after %d B, nothing stored: %s", fill.digest, fill.written, fill.error)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _append(staging: BlobStaging, chunk: bytes) -> None:
+    staging.write(chunk)
+    staging.flush()  # readers follow the file through their own descriptors
+
+
+class BlobService:
+    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._fills = fills
+        self._paths = paths
+
+    async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
+        digest = req.route.reference
+        fill = self._fills.get(digest)
+        if fill is None and await asyncio.to_thread(self._store.blob_size, digest) is not None:
+            return LocalStream(self._paths.blob(digest), "HIT")
+        if fill is not None and fill.committed:
+            return LocalStream(self._paths.blob(digest), "HIT")
+        if req.head:
+            try:
+                return relay(await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers)), "PASS")
+            except UpstreamUnavailable as err:
+                return unavailable(req, str(err))
+        if ranged:
+            return PassThrough(note="range request for an uncached blob")
+        fill = self._fills.start(digest, req.url, CIMultiDict(req.headers))
+        await fill.started.wait()  # bounded: the upstream client times out
+        if fill.upstream_refusal is not None:
+            return relay(fill.upstream_refusal, "PASS")
+        if fill.error is not None:
+            return unavailable(req, fill.error)
+        return LocalStream(self._paths.fill(digest), "MISS")
+
+
+class BlobPaths:
+    """The loopback blob server's paths; a random prefix keeps other local users from guessing them."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def blob(self, digest: str) -> str:
+        return f"/{self.secret}/blobs/{digest}"
+
+    def fill(self, digest: str) -> str:
+        return f"/{self.secret}/fills/{digest}"

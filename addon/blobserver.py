@@ -1,0 +1,101 @@
+"""The loopback blob server: streams blob bytes to mitmproxy with bounded memory.
+
+mitmproxy sends an addon-made response as one buffer (a 1 GiB blob would cost GBs of RAM), so blob
+flows are re-targeted here instead and mitmproxy streams our answer through to the client.
+It runs on mitmproxy's own event loop and serves:
+- `/<secret>/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
+- `/<secret>/fills/<digest>`: a blob still being fetched, following the staging file as it grows,
+  and breaking the connection if the fill fails so the client never takes a partial blob as whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+from aiohttp import web
+
+from .blobs import BlobPaths, Fill, Fills
+from .routes import API_VERSION_HEADER, error_body
+from .store import Store
+
+READ_CHUNK = 1024 * 1024
+
+
+class FillFailed(ConnectionError):
+    pass
+
+
+def _blob_headers(digest: str) -> dict[str, str]:
+    return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest, **API_VERSION_HEADER}
+
+
+class BlobServer:
+    def __init__(self, store: Store, fills: Fills) -> None:
+        self._store = store
+        self._fills = fills
+        self.paths = BlobPaths(secrets.token_hex(16))
+        self.port = 0
+        app = web.Application()
+        app.router.add_get(f"/{self.paths.secret}/blobs/{{digest}}", self._stored_blob)
+        app.router.add_get(f"/{self.paths.secret}/fills/{{digest}}", self._filling_blob, allow_head=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _stored_blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        path = await asyncio.to_thread(self._store.blob_path, digest)
+        if path is None:
+            return web.Response(
+                status=404,
+                body=error_body("BLOB_UNKNOWN", "blob unknown to registry", digest),
+                content_type="application/json",
+            )
+        return web.FileResponse(path, headers=_blob_headers(digest))
+
+    async def _filling_blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        fill = self._fills.get(digest)
+        if fill is None or fill.committed or fill.staging_path is None:
+            return await self._stored_blob(request)
+        try:
+            source = open(fill.staging_path, "rb")  # noqa: SIM115 - closed below, after streaming
+        except FileNotFoundError:  # committed (moved) or discarded meanwhile
+            await fill.wait_beyond(2**62)
+            return await self._stored_blob(request)
+        with source:
+            response = web.StreamResponse(headers=_blob_headers(digest))
+            if fill.expected_size is not None:
+                response.content_length = fill.expected_size
+            await response.prepare(request)
+            await self._follow(fill, source.fileno(), response)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> None:
+        offset = 0
+        while True:
+            if fill.written > offset:
+                chunk = await asyncio.to_thread(os.pread, fd, min(fill.written - offset, READ_CHUNK), offset)
+                await response.write(chunk)
+                offset += len(chunk)
+            elif fill.finished:
+                if fill.error is not None:
+                    # Dropping the connection mid-body is the only honest signal left: the status
+                    # line has gone out already.
+                    raise FillFailed(fill.error)
+                return
+            else:
+                await fill.wait_beyond(offset)

@@ -1,0 +1,249 @@
+"""regcache's mitmproxy addon — the entry point for `mitmdump -s addon/cache.py`.
+
+It owns the mapping between mitmproxy flows and the registry services: which connections are
+intercepted at all, which requests are registry reads, and how a service's decision becomes a
+response (`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
+Everything else lives in the package: routes (parsing), manifests, blobs, store, upstream, config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+
+from mitmproxy import ctx, http, tls
+from mitmproxy.addonmanager import Loader
+
+if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
+    # Loaded by path (`mitmdump -s addon/cache.py`): make the package importable even when it was
+    # not installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from addon.answers import Answer, Decision, LocalStream, error_answer, relay
+from addon.blobs import BlobService, Fills
+from addon.blobserver import BlobServer
+from addon.config import ConfigError, Settings, load_settings
+from addon.manifests import ManifestService
+from addon.routes import (
+    API_VERSION_HEADER,
+    INVALID_MESSAGES,
+    Kind,
+    RegistryRequest,
+    accepted_media_types,
+    parse_path,
+)
+from addon.store import DiskStore
+from addon.upstream import UpstreamClient, UpstreamUnavailable, forwardable_headers
+
+log = logging.getLogger("regcache")
+
+META = "regcache"  # flow.metadata key: (result, what, note)
+STREAMED = "regcache_streamed"
+
+
+class Runtime:
+    """Everything built from one configuration: store, upstream client, services, blob server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = DiskStore(settings.cache_dir, settings.size_limit)
+        self.upstream = UpstreamClient(settings)
+        self.fills = Fills(self.store, self.upstream)
+        self.blob_server = BlobServer(self.store, self.fills)
+        self.manifests = ManifestService(self.store, self.upstream)
+        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths)
+        self._started: asyncio.Task[None] | None = None
+
+    async def started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.blob_server.start())
+        await asyncio.shield(self._started)
+
+    async def close(self) -> None:
+        await self.fills.close()
+        await self.upstream.close()
+        if self._started is not None:
+            await self.blob_server.stop()
+        self.store.close()
+
+
+def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
+    """Send the flow where `upstreams` says this host really is (no-op for other hosts)."""
+    target = settings.upstreams.get(flow.request.host.lower())
+    if target is None:
+        return
+    flow.request.scheme = target.scheme
+    flow.request.host = target.host
+    flow.request.port = target.port
+    flow.request.path = target.path_prefix + flow.request.path
+
+
+def logical_url(request: http.Request) -> str:
+    default_port = 443 if request.scheme == "https" else 80
+    port = "" if request.port == default_port else f":{request.port}"
+    return f"{request.scheme}://{request.host.lower()}{port}{request.path}"
+
+
+def make_response(answer: Answer) -> http.Response:
+    headers = http.Headers([(k.encode(), v.encode()) for k, v in answer.headers])
+    headers["X-Cache"] = answer.result
+    response = http.Response.make(answer.status, answer.body, headers)
+    if answer.content_length is not None and not answer.body:
+        response.headers["Content-Length"] = str(answer.content_length)  # a HEAD answer
+    return response
+
+
+class RegistryCache:
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.runtime: Runtime | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "regcache_config",
+            str | None,
+            None,
+            "Path to regcache's YAML configuration (cache_dir, size_limit, registries, upstreams, "
+            "upstream_timeout). Unset: built-in defaults.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if self.runtime is not None and "regcache_config" not in updated:
+            return
+        try:
+            settings = load_settings(ctx.options.regcache_config)
+            runtime = Runtime(settings)
+        except ConfigError as err:
+            # One line naming the key, not a traceback; an error logged during start-up makes
+            # mitmdump exit (its errorcheck addon), which is what a bad config must do.
+            log.error("regcache: bad configuration: %s", err)
+            return
+        except OSError as err:
+            log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)
+            return
+        old, self.runtime, self.settings = self.runtime, runtime, settings
+        if old is not None:
+            _close_soon(old)
+        log.info(
+            "regcache: caching %d registries into %s (size limit %d B)",
+            len(settings.registries),
+            settings.cache_dir,
+            settings.size_limit,
+        )
+
+    def running(self) -> None:
+        if self.runtime is not None:
+            # Start the blob server now rather than on the first blob request.
+            _background(self.runtime.started())
+
+    def done(self) -> None:
+        if self.runtime is not None:
+            _close_soon(self.runtime)
+            self.runtime = None
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
+        if host and not self.settings.intercepts(host):
+            # Not ours: let the TLS session through untouched, with the real server's certificate.
+            data.ignore_connection = True
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        runtime = self.runtime
+        if flow.response is not None or runtime is None:
+            return
+        namespace = self.settings.namespace_for(flow.request.host)
+        route = parse_path(flow.request.path)
+        if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
+            retarget(flow, self.settings)
+            return
+        req = RegistryRequest(
+            namespace=namespace,
+            url=logical_url(flow.request),
+            method=flow.request.method,
+            route=route,
+            headers=forwardable_headers(flow.request.headers.items(multi=True)),
+            accepted=accepted_media_types(flow.request.headers.get_all("accept")),
+        )
+        decision = await self._decide(runtime, req, ranged="range" in flow.request.headers)
+        flow.metadata[META] = (decision.result, req.describe(), decision.note)
+        if isinstance(decision, Answer):
+            flow.response = make_response(decision)
+        elif isinstance(decision, LocalStream):
+            await runtime.started()
+            flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", runtime.blob_server.port
+            flow.request.path = decision.path
+            flow.metadata[STREAMED] = True
+        else:
+            retarget(flow, self.settings)
+            flow.metadata[STREAMED] = True
+
+    async def _decide(self, runtime: Runtime, req: RegistryRequest, ranged: bool) -> Decision:
+        match req.route.kind:
+            case Kind.INVALID:
+                return error_answer(400, req.route.error_code, INVALID_MESSAGES[req.route.error_code])
+            case Kind.MANIFEST:
+                return await runtime.manifests.serve(req)
+            case Kind.BLOB:
+                return await runtime.blobs.serve(req, ranged)
+            case _:
+                return await self._ping(runtime, req)
+
+    @staticmethod
+    async def _ping(runtime: Runtime, req: RegistryRequest) -> Answer:
+        """`/v2/` is always asked upstream (never cached); if the upstream cannot answer, say
+        "no auth needed" so clients go on to stored content instead of giving up."""
+        try:
+            return relay(await runtime.upstream.fetch(req.method, req.url, req.headers), "PASS")  # type: ignore[arg-type]
+        except UpstreamUnavailable as err:
+            headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
+            return Answer(200, headers, b"{}", "STALE", note=str(err))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if META not in flow.metadata or flow.response is None:
+            return
+        if flow.metadata.get(STREAMED):
+            flow.response.stream = True
+        flow.response.headers["X-Cache"] = flow.metadata[META][0]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if META in flow.metadata and flow.response is not None:
+            size = flow.response.headers.get("Content-Length", "?")
+            if flow.response.raw_content:
+                size = str(len(flow.response.raw_content))
+            _log_request(flow, f"{flow.response.status_code} {size} B")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if META in flow.metadata:
+            _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
+
+
+def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -> None:
+    result, what, note = flow.metadata[META]
+    ms = (time.time() - flow.request.timestamp_start) * 1000
+    method = flow.request.method
+    log.log(level, "%s %s %s %s %.0f ms%s", result, method, what, outcome, ms, f" ({note})" if note else "")
+
+
+_background_tasks: set[asyncio.Future[None]] = set()
+
+
+def _background(work: Coroutine[None, None, None]) -> None:
+    task = asyncio.ensure_future(work)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+def _close_soon(runtime: Runtime) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        runtime.store.close()
+        return
+    _background(runtime.close())
+
+
+addons = [RegistryCache()]

@@ -1,0 +1,182 @@
+"""regcache's YAML configuration, turned into typed settings.
+
+Every key has a default, so no file at all is a working configuration. Anything wrong (unknown
+key, wrong type, unparsable size or URL, unreadable file) raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+DOCKER_HUB = "docker.io"
+
+# Docker Hub answers under two names (crane uses index.docker.io); both are one cache namespace.
+DEFAULT_REGISTRIES: dict[str, str] = {
+    "registry-1.docker.io": DOCKER_HUB,
+    "index.docker.io": DOCKER_HUB,
+    "ghcr.io": "ghcr.io",
+    "quay.io": "quay.io",
+    "gcr.io": "gcr.io",
+    "registry.k8s.io": "registry.k8s.io",
+    "public.ecr.aws": "public.ecr.aws",
+    "mcr.microsoft.com": "mcr.microsoft.com",
+}
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a host's traffic really goes: scheme, host, port and an optional path prefix."""
+
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/regcache").expanduser())
+    size_limit: int = 50 * 1024**3
+    registries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_REGISTRIES))
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    upstream_timeout: float = 30.0
+
+    def namespace_for(self, host: str) -> str | None:
+        """The cache namespace of a registry host, or None when the host is not cached."""
+        return self.registries.get(host.lower())
+
+    def intercepts(self, host: str) -> bool:
+        """Should TLS to this host be opened at all? Registries and re-targeted hosts only."""
+        host = host.lower()
+        return host in self.registries or host in self.upstreams
+
+
+def parse_size(key: str, value: object) -> int:
+    """`50GiB`, `500 MB`, `1.5g` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size such as 50GiB, got {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value)):
+        number, unit = float(match[1]), match[2].lower()
+    else:
+        raise ConfigError(key, f"expected a size such as 50GiB, got {value!r}")
+    if unit not in _SIZE_UNITS:
+        raise ConfigError(key, f"unknown size unit {unit!r} in {value!r} (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)")
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(key, f"must be larger than zero, got {value!r}")
+    return size
+
+
+def parse_upstream(key: str, value: object) -> Upstream:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:
+        raise ConfigError(key, f"bad port in {value!r}") from err
+    return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+def _host(key: str, value: object) -> str:
+    if not isinstance(value, str) or not _HOST_RE.fullmatch(value):
+        raise ConfigError(key, f"expected a host name, got {value!r}")
+    return value.lower()
+
+
+def parse_registries(key: str, value: object) -> dict[str, str]:
+    """A list of hosts, or a map host → cache namespace (hosts sharing a namespace share a cache)."""
+    if isinstance(value, list):
+        hosts = [_host(f"{key}[{i}]", item) for i, item in enumerate(value)]
+        return {host: DEFAULT_REGISTRIES.get(host, host) for host in hosts}
+    if isinstance(value, dict):
+        return {_host(key, host): _host(f"{key}.{host}", ns) for host, ns in value.items()}
+    raise ConfigError(key, f"expected a list of hosts or a map host → namespace, got {value!r}")
+
+
+def _positive_number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(key, f"expected a number of seconds larger than zero, got {value!r}")
+    return float(value)
+
+
+def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
+    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key (known keys: {', '.join(sorted(known))})")
+    values: dict[str, object] = {}
+    if "cache_dir" in raw:
+        if not isinstance(raw["cache_dir"], str) or not raw["cache_dir"]:
+            raise ConfigError("cache_dir", f"expected a directory path, got {raw['cache_dir']!r}")
+        values["cache_dir"] = Path(raw["cache_dir"]).expanduser()
+    if "size_limit" in raw:
+        values["size_limit"] = parse_size("size_limit", raw["size_limit"])
+    if "registries" in raw:
+        values["registries"] = parse_registries("registries", raw["registries"])
+    if "upstreams" in raw:
+        upstreams = raw["upstreams"]
+        if not isinstance(upstreams, dict):
+            raise ConfigError("upstreams", f"expected a map host → base URL, got {upstreams!r}")
+        values["upstreams"] = {
+            _host("upstreams", host): parse_upstream(f"upstreams.{host}", url) for host, url in upstreams.items()
+        }
+    if "upstream_timeout" in raw:
+        values["upstream_timeout"] = _positive_number("upstream_timeout", raw["upstream_timeout"])
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def load_settings(path: str | None) -> Settings:
+    """Read the YAML file at `path` (None or empty: all defaults)."""
+    if not path:
+        return Settings()
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as err:
+        raise ConfigError("regcache_config", f"cannot read {path}: {err.strerror}") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError("regcache_config", f"{path} is not valid YAML: {err}") from err
+    if raw is None:
+        return Settings()
+    if not isinstance(raw, dict):
+        raise ConfigError("regcache_config", f"{path} must hold a YAML map of settings")
+    return settings_from_mapping(raw)

@@ -1,0 +1,122 @@
+"""Manifests: by digest from the store, by tag revalidated upstream with a `HEAD`.
+
+Tag rule: the upstream is asked with a `HEAD` (free on Docker Hub) carrying the client's
+`Authorization` and `Accept`. If the digest it names is stored and acceptable to the client, the
+stored bytes are served (REVALIDATED); otherwise the manifest is fetched and stored (MISS). If the
+upstream cannot answer (unreachable, time-out, 5xx, 429), the last digest recorded for the same
+registry, repository, tag and accepted media types is served (STALE). A client `HEAD` never becomes
+an upstream `GET`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from multidict import CIMultiDict
+
+from .answers import Answer, error_answer, manifest_answer, relay
+from .routes import DIGEST_RE, RegistryRequest, is_acceptable
+from .store import DigestMismatch, Manifest, Store, TagRecord, digest_of, new_tag_record, tag_key
+from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+
+def upstream_failed(answer: UpstreamAnswer) -> bool:
+    """Answers that say nothing about the tag: the upstream is overloaded or broken."""
+    return answer.status == 429 or answer.status >= 500
+
+
+class ManifestService:
+    def __init__(self, store: Store, upstream: UpstreamClient) -> None:
+        self._store = store
+        self._upstream = upstream
+
+    async def serve(self, req: RegistryRequest) -> Answer:
+        if req.route.is_digest:
+            return await self._by_digest(req)
+        return await self._by_tag(req)
+
+    async def _by_digest(self, req: RegistryRequest) -> Answer:
+        digest = req.route.reference
+        stored = await asyncio.to_thread(self._store.get_manifest, digest)
+        if stored is not None:
+            return manifest_answer(stored, digest, req.head, "HIT")
+        try:
+            return await self._fetch(req, digest)
+        except UpstreamUnavailable as err:
+            return unavailable(req, str(err))
+
+    async def _by_tag(self, req: RegistryRequest) -> Answer:
+        try:
+            check = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
+        except UpstreamUnavailable as err:
+            return await self._stale(req, str(err))
+        if upstream_failed(check):
+            return await self._stale(req, f"upstream answered {check.status}", check)
+        digest = check.headers.get("Docker-Content-Digest", "")
+        if check.status == 200 and DIGEST_RE.fullmatch(digest):
+            stored = await asyncio.to_thread(self._store.get_manifest, digest)
+            if stored is not None and is_acceptable(stored.media_type, req.accepted):
+                await self._record_tag(req, new_tag_record(stored, digest))
+                return manifest_answer(stored, digest, req.head, "REVALIDATED")
+        if req.head:
+            if check.status == 200 and DIGEST_RE.fullmatch(digest):
+                # dockerd HEADs the tag, then GETs the digest: remember what the tag named, so
+                # the same pull can be replayed from the store when the upstream is down.
+                await self._record_tag(req, TagRecord(digest, check.headers.get("Content-Type", ""), 0, time.time()))
+            return relay(check, "MISS" if check.status == 200 else "PASS")
+        try:
+            return await self._fetch(req, None)
+        except UpstreamUnavailable as err:
+            return await self._stale(req, str(err))
+
+    async def _fetch(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
+        answer = await self._upstream.fetch(req.method, req.url, CIMultiDict(req.headers), MAX_MANIFEST_SIZE)
+        if answer.status != 200 or req.head:
+            return relay(answer, "MISS" if answer.status == 200 else "PASS")
+        if len(answer.body) > MAX_MANIFEST_SIZE:
+            return error_answer(502, "MANIFEST_INVALID", f"upstream manifest larger than {MAX_MANIFEST_SIZE} bytes")
+        digest = expected_digest or answer.headers.get("Docker-Content-Digest") or digest_of(answer.body)
+        manifest = Manifest(answer.headers.get("Content-Type", "application/octet-stream"), answer.body)
+        try:
+            await asyncio.to_thread(self._store.put_manifest, digest, manifest)
+        except DigestMismatch:
+            return error_answer(
+                502, "MANIFEST_INVALID", f"upstream manifest bytes do not match {digest}", note="not stored"
+            )
+        if not req.route.is_digest:
+            await self._record_tag(req, new_tag_record(manifest, digest))
+        return relay(answer, "MISS")
+
+    async def _stale(self, req: RegistryRequest, reason: str, failed: UpstreamAnswer | None = None) -> Answer:
+        if not req.route.is_digest:
+            key = self._tag_key(req)
+            record = await asyncio.to_thread(self._store.get_tag, key)
+            stored = record and await asyncio.to_thread(self._store.get_manifest, record.digest)
+            if record and stored:
+                return manifest_answer(stored, record.digest, req.head, "STALE", note=reason)
+        if failed is not None:
+            return relay(failed, "PASS", note=reason)
+        return unavailable(req, reason)
+
+    async def _record_tag(self, req: RegistryRequest, record: TagRecord) -> None:
+        await asyncio.to_thread(self._store.put_tag, self._tag_key(req), record)
+
+    @staticmethod
+    def _tag_key(req: RegistryRequest) -> str:
+        return tag_key(req.namespace, req.route.name, req.route.reference, req.accepted)
+
+
+def unavailable(req: RegistryRequest, reason: str) -> Answer:
+    return error_answer(
+        503,
+        "UNAVAILABLE",
+        f"upstream unavailable and {req.describe()} is not cached",
+        detail={"reason": reason},
+        note=reason,
+    )

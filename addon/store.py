@@ -1,0 +1,205 @@
+"""The content-addressed store: blobs, manifests and tag records.
+
+`Store` is the interface the rest of regcache uses; `DiskStore` is the embedded implementation on
+diskcache. A shared backend for several nodes can implement the same interface later.
+
+Every call here blocks (SQLite, file I/O): callers on the event loop use `asyncio.to_thread`.
+
+Consistency rules:
+- a blob is staged in `<cache_dir>/staging/` while it is fetched and hashed, and enters the store
+  only through `commit`, which checks size and digest and then *renames* the file into diskcache's
+  directory (same file system, no copy) inside diskcache's own transaction;
+- a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
+- leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
+  served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import diskcache
+from diskcache.core import MODE_BINARY
+
+
+class DigestMismatch(ValueError):
+    """Content whose bytes do not hash to the digest they were fetched under."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    """What a tag resolved to for one set of accepted media types, and when we last saw it."""
+
+    digest: str
+    media_type: str
+    size: int
+    recorded_at: float
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def verify_digest(digest: str, data: bytes) -> None:
+    algorithm = digest.split(":", 1)[0]
+    if algorithm not in ("sha256", "sha512") or digest_of(data, algorithm) != digest:
+        raise DigestMismatch(f"content does not match {digest}")
+
+
+def tag_key(namespace: str, name: str, tag: str, accepted: tuple[str, ...]) -> str:
+    """Tags resolve per registry, repository, tag *and* accepted media types."""
+    return f"tag:{namespace}/{name}:{tag}#{','.join(accepted)}"
+
+
+class BlobStaging:
+    """A blob being fetched: appended to a temp file and hashed as it arrives."""
+
+    def __init__(self, directory: Path, digest: str) -> None:
+        self.digest = digest
+        self._hash = hashlib.new(digest.split(":", 1)[0])
+        fd, name = tempfile.mkstemp(dir=directory, prefix="fill-")
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def verify(self, expected_size: int | None) -> None:
+        self._file.close()
+        if expected_size is not None and self.size != expected_size:
+            raise DigestMismatch(f"{self.digest}: got {self.size} bytes, expected {expected_size}")
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            raise DigestMismatch(f"{self.digest}: bytes hash to {actual}")
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Store(Protocol):
+    def blob_size(self, digest: str) -> int | None: ...
+    def blob_path(self, digest: str) -> str | None: ...
+    def open_blob(self, digest: str) -> BinaryIO | None: ...
+    def stage_blob(self, digest: str) -> BlobStaging: ...
+    def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
+    def get_manifest(self, digest: str) -> Manifest | None: ...
+    def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
+    def get_tag(self, key: str) -> TagRecord | None: ...
+    def put_tag(self, key: str, record: TagRecord) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _StagedFile:
+    path: Path
+    size: int
+
+
+class _AdoptingDisk(diskcache.Disk):
+    """diskcache's Disk, plus: a staged, verified blob file is moved in, not copied."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[no-untyped-def]
+        if not isinstance(value, _StagedFile):
+            return super().store(value, read, key=key)
+        filename, full_path = self.filename(key, value)
+        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        os.rename(value.path, full_path)
+        return value.size, MODE_BINARY, filename, None
+
+
+class DiskStore:
+    """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
+
+    def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True) -> None:
+        """`owner`: this process runs the cache (and may clear `staging/`); tools that only look
+        at a store another process is using pass False."""
+        self.cache_dir = cache_dir
+        self.staging_dir = cache_dir / "staging"
+        if owner:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(
+            str(cache_dir / "store"),
+            disk=_AdoptingDisk,
+            size_limit=size_limit,
+            # diskcache's default evicts by insertion time; a mirror must keep what is used.
+            eviction_policy="least-recently-used",
+        )
+
+    # blobs ---------------------------------------------------------------------------------
+    def open_blob(self, digest: str) -> BinaryIO | None:
+        handle = self._cache.get(f"blob:{digest}", read=True)
+        return handle  # type: ignore[no-any-return]
+
+    def blob_path(self, digest: str) -> str | None:
+        handle = self.open_blob(digest)
+        if handle is None:
+            return None
+        with handle:
+            return str(handle.name)
+
+    def blob_size(self, digest: str) -> int | None:
+        handle = self.open_blob(digest)
+        if handle is None:
+            return None
+        with handle:
+            return os.fstat(handle.fileno()).st_size
+
+    def stage_blob(self, digest: str) -> BlobStaging:
+        return BlobStaging(self.staging_dir, digest)
+
+    def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None:
+        """Verify, then move the staged file into the store. On any failure nothing is stored."""
+        try:
+            staging.verify(expected_size)
+            self._cache.set(f"blob:{staging.digest}", _StagedFile(staging.path, staging.size))
+        finally:
+            staging.discard()  # no-op after a successful move
+
+    # manifests -----------------------------------------------------------------------------
+    def get_manifest(self, digest: str) -> Manifest | None:
+        raw = self._cache.get(f"manifest:{digest}")
+        if not isinstance(raw, bytes):
+            return None
+        media_type, _, body = raw.partition(b"\n")
+        return Manifest(media_type.decode(), body)
+
+    def put_manifest(self, digest: str, manifest: Manifest) -> None:
+        verify_digest(digest, manifest.body)
+        self._cache.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
+
+    # tags ----------------------------------------------------------------------------------
+    def get_tag(self, key: str) -> TagRecord | None:
+        raw = self._cache.get(key)
+        return TagRecord(**json.loads(raw)) if isinstance(raw, str) else None
+
+    def put_tag(self, key: str, record: TagRecord) -> None:
+        self._cache.set(key, json.dumps(asdict(record)))
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+def new_tag_record(manifest: Manifest, digest: str) -> TagRecord:
+    return TagRecord(digest, manifest.media_type, len(manifest.body), time.time())

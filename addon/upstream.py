@@ -1,0 +1,143 @@
+"""regcache's own HTTP client for upstream registries: re-targeting, redirects, credentials, time-outs.
+
+mitmproxy has no client for addon-originated requests, so revalidation `HEAD`s, manifest fetches
+and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for every request:
+
+- a host named in `upstreams` is sent to its configured base URL instead (air-gapped mirrors, tests);
+- redirects are followed by us, so a blob behind a CDN is stored under its digest, never under the
+  signed URL, and the client's `Authorization` never goes to a host other than the registry's;
+- bodies are requested with `Accept-Encoding: identity`, so manifest bytes are the exact bytes whose
+  digest the registry names;
+- any failure to get an answer (refused, DNS, TLS, time-out, broken redirect chain) is one
+  exception, `UpstreamUnavailable`, so callers can fall back to stored content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import Settings
+from .routes import HOP_BY_HOP
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+MAX_ERROR_BODY = 64 * 1024
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "accept-encoding", "range", "if-range"}
+
+
+class UpstreamUnavailable(Exception):
+    """No HTTP answer could be had from the upstream (or from where it redirected)."""
+
+
+@dataclass
+class UpstreamAnswer:
+    """A complete, small upstream answer (status, headers, body)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def forwardable_headers(client_headers: Mapping[str, str] | list[tuple[str, str]]) -> CIMultiDict[str]:
+    """The client's request headers that describe the resource or the client's rights."""
+    items = client_headers.items() if isinstance(client_headers, Mapping) else client_headers
+    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in items if k.lower() not in _NOT_FORWARDED)
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+class UpstreamClient:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def resolve(self, url: str) -> str:
+        """Apply the `upstreams` map: the URL we really connect to for a logical URL."""
+        parts = urlsplit(url)
+        target = self._settings.upstreams.get((parts.hostname or "").lower())
+        if target is None:
+            return url
+        netloc = f"{target.host}:{target.port}"
+        return urlunsplit((target.scheme, netloc, target.path_prefix + parts.path, parts.query, ""))
+
+    def _session_on_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False,  # digests are over the bytes as sent
+                trust_env=False,  # an inherited HTTPS_PROXY would loop requests back into us
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=16),
+            )
+        return self._session
+
+    async def open(
+        self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """Send a request, following redirects ourselves. The caller must release the response."""
+        session = self._session_on_loop()
+        origin = urlsplit(url).hostname
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await session.request(
+                    method, self.resolve(url), headers=headers, allow_redirects=False, timeout=timeout
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+            location = response.headers.get("Location")
+            if response.status not in REDIRECT_STATUSES or not location:
+                return response
+            response.release()
+            url = urljoin(url, location)
+            if urlsplit(url).hostname != origin and "Authorization" in headers:
+                # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
+                # must not travel there.
+                headers = CIMultiDict(headers)
+                del headers["Authorization"]
+            if response.status == 303:
+                method = "GET"
+        raise UpstreamUnavailable(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+
+    async def fetch(
+        self, method: str, url: str, headers: CIMultiDict[str], max_body: int = MAX_ERROR_BODY
+    ) -> UpstreamAnswer:
+        """A whole small answer: manifests, pings, errors. Longer bodies are cut at `max_body`."""
+        timeout = aiohttp.ClientTimeout(total=self._settings.upstream_timeout)
+        response = await self.open(method, url, headers, timeout)
+        try:
+            body = await read_limited(response, max_body) if method != "HEAD" else b""
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+        finally:
+            response.release()
+        return UpstreamAnswer(response.status, response.headers, body)
+
+    def blob_timeout(self) -> aiohttp.ClientTimeout:
+        """No total limit for a blob (it may be GBs), but a stall is a failure."""
+        limit = self._settings.upstream_timeout
+        return aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit, sock_read=limit)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` + 1 bytes when it is longer (so callers can tell)."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await response.content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
+def describe_error(err: BaseException) -> str:
+    if isinstance(err, asyncio.TimeoutError):
+        return "timed out"
+    return str(err) or type(err).__name__

@@ -1,0 +1,124 @@
+"""Threaded loopback HTTP servers for the test bed (token server, CDN).
+
+Owns: binding 127.0.0.1 on a free port, running ``ThreadingHTTPServer`` in a
+background thread, stopping and restarting on the *same* port, and cutting
+every open keep-alive connection on stop so that a stopped server really looks
+down to clients (a plain ``shutdown()`` only stops accepting; handler threads
+of keep-alive connections would go on answering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+
+class _TrackingServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that remembers open client sockets."""
+
+    daemon_threads = True
+    # Handler threads may be blocked on keep-alive reads; do not join them.
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], owner: Any) -> None:
+        self.owner = owner
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-body (tests of aborted pulls, stop()) are
+        # expected; only print tracebacks for real handler bugs.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+    def cut_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class BackgroundHTTPServer:
+    """Base for a loopback server running in its own thread.
+
+    Subclasses set ``handler_class``; the handler reaches the owning object as
+    ``self.server.owner``.
+    """
+
+    handler_class: type[BaseHTTPRequestHandler]
+    name = "http"
+
+    def __init__(self, port: int = 0) -> None:
+        self._port = port
+        self._server: _TrackingServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError(f"{self.name} server was never started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Start serving; a restart reuses the port chosen the first time."""
+        if self._server is not None:
+            return
+        server = _TrackingServer(("127.0.0.1", self._port), self.handler_class, self)
+        self._port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"bed-{self.name}-{self._port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and drop every open connection."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        server.cut_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,175 @@
+"""Cold and warm pulls through a real regcache, with real skopeo and dockerd.
+
+The upstream is Debian's docker-registry with Docker-Hub-style token auth and CDN redirects (the
+bed). Upstream traffic is counted from the registry's own access log and the CDN's request log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from bed.cdn import Cdn
+from bed.dockerd import Dockerd
+from bed.images import ImageSet, PushedImage, push_variant
+from bed.registry import Registry
+from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
+
+from addon.store import DiskStore
+
+from .mitm import Mitmdump
+
+IMAGES = ["oci_single", "oci_multi", "docker_multi", "big"]
+
+
+def revalidation_only(registry: Registry, since: int) -> list[str]:
+    """Upstream requests other than `/v2/` pings and manifest `HEAD`s (must be none when warm)."""
+    return [
+        f"{r.method} {r.path}"
+        for r in registry.requests(since)
+        if not (r.kind == "base" or (r.kind == "manifest" and r.method == "HEAD"))
+    ]
+
+
+def assert_stored(store: DiskStore, image: PushedImage) -> None:
+    """Every blob of the (amd64) image is in the store, byte for byte."""
+    for blob in image.blobs:
+        handle = store.open_blob(blob.digest)
+        assert handle is not None, f"{blob.digest} not stored"
+        with handle:
+            assert "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest() == blob.digest
+    assert store.get_manifest(image.digest) is not None
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_skopeo_cold_then_warm(
+    name: str,
+    images: ImageSet,
+    skopeo: Skopeo,
+    store: DiskStore,
+    upstream_registry: Registry,
+    cdn: Cdn,
+    regcache: Mitmdump,
+    tmp_path: Path,
+) -> None:
+    image: PushedImage = getattr(images, name)
+    cold = skopeo.copy_to_dir(image.ref, tmp_path / "cold", all_platforms=image.is_list)
+    assert cold == image.digest
+    assert_stored(store, image)
+    assert not any(r.has_authorization for r in cdn.requests()), "registry credentials reached the CDN"
+
+    registry_mark, cdn_mark, log_mark = upstream_registry.mark(), cdn.mark(), regcache.mark()
+    warm = skopeo.copy_to_dir(image.ref, tmp_path / "warm", all_platforms=image.is_list)
+    assert warm == image.digest
+    assert revalidation_only(upstream_registry, registry_mark) == []
+    assert cdn.count(since=cdn_mark) == 0
+    results = {result for result, _, _ in regcache.results(log_mark)}
+    assert results <= {"HIT", "REVALIDATED", "PASS"}, results
+    assert "REVALIDATED" in results
+    for blob in image.blobs:
+        assert (tmp_path / "warm" / blob.digest.split(":")[1]).read_bytes() == (
+            tmp_path / "cold" / blob.digest.split(":")[1]
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_dockerd_cold_then_warm(
+    name: str, images: ImageSet, dockerd: Dockerd, store: DiskStore, upstream_registry: Registry, cdn: Cdn
+) -> None:
+    image: PushedImage = getattr(images, name)
+    dockerd.pull(image.ref)
+    # dockerd shows Docker Hub's official images by their familiar name: oci-single@sha256:...
+    assert f"{image.repo.removeprefix('library/')}@{image.digest}" in dockerd.repo_digests(image.ref)
+    assert dockerd.image_id(image.ref) == image.config.digest
+    assert_stored(store, image)
+    assert not any(r.has_authorization for r in cdn.requests()), "registry credentials reached the CDN"
+
+    dockerd.rmi(image.ref)
+    registry_mark, cdn_mark = upstream_registry.mark(), cdn.mark()
+    dockerd.pull(image.ref)
+    assert dockerd.image_id(image.ref) == image.config.digest
+    assert revalidation_only(upstream_registry, registry_mark) == []
+    assert upstream_registry.manifest_heads(registry_mark) >= 1  # the tag was revalidated
+    assert cdn.count(since=cdn_mark) == 0
+
+
+def test_skopeo_warm_pull_with_upstream_stopped(
+    images: ImageSet, skopeo: Skopeo, upstream_registry: Registry, regcache: Mitmdump, tmp_path: Path
+) -> None:
+    image = images.oci_multi
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "cold", all_platforms=True) == image.digest
+    upstream_registry.stop()
+    mark = regcache.mark()
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "warm", all_platforms=True) == image.digest
+    assert ("STALE", "GET", f"docker.io/{image.ref}") in regcache.results(mark)
+
+
+def test_dockerd_warm_pull_with_upstream_stopped(
+    images: ImageSet, dockerd: Dockerd, upstream_registry: Registry, token_server: TokenServer, regcache: Mitmdump
+) -> None:
+    image = images.docker_multi
+    dockerd.pull(image.ref)
+    dockerd.rmi(image.ref)
+    upstream_registry.stop()
+    token_server.stop()
+    mark = regcache.mark()
+    dockerd.pull(image.ref)
+    assert dockerd.image_id(image.ref) == image.config.digest
+    assert ("STALE", "HEAD", f"docker.io/{image.ref}") in regcache.results(mark)
+
+
+def test_uncached_image_with_upstream_stopped_is_a_clear_error(
+    images: ImageSet, skopeo: Skopeo, upstream_registry: Registry, regcache: Mitmdump, tmp_path: Path
+) -> None:
+    upstream_registry.stop()
+    with pytest.raises(Exception, match="503 Service Unavailable"):
+        skopeo.copy_to_dir(images.oci_single.ref, tmp_path / "x")
+    status, body = get_through(regcache, f"https://registry-1.docker.io/v2/{images.oci_single.repo}/manifests/1")
+    assert status == 503
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNAVAILABLE"
+    assert error["message"] == f"upstream unavailable and docker.io/{images.oci_single.ref} is not cached"
+
+
+def get_through(proxy: Mitmdump, url: str) -> tuple[int, bytes]:
+    """A plain HTTPS GET through the proxy, trusting its CA."""
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": proxy.url}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(proxy.ca_cert))),
+    )
+    try:
+        with opener.open(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_truncated_blob_is_not_stored_and_next_pull_succeeds(
+    images: ImageSet, skopeo: Skopeo, store: DiskStore, cdn: Cdn, tmp_path: Path
+) -> None:
+    image = images.oci_single
+    layer = image.layers[-1]
+    cdn.truncate(layer.digest)
+    with pytest.raises(Exception):  # noqa: B017 - skopeo's wording of a broken transfer varies
+        skopeo.copy_to_dir(image.ref, tmp_path / "broken")
+    assert store.open_blob(layer.digest) is None
+    assert list(store.staging_dir.iterdir()) == []
+    cdn.truncate(None)
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "ok") == image.digest
+    assert_stored(store, image)
+
+
+def test_moved_tag_is_served_new(
+    images: ImageSet, skopeo: Skopeo, upstream_registry: Registry, bed_workdir: Path, tmp_path: Path
+) -> None:
+    first = push_variant(upstream_registry, bed_workdir / "variants", "library/moving", "1", seed=1)
+    assert skopeo.copy_to_dir(first.ref, tmp_path / "a") == first.digest
+    second = push_variant(upstream_registry, bed_workdir / "variants", "library/moving", "1", seed=2)
+    assert second.digest != first.digest
+    assert skopeo.copy_to_dir(second.ref, tmp_path / "b") == second.digest

@@ -1,0 +1,97 @@
+"""The addon inside mitmproxy's test context: what is intercepted, what is answered, what errors say.
+
+The upstream here is a closed loopback port, so every answer below is regcache's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import yaml
+from mitmproxy.test import taddons, tflow
+
+from addon.cache import RegistryCache
+
+SHA = "sha256:" + "b" * 64
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_request(tmp_path: Path, host: str, path: str, method: str = "GET") -> tuple[RegistryCache, object]:
+    config = tmp_path / "regcache.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "cache_dir": str(tmp_path / "cache"),
+                "upstreams": {"registry-1.docker.io": f"http://127.0.0.1:{closed_port()}"},
+                "upstream_timeout": 5,
+            }
+        )
+    )
+
+    async def go() -> tuple[RegistryCache, object]:
+        addon = RegistryCache()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, regcache_config=str(config))
+            flow = tflow.tflow()
+            flow.request.scheme, flow.request.host, flow.request.port = "https", host, 443
+            flow.request.path, flow.request.method = path, method
+            flow.request.headers["Host"] = host
+            await addon.request(flow)
+            addon.done()
+            await asyncio.sleep(0)  # let the runtime close
+            return addon, flow
+
+    return asyncio.run(go())
+
+
+def error_codes(flow: object) -> list[str]:
+    return [e["code"] for e in json.loads(flow.response.content)["errors"]]  # type: ignore[attr-defined]
+
+
+def test_other_hosts_pass_untouched(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "example.org", "/v2/library/x/manifests/1")
+    assert flow.response is None  # type: ignore[attr-defined]
+    assert flow.request.host == "example.org"  # type: ignore[attr-defined]
+
+
+def test_invalid_name_gets_registry_error(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", "/v2/../../etc/passwd/manifests/latest")
+    assert flow.response.status_code == 400  # type: ignore[attr-defined]
+    assert error_codes(flow) == ["NAME_INVALID"]
+
+
+def test_uncached_manifest_with_upstream_down_is_a_prompt_json_error(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", "/v2/library/x/manifests/1")
+    assert flow.response.status_code == 503  # type: ignore[attr-defined]
+    assert error_codes(flow) == ["UNAVAILABLE"]
+    assert flow.response.headers["X-Cache"] == "ERROR"  # type: ignore[attr-defined]
+    assert "docker.io/library/x:1 is not cached" in flow.response.text  # type: ignore[attr-defined]
+
+
+def test_uncached_blob_with_upstream_down_is_a_prompt_json_error(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", f"/v2/library/x/blobs/{SHA}")
+    assert flow.response.status_code == 503  # type: ignore[attr-defined]
+    assert error_codes(flow) == ["UNAVAILABLE"]
+    assert not list((tmp_path / "cache" / "staging").iterdir())
+
+
+def test_ping_with_upstream_down_lets_clients_go_on(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", "/v2/")
+    assert flow.response.status_code == 200  # type: ignore[attr-defined]
+    assert flow.response.headers["Docker-Distribution-API-Version"] == "registry/2.0"  # type: ignore[attr-defined]
+    assert flow.response.headers["X-Cache"] == "STALE"  # type: ignore[attr-defined]
+
+
+def test_pushes_pass_through_to_the_mapped_upstream(tmp_path: Path) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", "/v2/library/x/blobs/uploads/", method="POST")
+    assert flow.response is None  # type: ignore[attr-defined]
+    assert flow.request.host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert flow.request.scheme == "http"  # type: ignore[attr-defined]

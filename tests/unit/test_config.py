@@ -1,0 +1,87 @@
+"""YAML configuration: defaults, parsing, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from addon.config import DEFAULT_REGISTRIES, ConfigError, Upstream, load_settings, parse_size
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "regcache.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_file_is_all_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.size_limit == 50 * 1024**3
+    assert settings.namespace_for("registry-1.docker.io") == "docker.io"
+    assert settings.namespace_for("index.docker.io") == "docker.io"
+    assert settings.namespace_for("example.com") is None
+    assert set(settings.registries) == set(DEFAULT_REGISTRIES)
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")).size_limit == 50 * 1024**3
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("50GiB", 50 * 1024**3), ("500 MB", 500 * 10**6), ("1.5g", 1_500_000_000), (4096, 4096), ("10kib", 10240)],
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size("size_limit", text) == size
+
+
+def test_full_config(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            """
+cache_dir: /srv/regcache
+size_limit: 2GiB
+registries: [registry-1.docker.io, registry.example.com]
+upstreams:
+  registry-1.docker.io: http://127.0.0.1:5000
+  auth.docker.io: https://mirror.internal:8443/auth
+upstream_timeout: 5
+""",
+        )
+    )
+    assert settings.cache_dir == Path("/srv/regcache")
+    assert settings.size_limit == 2 * 1024**3
+    assert settings.registries == {"registry-1.docker.io": "docker.io", "registry.example.com": "registry.example.com"}
+    assert settings.upstreams["registry-1.docker.io"] == Upstream("http", "127.0.0.1", 5000)
+    assert settings.upstreams["auth.docker.io"] == Upstream("https", "mirror.internal", 8443, "/auth")
+    assert settings.intercepts("auth.docker.io")
+    assert not settings.intercepts("example.org")
+    assert settings.upstream_timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("cache_dri: /x", "cache_dri"),
+        ("size_limit: 50 gigs", "size_limit"),
+        ("size_limit: -1", "size_limit"),
+        ("size_limit: true", "size_limit"),
+        ("registries: docker.io", "registries"),
+        ("registries: ['bad host']", "registries[0]"),
+        ("upstreams: {registry-1.docker.io: ftp://x}", "upstreams.registry-1.docker.io"),
+        ("upstreams: [a]", "upstreams"),
+        ("upstream_timeout: soon", "upstream_timeout"),
+        ("[1, 2]", "regcache_config"),
+        ("a: [", "regcache_config"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text))
+    assert raised.value.key == key
+    assert str(raised.value).startswith(f"{key}: ")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="regcache_config: cannot read"):
+        load_settings(str(tmp_path / "missing.yaml"))

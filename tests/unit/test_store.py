@@ -1,0 +1,79 @@
+"""The content-addressed store: verified commits, no partial entries, survives reopening."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, digest_of, tag_key
+
+DATA = b"layer bytes " * 10_000
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+def fill(store: DiskStore, digest: str, data: bytes, expected: int | None) -> None:
+    staging = store.stage_blob(digest)
+    for i in range(0, len(data), 4096):
+        staging.write(data[i : i + 4096])
+    store.commit_blob(staging, expected)
+
+
+def test_blob_commit_moves_the_file_and_reopens(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    fill(store, DIGEST, DATA, len(DATA))
+    assert store.blob_size(DIGEST) == len(DATA)
+    assert list((tmp_path / "staging").iterdir()) == []  # moved, not copied
+    path = store.blob_path(DIGEST)
+    assert path is not None and Path(path).read_bytes() == DATA
+    store.close()
+    reopened = DiskStore(tmp_path, 10**9)
+    handle = reopened.open_blob(DIGEST)
+    assert handle is not None
+    with handle:
+        assert handle.read() == DATA
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [(DATA[:-1], len(DATA)), (DATA[:-1] + b"X", len(DATA)), (DATA, len(DATA) + 1)],
+    ids=["truncated", "corrupt", "wrong-length"],
+)
+def test_bad_blob_is_not_stored(tmp_path: Path, data: bytes, expected: int) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    with pytest.raises(DigestMismatch):
+        fill(store, DIGEST, data, expected)
+    assert store.blob_size(DIGEST) is None
+    assert list((tmp_path / "staging").iterdir()) == []
+
+
+def test_leftover_staging_is_removed_at_start(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    staging = store.stage_blob(DIGEST)
+    staging.write(b"half")
+    staging.flush()
+    store.close()  # a crash mid-fill: the staged file is still there
+    DiskStore(tmp_path, 10**9)
+    assert list((tmp_path / "staging").iterdir()) == []
+
+
+def test_manifests_are_verified_and_byte_exact(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    body = b'{"schemaVersion": 2,  "odd":   "spacing"}'
+    digest = digest_of(body)
+    store.put_manifest(digest, Manifest("application/vnd.oci.image.manifest.v1+json", body))
+    assert store.get_manifest(digest) == Manifest("application/vnd.oci.image.manifest.v1+json", body)
+    with pytest.raises(DigestMismatch):
+        store.put_manifest(digest_of(b"other"), Manifest("application/json", body))
+    assert store.get_manifest(digest_of(b"other")) is None
+
+
+def test_tag_records_are_keyed_by_accept(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    oci = tag_key("docker.io", "library/x", "1", ("application/vnd.oci.image.index.v1+json",))
+    docker = tag_key("docker.io", "library/x", "1", ("application/vnd.docker.distribution.manifest.v2+json",))
+    other_registry = tag_key("ghcr.io", "library/x", "1", ("application/vnd.oci.image.index.v1+json",))
+    record = TagRecord(DIGEST, "application/vnd.oci.image.index.v1+json", 10, 1.0)
+    store.put_tag(oci, record)
+    assert store.get_tag(oci) == record
+    assert store.get_tag(docker) is None
+    assert store.get_tag(other_registry) is None
