@@ -23,10 +23,6 @@ from .store import Store
 READ_CHUNK = 1024 * 1024
 
 
-class FillFailed(ConnectionError):
-    pass
-
-
 def _blob_headers(digest: str) -> dict[str, str]:
     return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest, **API_VERSION_HEADER}
 
@@ -79,12 +75,18 @@ class BlobServer:
             if fill.expected_size is not None:
                 response.content_length = fill.expected_size
             await response.prepare(request)
-            await self._follow(fill, source.fileno(), response)
+            complete = await self._follow(fill, source.fileno(), response)
+        if not complete and request.transport is not None:
+            # The status line has gone out already: dropping the connection mid-body is the only
+            # honest signal left, so the client never takes a short blob for a whole one.
+            request.transport.abort()
+            return response  # aiohttp's final write_eof sees the closed transport, as on a hang-up
         await response.write_eof()
         return response
 
     @staticmethod
-    async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> None:
+    async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> bool:
+        """Stream the staging file as the fill writes it; False if the fill failed."""
         offset = 0
         while True:
             if fill.written > offset:
@@ -92,10 +94,6 @@ class BlobServer:
                 await response.write(chunk)
                 offset += len(chunk)
             elif fill.finished:
-                if fill.error is not None:
-                    # Dropping the connection mid-body is the only honest signal left: the status
-                    # line has gone out already.
-                    raise FillFailed(fill.error)
-                return
+                return fill.error is None
             else:
                 await fill.wait_beyond(offset)

@@ -110,8 +110,18 @@ class RegistryCache:
             "Path to regcache's YAML configuration (cache_dir, size_limit, registries, upstreams, "
             "upstream_timeout). Unset: built-in defaults.",
         )
+        loader.add_option(
+            "regcache_connection_log",
+            bool,
+            False,
+            "Keep mitmproxy's per-connection info lines (client connect, server connect, ...). Off: "
+            "regcache's one line per registry request is the log.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "regcache_connection_log" in updated:
+            level = logging.NOTSET if ctx.options.regcache_connection_log else logging.WARNING
+            logging.getLogger("mitmproxy.proxy.server").setLevel(level)
         if self.runtime is not None and "regcache_config" not in updated:
             return
         try:

@@ -63,8 +63,9 @@ class Route:
         return ":" in self.reference
 
     def describe(self) -> str:
-        sep = "@" if self.is_digest else ":"
-        return f"{self.name}{sep}{self.reference}" if self.name else self.kind.value
+        if not self.name:
+            return "v2/"  # shown as docker.io/v2/
+        return f"{self.name}{'@' if self.is_digest else ':'}{self.reference}"
 
 
 def parse_path(path: str) -> Route:

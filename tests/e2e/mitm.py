@@ -68,6 +68,12 @@ class Mitmdump:
                 self._process.wait()
         self._process = None
 
+    def peak_rss(self) -> int:
+        """mitmdump's peak resident memory so far, in bytes (VmHWM)."""
+        assert self._process is not None
+        status = Path(f"/proc/{self._process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024  # type: ignore[index]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

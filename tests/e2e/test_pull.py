@@ -130,24 +130,12 @@ def test_uncached_image_with_upstream_stopped_is_a_clear_error(
     upstream_registry.stop()
     with pytest.raises(Exception, match="503 Service Unavailable"):
         skopeo.copy_to_dir(images.oci_single.ref, tmp_path / "x")
-    status, body = get_through(regcache, f"https://registry-1.docker.io/v2/{images.oci_single.repo}/manifests/1")
+    url = f"https://registry-1.docker.io/v2/{images.oci_single.repo}/manifests/1"
+    status, _, body = request_through(regcache, url)
     assert status == 503
     error = json.loads(body)["errors"][0]
     assert error["code"] == "UNAVAILABLE"
     assert error["message"] == f"upstream unavailable and docker.io/{images.oci_single.ref} is not cached"
-
-
-def get_through(proxy: Mitmdump, url: str) -> tuple[int, bytes]:
-    """A plain HTTPS GET through the proxy, trusting its CA."""
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({"https": proxy.url}),
-        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(proxy.ca_cert))),
-    )
-    try:
-        with opener.open(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
 
 
 def test_truncated_blob_is_not_stored_and_next_pull_succeeds(
@@ -173,3 +161,85 @@ def test_moved_tag_is_served_new(
     second = push_variant(upstream_registry, bed_workdir / "variants", "library/moving", "1", seed=2)
     assert second.digest != first.digest
     assert skopeo.copy_to_dir(second.ref, tmp_path / "b") == second.digest
+
+
+def test_blob_cut_mid_stream_breaks_the_client_and_stores_nothing(
+    images: ImageSet, skopeo: Skopeo, store: DiskStore, cdn: Cdn, regcache: Mitmdump, tmp_path: Path
+) -> None:
+    """The 100 MB layer is cut after the client has started receiving it: the client must see a
+    broken transfer (not a short blob), and nothing may be stored."""
+    image = images.big
+    layer = max(image.layers, key=lambda blob: blob.size)
+    cdn.truncate(layer.digest)
+    with pytest.raises(Exception):  # noqa: B017 - skopeo's wording of a broken transfer varies
+        skopeo.copy_to_dir(image.ref, tmp_path / "broken")
+    assert store.open_blob(layer.digest) is None
+    assert list(store.staging_dir.iterdir()) == []
+    assert "Traceback" not in regcache.log()
+    cdn.truncate(None)
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "ok") == image.digest
+    assert_stored(store, image)
+
+
+def test_stored_blob_answers_range_and_head(
+    images: ImageSet, skopeo: Skopeo, regcache: Mitmdump, upstream_registry: Registry, tmp_path: Path
+) -> None:
+    image = images.oci_single
+    skopeo.copy_to_dir(image.ref, tmp_path / "cold")
+    layer = image.layers[-1]
+    data = (tmp_path / "cold" / layer.digest.split(":")[1]).read_bytes()
+    url = f"https://registry-1.docker.io/v2/{image.repo}/blobs/{layer.digest}"
+    mark = upstream_registry.mark()
+
+    status, headers, body = request_through(regcache, url, {"Range": "bytes=10-99"})
+    assert (status, body) == (206, data[10:100])
+    assert headers["Content-Range"] == f"bytes 10-99/{len(data)}"
+    assert headers["Docker-Content-Digest"] == layer.digest
+
+    status, headers, body = request_through(regcache, url, method="HEAD")
+    assert (status, body) == (200, b"")
+    assert headers["Content-Length"] == str(len(data))
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["X-Cache"] == "HIT"
+    assert upstream_registry.requests(mark) == []
+
+
+def test_store_survives_restart_and_docker_hub_names_share_it(
+    images: ImageSet, skopeo: Skopeo, regcache: Mitmdump, upstream_registry: Registry, cdn: Cdn, tmp_path: Path
+) -> None:
+    image = images.docker_multi
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "cold", all_platforms=True) == image.digest
+    regcache.stop()
+    regcache.start()
+    registry_mark, cdn_mark = upstream_registry.mark(), cdn.mark()
+    alias = f"docker://index.docker.io/{image.ref}"
+    assert skopeo.copy_to_dir(alias, tmp_path / "warm", all_platforms=True) == image.digest
+    assert revalidation_only(upstream_registry, registry_mark) == []
+    assert cdn.count(since=cdn_mark) == 0
+
+
+def test_big_layer_streams_with_bounded_memory(images: ImageSet, dockerd: Dockerd, regcache: Mitmdump) -> None:
+    """A 100 MB layer, cold then warm: mitmdump never holds it in memory."""
+    image = images.big
+    dockerd.pull(image.ref)
+    dockerd.rmi(image.ref)
+    dockerd.pull(image.ref)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    assert layer.size >= 100 * 10**6
+    assert regcache.peak_rss() < 150 * 2**20, f"peak RSS {regcache.peak_rss() / 2**20:.0f} MiB"
+
+
+def request_through(
+    proxy: Mitmdump, url: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTPS request through the proxy, trusting its CA."""
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": proxy.url}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(proxy.ca_cert))),
+    )
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
