@@ -18,7 +18,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from .answers import Decision, LocalStream, PassThrough, relay
-from .manifests import unavailable
+from .manifests import not_in_offline_cache, unavailable
 from .routes import RegistryRequest
 from .store import BlobStaging, DigestMismatch, Store
 from .upstream import (
@@ -152,11 +152,12 @@ def _append(staging: BlobStaging, chunk: bytes) -> None:
 
 
 class BlobService:
-    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths, offline: bool) -> None:
         self._store = store
         self._upstream = upstream
         self._fills = fills
         self._paths = paths
+        self._offline = offline
 
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
         digest = req.route.reference
@@ -165,6 +166,8 @@ class BlobService:
             return LocalStream(self._paths.blob(digest), "HIT")
         if fill is not None and fill.committed:
             return LocalStream(self._paths.blob(digest), "HIT")
+        if self._offline:
+            return not_in_offline_cache(req, "BLOB_UNKNOWN")
         if req.head:
             try:
                 return relay(await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers)), "PASS")

@@ -9,14 +9,19 @@ Everything else lives in the package: routes (parsing), manifests, blobs, store,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
+from multidict import CIMultiDict
 
 if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by path (`mitmdump -s addon/cache.py`): make the package importable even when it was
@@ -48,14 +53,16 @@ STREAMED = "regcache_streamed"
 class Runtime:
     """Everything built from one configuration: store, upstream client, services, blob server."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, offline: bool) -> None:
         self.settings = settings
+        self.offline = offline
         self.store = DiskStore(settings.cache_dir, settings.size_limit)
+        self.realm_hosts = self.store.realm_hosts()
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
         self.blob_server = BlobServer(self.store, self.fills)
-        self.manifests = ManifestService(self.store, self.upstream)
-        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths)
+        self.manifests = ManifestService(self.store, self.upstream, offline)
+        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths, offline)
         self._started: asyncio.Task[None] | None = None
 
     async def started(self) -> None:
@@ -111,6 +118,13 @@ class RegistryCache:
             "upstream_timeout). Unset: built-in defaults.",
         )
         loader.add_option(
+            "regcache_offline",
+            bool,
+            False,
+            "Replay the cache with no upstream at all (same as `offline: true` in the YAML): never "
+            "connect upstream; answer /v2/, tokens, tags, manifests and blobs from the store.",
+        )
+        loader.add_option(
             "regcache_connection_log",
             bool,
             False,
@@ -122,11 +136,11 @@ class RegistryCache:
         if "regcache_connection_log" in updated:
             level = logging.NOTSET if ctx.options.regcache_connection_log else logging.WARNING
             logging.getLogger("mitmproxy.proxy.server").setLevel(level)
-        if self.runtime is not None and "regcache_config" not in updated:
+        if self.runtime is not None and not {"regcache_config", "regcache_offline"} & updated:
             return
         try:
             settings = load_settings(ctx.options.regcache_config)
-            runtime = Runtime(settings)
+            runtime = Runtime(settings, offline=settings.offline or ctx.options.regcache_offline)
         except ConfigError as err:
             # One line naming the key, not a traceback; an error logged during start-up makes
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
@@ -139,7 +153,8 @@ class RegistryCache:
         if old is not None:
             _close_soon(old)
         log.info(
-            "regcache: caching %d registries into %s (size limit %d B)",
+            "regcache: %s %d registries into %s (size limit %d B)",
+            "OFFLINE, replaying" if runtime.offline else "caching",
             len(settings.registries),
             settings.cache_dir,
             settings.size_limit,
@@ -156,8 +171,8 @@ class RegistryCache:
             self.runtime = None
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
-        if host and not self.settings.intercepts(host):
+        host = (data.client_hello.sni or (data.context.server.address or ("",))[0]).lower()
+        if host and not self.settings.intercepts(host) and not self._answers_tokens(host):
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
 
@@ -167,6 +182,10 @@ class RegistryCache:
             return
         namespace = self.settings.namespace_for(flow.request.host)
         route = parse_path(flow.request.path)
+        if namespace is None and self._answers_tokens(flow.request.host.lower()):
+            flow.response = make_response(offline_token())
+            flow.metadata[META] = ("HIT", f"token {flow.request.host}", "offline")
+            return
         if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
             retarget(flow, self.settings)
             return
@@ -202,15 +221,26 @@ class RegistryCache:
             case _:
                 return await self._ping(runtime, req)
 
+    def _answers_tokens(self, host: str) -> bool:
+        """Offline, regcache is the token service of every auth realm it has seen."""
+        return self.runtime is not None and self.runtime.offline and host in self.runtime.realm_hosts
+
     @staticmethod
     async def _ping(runtime: Runtime, req: RegistryRequest) -> Answer:
-        """`/v2/` is always asked upstream (never cached); if the upstream cannot answer, say
-        "no auth needed" so clients go on to stored content instead of giving up."""
+        """`/v2/` is always asked upstream (never cached); if the upstream cannot answer, or we
+        are offline, say "no auth needed" so clients go on to stored content."""
+        no_auth_needed = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
+        if runtime.offline:
+            return Answer(200, no_auth_needed, b"{}", "HIT", note="offline")
         try:
-            return relay(await runtime.upstream.fetch(req.method, req.url, req.headers), "PASS")  # type: ignore[arg-type]
+            answer = await runtime.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
-            headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
-            return Answer(200, headers, b"{}", "STALE", note=str(err))
+            return Answer(200, no_auth_needed, b"{}", "STALE", note=str(err))
+        realm_host = bearer_realm_host(answer.headers.get("WWW-Authenticate", ""))
+        if realm_host and realm_host not in runtime.realm_hosts:
+            runtime.realm_hosts.add(realm_host)
+            await asyncio.to_thread(runtime.store.add_realm_host, realm_host)
+        return relay(answer, "PASS")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if META not in flow.metadata or flow.response is None:
@@ -229,6 +259,24 @@ class RegistryCache:
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
+
+
+def bearer_realm_host(challenge: str) -> str | None:
+    """The host of a `WWW-Authenticate: Bearer realm="https://auth.docker.io/token",...` realm."""
+    match = re.search(r'realm="([^"]+)"', challenge) if challenge.lower().startswith("bearer") else None
+    return (urlsplit(match[1]).hostname or None) if match else None
+
+
+def offline_token() -> Answer:
+    """A token for clients that ask for one offline; the offline cache does not check it."""
+    body = json.dumps(
+        {"token": "regcache-offline", "access_token": "regcache-offline", "expires_in": 3600, "issued_at": utc_now()}
+    ).encode()
+    return Answer(200, [("Content-Type", "application/json")], body, "HIT", note="offline")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -> None:

@@ -73,6 +73,7 @@ class Settings:
     registries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_REGISTRIES))
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     upstream_timeout: float = 30.0
+    offline: bool = False
 
     def namespace_for(self, host: str) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached."""
@@ -138,7 +139,7 @@ def _positive_number(key: str, value: object) -> float:
 
 
 def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
-    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout"}
+    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout", "offline"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known keys: {', '.join(sorted(known))})")
@@ -160,6 +161,10 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         }
     if "upstream_timeout" in raw:
         values["upstream_timeout"] = _positive_number("upstream_timeout", raw["upstream_timeout"])
+    if "offline" in raw:
+        if not isinstance(raw["offline"], bool):
+            raise ConfigError("offline", f"expected true or false, got {raw['offline']!r}")
+        values["offline"] = raw["offline"]
     return Settings(**values)  # type: ignore[arg-type]
 
 

@@ -18,7 +18,16 @@ from multidict import CIMultiDict
 
 from .answers import Answer, error_answer, manifest_answer, relay
 from .routes import DIGEST_RE, RegistryRequest, is_acceptable
-from .store import DigestMismatch, Manifest, Store, TagRecord, digest_of, new_tag_record, tag_key
+from .store import (
+    DigestMismatch,
+    Manifest,
+    Store,
+    TagRecord,
+    TagRef,
+    accept_key,
+    digest_of,
+    new_tag_record,
+)
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -32,14 +41,28 @@ def upstream_failed(answer: UpstreamAnswer) -> bool:
 
 
 class ManifestService:
-    def __init__(self, store: Store, upstream: UpstreamClient) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, offline: bool) -> None:
         self._store = store
         self._upstream = upstream
+        self._offline = offline
 
     async def serve(self, req: RegistryRequest) -> Answer:
+        if self._offline:
+            return await self._replay(req)
         if req.route.is_digest:
             return await self._by_digest(req)
         return await self._by_tag(req)
+
+    async def _replay(self, req: RegistryRequest) -> Answer:
+        """Offline: only what was recorded, and a clear error naming what was not."""
+        if req.route.is_digest:
+            stored = await asyncio.to_thread(self._store.get_manifest, req.route.reference)
+            found = (req.route.reference, stored) if stored is not None else None
+        else:
+            found = await asyncio.to_thread(self._recorded, req)
+        if found is None:
+            return not_in_offline_cache(req, "MANIFEST_UNKNOWN")
+        return manifest_answer(found[1], found[0], req.head, "HIT")
 
     async def _by_digest(self, req: RegistryRequest) -> Answer:
         digest = req.route.reference
@@ -95,21 +118,34 @@ class ManifestService:
 
     async def _stale(self, req: RegistryRequest, reason: str, failed: UpstreamAnswer | None = None) -> Answer:
         if not req.route.is_digest:
-            key = self._tag_key(req)
-            record = await asyncio.to_thread(self._store.get_tag, key)
-            stored = record and await asyncio.to_thread(self._store.get_manifest, record.digest)
-            if record and stored:
-                return manifest_answer(stored, record.digest, req.head, "STALE", note=reason)
+            found = await asyncio.to_thread(self._recorded, req)
+            if found is not None:
+                digest, stored = found
+                return manifest_answer(stored, digest, req.head, "STALE", note=reason)
         if failed is not None:
             return relay(failed, "PASS", note=reason)
         return unavailable(req, reason)
 
-    async def _record_tag(self, req: RegistryRequest, record: TagRecord) -> None:
-        await asyncio.to_thread(self._store.put_tag, self._tag_key(req), record)
+    def _recorded(self, req: RegistryRequest) -> tuple[str, Manifest] | None:
+        """The stored manifest this tag last resolved to for this client: the record for exactly
+        its Accept list, else the newest record of a media type it accepts."""
+        records = self._store.tag_records(tag_ref(req))
+        exact = records.pop(accept_key(req.accepted), None)
+        others = sorted(records.values(), key=lambda r: r.recorded_at, reverse=True)
+        for record in [exact, *others]:
+            if record is None or (record is not exact and not is_acceptable(record.media_type, req.accepted)):
+                continue
+            stored = self._store.get_manifest(record.digest)
+            if stored is not None and is_acceptable(stored.media_type, req.accepted):
+                return record.digest, stored
+        return None
 
-    @staticmethod
-    def _tag_key(req: RegistryRequest) -> str:
-        return tag_key(req.namespace, req.route.name, req.route.reference, req.accepted)
+    async def _record_tag(self, req: RegistryRequest, record: TagRecord) -> None:
+        await asyncio.to_thread(self._store.put_tag, tag_ref(req), req.accepted, record)
+
+
+def tag_ref(req: RegistryRequest) -> TagRef:
+    return TagRef(req.namespace, req.route.name, req.route.reference)
 
 
 def unavailable(req: RegistryRequest, reason: str) -> Answer:
@@ -120,3 +156,7 @@ def unavailable(req: RegistryRequest, reason: str) -> Answer:
         detail={"reason": reason},
         note=reason,
     )
+
+
+def not_in_offline_cache(req: RegistryRequest, code: str) -> Answer:
+    return error_answer(404, code, f"not in the offline cache: {req.describe()}", note="offline")

@@ -60,9 +60,21 @@ def verify_digest(digest: str, data: bytes) -> None:
         raise DigestMismatch(f"content does not match {digest}")
 
 
-def tag_key(namespace: str, name: str, tag: str, accepted: tuple[str, ...]) -> str:
+@dataclass(frozen=True)
+class TagRef:
+    """A tag in one registry's cache namespace, e.g. docker.io / library/alpine / 3.20."""
+
+    namespace: str
+    name: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}:{self.tag}"
+
+
+def accept_key(accepted: tuple[str, ...]) -> str:
     """Tags resolve per registry, repository, tag *and* accepted media types."""
-    return f"tag:{namespace}/{name}:{tag}#{','.join(accepted)}"
+    return ",".join(accepted)
 
 
 class BlobStaging:
@@ -105,8 +117,10 @@ class Store(Protocol):
     def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
     def get_manifest(self, digest: str) -> Manifest | None: ...
     def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
-    def get_tag(self, key: str) -> TagRecord | None: ...
-    def put_tag(self, key: str, record: TagRecord) -> None: ...
+    def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
+    def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None: ...
+    def realm_hosts(self) -> set[str]: ...
+    def add_realm_host(self, host: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -190,12 +204,31 @@ class DiskStore:
         self._cache.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
 
     # tags ----------------------------------------------------------------------------------
-    def get_tag(self, key: str) -> TagRecord | None:
-        raw = self._cache.get(key)
-        return TagRecord(**json.loads(raw)) if isinstance(raw, str) else None
+    # One entry per tag, holding what it resolved to for each set of accepted media types, so a
+    # replay can fall back to another client's record of the same tag.
+    def tag_records(self, ref: TagRef) -> dict[str, TagRecord]:
+        raw = self._cache.get(f"tag:{ref}")
+        if not isinstance(raw, str):
+            return {}
+        return {accepted: TagRecord(**fields) for accepted, fields in json.loads(raw).items()}
 
-    def put_tag(self, key: str, record: TagRecord) -> None:
-        self._cache.set(key, json.dumps(asdict(record)))
+    def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
+        with self._cache.transact():
+            records = self.tag_records(ref)
+            records[accept_key(accepted)] = record
+            self._cache.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
+
+    # auth realms ---------------------------------------------------------------------------
+    # Hosts that registries sent clients to for tokens; offline, regcache answers them itself.
+    def realm_hosts(self) -> set[str]:
+        raw = self._cache.get("realm-hosts")
+        return set(json.loads(raw)) if isinstance(raw, str) else set()
+
+    def add_realm_host(self, host: str) -> None:
+        with self._cache.transact():
+            hosts = self.realm_hosts()
+            if host not in hosts:
+                self._cache.set("realm-hosts", json.dumps(sorted(hosts | {host})))
 
     def close(self) -> None:
         self._cache.close()

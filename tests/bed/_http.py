@@ -4,7 +4,9 @@ Owns: binding 127.0.0.1 on a free port, running ``ThreadingHTTPServer`` in a
 background thread, stopping and restarting on the *same* port, and cutting
 every open keep-alive connection on stop so that a stopped server really looks
 down to clients (a plain ``shutdown()`` only stops accepting; handler threads
-of keep-alive connections would go on answering).
+of keep-alive connections would go on answering); and what every such server
+offers tests: a thread-safe log of the requests it saw (mark / requests /
+clear) and the forced-failure control (:meth:`BackgroundHTTPServer.set_failing`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
+
+RecordT = TypeVar("RecordT")
 
 
 class _TrackingServer(ThreadingHTTPServer):
@@ -60,11 +64,12 @@ class _TrackingServer(ThreadingHTTPServer):
                 conn.close()
 
 
-class BackgroundHTTPServer:
+class BackgroundHTTPServer(Generic[RecordT]):
     """Base for a loopback server running in its own thread.
 
     Subclasses set ``handler_class``; the handler reaches the owning object as
-    ``self.server.owner``.
+    ``self.server.owner``, logs each request with ``owner._record(rec)`` and
+    answers with ``owner._failing`` while that is set.
     """
 
     handler_class: type[BaseHTTPRequestHandler]
@@ -74,6 +79,9 @@ class BackgroundHTTPServer:
         self._port = port
         self._server: _TrackingServer | None = None
         self._thread: threading.Thread | None = None
+        self._log: list[RecordT] = []
+        self._lock = threading.Lock()
+        self._failing: int | None = None
 
     @property
     def port(self) -> int:
@@ -115,6 +123,30 @@ class BackgroundHTTPServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    # -- controls and log ----------------------------------------------------
+
+    def set_failing(self, status: int | None) -> None:
+        """While set, answer requests with this status (an outage); None ends it."""
+        self._failing = status
+
+    def requests(self, since: int = 0) -> list[RecordT]:
+        """Requests seen after ``since`` (a :meth:`mark`), oldest first."""
+        with self._lock:
+            return list(self._log[since:])
+
+    def mark(self) -> int:
+        """Position in the request log; pass to ``requests(since=...)``."""
+        with self._lock:
+            return len(self._log)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._log.clear()
+
+    def _record(self, rec: RecordT) -> None:
+        with self._lock:
+            self._log.append(rec)
 
     def __enter__(self) -> Self:
         self.start()

@@ -3,7 +3,8 @@
 Owns: serving blob bytes that the registry's ``redirect`` storage middleware
 points at (``/docker/registry/v2/blobs/sha256/<2hex>/<hex>/data``) straight
 from the registry's filesystem storage, streaming with Range support; the
-failure controls (truncated bodies, forced error status); and a request log.
+failure controls (truncated bodies; the forced error status and the request
+log come from :class:`~bed._http.BackgroundHTTPServer`).
 The query string is ignored: Docker Hub's real CDN URLs carry a signed,
 expiring one, the bed's registry adds none.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -188,8 +188,11 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class Cdn(BackgroundHTTPServer):
-    """Serves blobs from ``storage_root`` (the registry's rootdirectory)."""
+class Cdn(BackgroundHTTPServer[CdnRequest]):
+    """Serves blobs from ``storage_root`` (the registry's rootdirectory).
+
+    :meth:`set_failing` fails every blob request; other paths still get 404.
+    """
 
     handler_class = _Handler
     name = "cdn"
@@ -197,30 +200,11 @@ class Cdn(BackgroundHTTPServer):
     def __init__(self, storage_root: str | Path, *, port: int = 0) -> None:
         super().__init__(port)
         self.storage_root = Path(storage_root)
-        self._log: list[CdnRequest] = []
-        self._lock = threading.Lock()
         self._truncated: str | None = None
-        self._failing: int | None = None
 
     def truncate(self, digest: str | None) -> None:
         """While set, GETs of this blob send full headers, half the body, then RST."""
         self._truncated = digest
-
-    def set_failing(self, status: int | None) -> None:
-        """While set, answer every blob request with this status."""
-        self._failing = status
-
-    def requests(self, since: int = 0) -> list[CdnRequest]:
-        with self._lock:
-            return list(self._log[since:])
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self._log)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._log.clear()
 
     def count(self, digest: str | None = None, method: str = "GET", since: int = 0) -> int:
         """Requests for one blob (or any blob) with ``method``."""
@@ -229,7 +213,3 @@ class Cdn(BackgroundHTTPServer):
             for r in self.requests(since)
             if r.method == method and r.digest is not None and (digest is None or r.digest == digest)
         )
-
-    def _record(self, rec: CdnRequest) -> None:
-        with self._lock:
-            self._log.append(rec)

@@ -17,37 +17,22 @@ to ``production.cloudflare.docker.com``), all through ``HTTPS_PROXY``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from ._process import Process, ProcessOwner, proxied_env, without_proxies
+
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"
 CTR = "/usr/bin/ctr"
-SYSTEM_ROOTS = "/etc/ssl/certs/ca-certificates.crt"
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 class DockerdError(RuntimeError):
     pass
-
-
-def ca_bundle(dest: Path, *extra_pems: str | Path) -> Path:
-    """System roots plus ``extra_pems`` in one file, for ``SSL_CERT_FILE``.
-
-    Setting ``SSL_CERT_FILE`` replaces Go's system pool, so the system roots
-    have to be in the bundle too.
-    """
-    parts = [Path(SYSTEM_ROOTS).read_text()]
-    parts += [Path(p).read_text() for p in extra_pems]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("\n".join(p.strip() + "\n" for p in parts))
-    return dest
 
 
 def _ping(sock: Path, timeout: float = 1.0) -> bool:
@@ -63,7 +48,7 @@ def _ping(sock: Path, timeout: float = 1.0) -> bool:
     return data.startswith(b"HTTP/1.1 200")
 
 
-class Dockerd:
+class Dockerd(ProcessOwner):
     """One dockerd with its own state, talking to the world through ``proxy_url``.
 
     ``ca_pem``: the proxy's CA certificate (PEM file) or None.
@@ -92,7 +77,7 @@ class Dockerd:
         self.log_path = self.workdir / "dockerd.log"
         self.cli_config = self.workdir / "cli"
         self._rundir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process = Process("dockerd", self.log_path)
 
     # -- paths -------------------------------------------------------------------
 
@@ -120,28 +105,10 @@ class Dockerd:
         """Value for ``docker -H`` / ``DOCKER_HOST``."""
         return f"unix://{self.socket}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     # -- lifecycle -----------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
-        if self.proxy_url:
-            env["HTTPS_PROXY"] = self.proxy_url
-            env["HTTP_PROXY"] = self.proxy_url
-        # Explicitly empty: Go never proxies loopback anyway, and an inherited
-        # NO_PROXY could exempt the Docker Hub names.
-        env["NO_PROXY"] = ""
-        bundle = ca_bundle(self.workdir / "ca-bundle.pem", *([self.ca_pem] if self.ca_pem else []))
-        # The machine exports SSL_CERT_FILE globally; always point it at ours.
-        env["SSL_CERT_FILE"] = str(bundle)
-        env.pop("SSL_CERT_DIR", None)
+        env = proxied_env(without_proxies(), self.workdir, self.proxy_url, self.ca_pem)
         env.pop("DOCKER_HOST", None)
         return env
 
@@ -174,29 +141,11 @@ class Dockerd:
             *(["--debug"] if self.debug else []),
             *self.extra_args,
         ]
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise DockerdError(f"dockerd exited with {self._proc.returncode} during start\n{self.log_tail()}")
-            if _ping(self.socket):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise DockerdError(f"dockerd not ready after {timeout}s\n{self.log_tail()}")
+        self._process.start(cmd, self.env(), lambda: _ping(self.socket), timeout=timeout, error=DockerdError)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM by PID and wait; dockerd stops its own containerd."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._process.stop(timeout)
 
     def close(self) -> None:
         """Stop and remove the short run directory if one was made."""
@@ -205,17 +154,13 @@ class Dockerd:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
     # -- CLI -----------------------------------------------------------------------
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """Run ``docker -H <our socket> ARGS``."""
         self.cli_config.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS and k != "DOCKER_HOST"}
+        env = without_proxies()
+        env.pop("DOCKER_HOST", None)
         # Own CLI config: no credentials or context from the host's ~/.docker.
         env["DOCKER_CONFIG"] = str(self.cli_config)
         proc = subprocess.run(

@@ -18,7 +18,7 @@ from . import hostmap as _hostmap
 from .cdn import Cdn
 from .dockerd import Dockerd
 from .images import ImageSet, push_standard_images
-from .mitm import MitmDump
+from .mitm import MitmDump, passthrough
 from .registry import Registry
 from .skopeo import Skopeo
 from .tokens import Policy, TokenServer
@@ -68,7 +68,7 @@ def bed_hostmap(upstream_registry: Registry, token_server: TokenServer, cdn: Cdn
 @pytest.fixture(scope="session")
 def passthrough_proxy(bed_workdir: Path, bed_hostmap: dict[str, str]) -> Iterator[MitmDump]:
     """A non-caching mitmdump that only routes Docker Hub names to the bed."""
-    proxy = MitmDump(bed_workdir / "passthrough", bed_hostmap)
+    proxy = passthrough(bed_workdir / "passthrough", bed_hostmap)
     proxy.start()
     yield proxy
     proxy.stop()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import client
+from ._process import without_proxies
 from .registry import Registry
 
 SKOPEO = "/usr/bin/skopeo"
@@ -279,8 +280,7 @@ def skopeo_env(workdir: Path) -> dict[str, str]:
     if not regconf.exists():
         # Empty registries.conf: no mirrors, no short-name aliases, no blocks.
         regconf.write_text("")
-    proxies = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    env = {k: v for k, v in os.environ.items() if k.lower() not in proxies}
+    env = without_proxies()
     env["REGISTRY_AUTH_FILE"] = str(auth)
     env["CONTAINERS_REGISTRIES_CONF"] = str(regconf)
     return env

@@ -1,30 +1,34 @@
 """mitmdump subprocess runner for the bed.
 
-Owns: starting ``mitmdump`` on 127.0.0.1 (free port on first start, the same
-port on restart) with a private confdir (its CA becomes the clients' trust
-anchor: :attr:`MitmDump.ca_cert`), the hostmap addon that routes Docker Hub
-host names to the bed's servers, any extra addon scripts (the addon under
-test goes *before* the hostmap), and the process log.
+Owns: running ``mitmdump`` on 127.0.0.1 with whatever arguments its user
+builds for the port (a free one on first start, the same one on restart),
+readiness (its ``HTTP(S) proxy listening at 127.0.0.1:PORT.`` line, which
+also tells the port), the confdir whose CA clients must trust
+(:attr:`MitmDump.ca_cert`), the process log, and its peak memory; and the
+bed's own use of it, :func:`passthrough`: the hostmap addon that routes
+Docker Hub host names to the bed's servers, after any extra addon scripts.
 
-Without extra scripts it is a plain, non-caching pass-through proxy: the
+The passthrough without extra scripts is a plain, non-caching proxy: the
 baseline a cache is compared against, and what ``test_bed.py`` uses to
-check real clients against the bed.
+check real clients against the bed. The end-to-end tests run regcache's
+own addon with the same runner (``tests/e2e/mitm.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._process import Process, ProcessOwner, without_proxies
+
 HOSTMAP_ADDON = Path(__file__).with_name("hostmap_addon.py")
-_LISTENING = re.compile(rb"HTTP\(S\) proxy listening at (?:\*|[\d.]+|\[[^\]]*\]):(\d+)")
+CA_CERT = "mitmproxy-ca-cert.pem"
+_LISTENING = re.compile(r"HTTP\(S\) proxy listening at 127\.0\.0\.1:(\d+)\.")
+_PEAK_RSS = re.compile(r"VmHWM:\s+(\d+) kB")
 
 
 def mitmdump_bin() -> str:
@@ -41,41 +45,33 @@ class MitmError(RuntimeError):
     pass
 
 
-class MitmDump:
-    """``mitmdump`` listening on 127.0.0.1, routing Docker Hub names to the bed.
+class MitmDump(ProcessOwner):
+    """``mitmdump ARGS`` listening on 127.0.0.1.
 
-    ``hostmap``: host name → ``http://127.0.0.1:PORT`` (see :func:`bed.hostmap`).
-    ``scripts``: addon scripts loaded before the hostmap addon.
-    ``options``: extra ``--set`` options.
+    ``args``: the port to listen on → mitmdump's arguments. They must make it
+    listen on ``127.0.0.1`` at that port (0: any free one) with ``confdir``.
+    ``confdir``: where mitmproxy keeps its CA (default ``workdir/conf``).
+    ``port``: 0 picks a free port on first start; restarts keep the port.
+    ``env``: extra environment; proxy variables are never inherited.
     """
 
     def __init__(
         self,
         workdir: str | Path,
-        hostmap: dict[str, str],
+        args: Callable[[int], Sequence[str]],
         *,
-        scripts: tuple[str | Path, ...] = (),
-        options: dict[str, str] | None = None,
+        confdir: str | Path | None = None,
+        port: int = 0,
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.confdir = self.workdir / "conf"
+        self.confdir = Path(confdir) if confdir else self.workdir / "conf"
         self.log_path = self.workdir / "mitmdump.log"
-        self.hostmap_path = self.workdir / "hostmap.json"
-        self.hostmap_path.write_text(json.dumps(hostmap, indent=2))
-        self.scripts = tuple(Path(s) for s in scripts)
-        self.options = {
-            # Lazy: CONNECT to an unresolvable Docker Hub name must not fail
-            # before the request is seen and re-targeted.
-            "connection_strategy": "lazy",
-            # Never buffer 100 MB blobs in the proxy.
-            "stream_large_bodies": "1m",
-            **(options or {}),
-        }
+        self.port = port
+        self.args = args
         self.extra_env = env or {}
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process = Process("mitmdump", self.log_path)
 
     @property
     def url(self) -> str:
@@ -85,69 +81,44 @@ class MitmDump:
     @property
     def ca_cert(self) -> Path:
         """The CA certificate clients must trust (created on first start)."""
-        return self.confdir / "mitmproxy-ca-cert.pem"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.confdir / CA_CERT
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start (or restart, on the same port) and wait for the listening line."""
         if self.running:
             return
-        cmd = [
-            mitmdump_bin(),
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(self.port),
-            "--set",
-            f"confdir={self.confdir}",
-        ]
-        for script in (*self.scripts, HOSTMAP_ADDON):
-            cmd += ["-s", str(script)]
-        cmd += ["--set", f"bed_hostmap={self.hostmap_path}"]
-        for key, value in self.options.items():
-            cmd += ["--set", f"{key}={value}"]
-        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
         # Without it the "listening at" line sits in a pipe buffer.
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self.extra_env)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                m = _LISTENING.search(f.read())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self._proc.poll() is not None:
-                raise MitmError(f"mitmdump exited with {self._proc.returncode} during start\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.stop()
-        raise MitmError(f"mitmdump not listening after {timeout}s\n{self.log_tail()}")
+        env = {**without_proxies(), "PYTHONUNBUFFERED": "1", **self.extra_env}
+        cmd = [mitmdump_bin(), *self.args(self.port)]
+        self._process.start(cmd, env, self._listening, timeout=timeout, error=MitmError)
+
+    def _listening(self) -> bool:
+        with self.log_path.open("rb") as f:
+            f.seek(self._process.log_offset)
+            match = _LISTENING.search(f.read().decode(errors="replace"))
+        if match:
+            self.port = int(match[1])
+        return match is not None
 
     def stop(self, timeout: float = 15.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._process.stop(timeout)
 
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log(self) -> str:
+        """The whole log, across restarts."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def mark(self) -> int:
+        """Position in :meth:`log`, for slicing off what came before."""
+        return len(self.log())
+
+    def peak_rss(self) -> int:
+        """mitmdump's peak resident memory so far, in bytes (VmHWM)."""
+        if self.pid is None:
+            raise MitmError("mitmdump is not running")
+        match = _PEAK_RSS.search(Path(f"/proc/{self.pid}/status").read_text())
+        if match is None:
+            raise MitmError(f"no VmHWM for mitmdump (pid {self.pid})")
+        return int(match[1]) * 1024
 
     def __enter__(self) -> MitmDump:
         self.start()
@@ -155,3 +126,44 @@ class MitmDump:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def passthrough(
+    workdir: str | Path,
+    hostmap: dict[str, str],
+    *,
+    scripts: tuple[str | Path, ...] = (),
+    options: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> MitmDump:
+    """mitmdump routing Docker Hub names to the bed (not started).
+
+    ``hostmap``: host name → ``http://127.0.0.1:PORT`` (see :func:`bed.hostmap`).
+    ``scripts``: addon scripts loaded before the hostmap addon.
+    ``options``: extra ``--set`` options.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    confdir = workdir / "conf"
+    hostmap_path = workdir / "hostmap.json"
+    hostmap_path.write_text(json.dumps(hostmap, indent=2))
+    settings = {
+        "confdir": str(confdir),
+        # Lazy: CONNECT to an unresolvable Docker Hub name must not fail
+        # before the request is seen and re-targeted.
+        "connection_strategy": "lazy",
+        # Never buffer 100 MB blobs in the proxy.
+        "stream_large_bodies": "1m",
+        **(options or {}),
+        "bed_hostmap": str(hostmap_path),
+    }
+
+    def args(port: int) -> list[str]:
+        out = ["--listen-host", "127.0.0.1", "--listen-port", str(port)]
+        for script in (*scripts, HOSTMAP_ADDON):
+            out += ["-s", str(script)]
+        for key, value in settings.items():
+            out += ["--set", f"{key}={value}"]
+        return out
+
+    return MitmDump(workdir, args, confdir=confdir, env=env)

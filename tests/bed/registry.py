@@ -3,8 +3,9 @@
 Owns: the registry's YAML config (filesystem storage, delete enabled, token
 auth against :class:`~bed.tokens.TokenServer` with Docker Hub's realm and
 service, ``redirect`` storage middleware pointing blobs at Docker Hub's CDN
-host), the subprocess lifecycle (start, stop, restart on the same port and
-storage), and parsing its access log so tests can count upstream requests.
+host), its two processes (start, stop, restart on the same port and storage;
+the process mechanics are :mod:`bed._process`'s), and parsing its access log
+so tests can count upstream requests.
 
 Logs: the access log (Apache combined format, one line per request, *every*
 request including HEAD, 401 and 404) goes to the registry's stdout, which is
@@ -17,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Self
 import yaml
 
 from . import client
+from ._process import Process, ProcessOwner
 from .tokens import DEFAULT_SERVICE, TokenServer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -106,7 +106,7 @@ class RegistryError(RuntimeError):
     pass
 
 
-class _Process:
+class _Instance:
     """One ``docker-registry serve`` process: config file, logs, port."""
 
     def __init__(self, workdir: Path, name: str, port: int, ready_status: int) -> None:
@@ -116,71 +116,30 @@ class _Process:
         self.access_log = workdir / f"{name}-access.log"
         self.app_log = workdir / f"{name}.log"
         self.ready_status = ready_status
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process = Process(f"docker-registry ({name}) on {self.url}", self.access_log, err_path=self.app_log)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, config: dict[str, object], timeout: float) -> None:
-        if self.running:
+        if self.process.running:
             return
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         # REGISTRY_* variables would override the config file.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with self.access_log.open("ab") as out, self.app_log.open("ab") as err:
-            self.proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.config_path)],
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RegistryError(
-                    f"docker-registry ({self.name}) exited with {self.proc.returncode} during start\n{self.log_tail()}"
-                )
-            try:
-                status = client.request("GET", f"{self.url}/v2/", timeout=1).status
-                if status == self.ready_status:
-                    return
-                last = f"HTTP {status}"
-            except OSError as e:
-                last = e
-            time.sleep(0.02)
-        self.stop()
-        raise RegistryError(
-            f"docker-registry ({self.name}) not ready on {self.url} after {timeout}s ({last})\n{self.log_tail()}"
-        )
+        cmd = [REGISTRY_BIN, "serve", str(self.config_path)]
+        self.process.start(cmd, env, self._ready, timeout=timeout, error=RegistryError, interval=0.02)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
+    def _ready(self) -> bool | str:
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        parts = []
-        for f in (self.app_log, self.access_log):
-            if f.exists():
-                text = f.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {f.name} ---\n" + "\n".join(text))
-        return "\n".join(parts)
+            status = client.request("GET", f"{self.url}/v2/", timeout=1).status
+        except OSError as e:
+            return str(e)
+        return status == self.ready_status or f"HTTP {status}"
 
 
-class Registry:
+class Registry(ProcessOwner):
     """``docker-registry serve`` with Docker-Hub-like auth and CDN redirects.
 
     Two processes share one filesystem storage (distribution is stateless
@@ -215,8 +174,9 @@ class Registry:
         self.realm = realm
         self.service = service
         self.cdn_baseurl = cdn_baseurl
-        self._public = _Process(self.workdir, "registry", port, ready_status=401)
-        self._admin = _Process(self.workdir, "admin", 0, ready_status=200)
+        self._public = _Instance(self.workdir, "registry", port, ready_status=401)
+        self._admin = _Instance(self.workdir, "admin", 0, ready_status=200)
+        self._process = self._public.process  # pid, running, log_tail
         self.access_log = self._public.access_log
         self.app_log = self._public.app_log
         self.config_path = self._public.config_path
@@ -242,14 +202,6 @@ class Registry:
     def admin_host(self) -> str:
         """``127.0.0.1:PORT`` of the admin instance (push here)."""
         return f"127.0.0.1:{self._admin.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._public.proc.pid if self._public.proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._public.running
 
     def _base_config(self, port: int) -> dict[str, object]:
         return {
@@ -302,15 +254,12 @@ class Registry:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the public instance (SIGTERM by PID); the admin one keeps running."""
-        self._public.stop(timeout)
+        self._process.stop(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Stop both instances."""
-        self._public.stop()
-        self._admin.stop()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self._public.log_tail(lines)
+        self._public.process.stop(timeout)
+        self._admin.process.stop(timeout)
 
     # -- access log --------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from .dockerd import ca_bundle
+from ._process import proxied_env
 from .images import SKOPEO, skopeo_env
 
 DOCKER_HUB = "registry-1.docker.io"
@@ -55,15 +55,7 @@ class Skopeo:
         self._policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
 
     def env(self) -> dict[str, str]:
-        env = skopeo_env(self.workdir)
-        if self.proxy_url:
-            env["HTTPS_PROXY"] = self.proxy_url
-            env["HTTP_PROXY"] = self.proxy_url
-        env["NO_PROXY"] = ""
-        bundle = ca_bundle(self.workdir / "ca-bundle.pem", *([self.ca_pem] if self.ca_pem else []))
-        env["SSL_CERT_FILE"] = str(bundle)
-        env.pop("SSL_CERT_DIR", None)
-        return env
+        return proxied_env(skopeo_env(self.workdir), self.workdir, self.proxy_url, self.ca_pem)
 
     def run(
         self,

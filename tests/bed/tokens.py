@@ -3,7 +3,8 @@
 Owns: the signing key and its self-signed certificate (the registry's
 ``rootcertbundle``), JWT minting in the format distribution 2.8.2 accepts, the
 access policy (anonymous / users / private repositories), refresh tokens, and
-a thread-safe log of every request so tests can count token fetches.
+what it logs of every request so tests can count token fetches (the log
+itself is :class:`~bed._http.BackgroundHTTPServer`'s).
 
 Protocol: distribution ``docs/spec/auth/token.md`` (GET with ``scope``) and
 ``docs/spec/auth/oauth.md`` (POST ``grant_type=password|refresh_token``).
@@ -17,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -150,11 +150,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class TokenServer(BackgroundHTTPServer):
+class TokenServer(BackgroundHTTPServer[TokenRequest]):
     """Token server in a background thread of the test process.
 
     ``cert_dir`` receives ``token-ca.pem`` (see :attr:`cert_path`) for the
-    registry's ``auth.token.rootcertbundle``.
+    registry's ``auth.token.rootcertbundle``. :meth:`set_failing` fails every
+    request (an auth outage).
     """
 
     handler_class = _Handler
@@ -173,10 +174,7 @@ class TokenServer(BackgroundHTTPServer):
         self.issuer = issuer
         self.policy = policy or Policy()
         self.ttl = ttl
-        self._log: list[TokenRequest] = []
-        self._lock = threading.Lock()
         self._refresh: dict[str, str] = {}
-        self._failing: int | None = None
         # ES256 keys are generated in microseconds; RSA would cost ~50 ms per run.
         self._key = ec.generate_private_key(ec.SECP256R1())
         self.kid = libtrust_kid(self._key.public_key())
@@ -230,28 +228,6 @@ class TokenServer(BackgroundHTTPServer):
         repos = [repo] if isinstance(repo, str) else repo
         access: list[dict[str, object]] = [{"type": "repository", "name": r, "actions": list(actions)} for r in repos]
         return self.mint_access(access, **kw)  # type: ignore[arg-type]
-
-    # -- controls and log ----------------------------------------------------
-
-    def set_failing(self, status: int | None) -> None:
-        """While set, answer every request with this status (auth outage)."""
-        self._failing = status
-
-    def requests(self, since: int = 0) -> list[TokenRequest]:
-        with self._lock:
-            return list(self._log[since:])
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self._log)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._log.clear()
-
-    def _record(self, rec: TokenRequest) -> None:
-        with self._lock:
-            self._log.append(rec)
 
     # -- request handling ----------------------------------------------------
 

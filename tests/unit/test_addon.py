@@ -10,10 +10,11 @@ import json
 import socket
 from pathlib import Path
 
-import yaml
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons
 
 from addon.cache import RegistryCache
+
+from .flows import registry_flow, write_config
 
 SHA = "sha256:" + "b" * 64
 
@@ -25,25 +26,13 @@ def closed_port() -> int:
 
 
 def run_request(tmp_path: Path, host: str, path: str, method: str = "GET") -> tuple[RegistryCache, object]:
-    config = tmp_path / "regcache.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "cache_dir": str(tmp_path / "cache"),
-                "upstreams": {"registry-1.docker.io": f"http://127.0.0.1:{closed_port()}"},
-                "upstream_timeout": 5,
-            }
-        )
-    )
+    config = write_config(tmp_path, closed_port(), timeout=5)
 
     async def go() -> tuple[RegistryCache, object]:
         addon = RegistryCache()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, regcache_config=str(config))
-            flow = tflow.tflow()
-            flow.request.scheme, flow.request.host, flow.request.port = "https", host, 443
-            flow.request.path, flow.request.method = path, method
-            flow.request.headers["Host"] = host
+            tctx.configure(addon, regcache_config=config)
+            flow = registry_flow(host, path, method)
             await addon.request(flow)
             addon.done()
             await asyncio.sleep(0)  # let the runtime close

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import yaml
 from aiohttp import web
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons
 
 from addon.cache import RegistryCache
+
+from .flows import registry_flow, write_config
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -61,10 +62,7 @@ async def upstream_server() -> AsyncIterator[tuple[Upstream, int]]:
 
 
 async def ask(addon: RegistryCache, path: str, method: str = "GET", accept: str = OCI_MANIFEST) -> http.Response:
-    flow = tflow.tflow()
-    flow.request.scheme, flow.request.host, flow.request.port = "https", "registry-1.docker.io", 443
-    flow.request.path, flow.request.method = path, method
-    flow.request.headers["Accept"] = accept
+    flow = registry_flow("registry-1.docker.io", path, method, accept)
     await addon.request(flow)
     assert flow.response is not None
     return flow.response
@@ -73,19 +71,10 @@ async def ask(addon: RegistryCache, path: str, method: str = "GET", accept: str 
 def test_stale_if_error(tmp_path: Path) -> None:
     async def go() -> None:
         async with upstream_server() as (upstream, port):
-            config = tmp_path / "regcache.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "cache_dir": str(tmp_path / "cache"),
-                        "upstreams": {"registry-1.docker.io": f"http://127.0.0.1:{port}"},
-                        "upstream_timeout": 0.5,
-                    }
-                )
-            )
+            config = write_config(tmp_path, port, timeout=0.5)
             addon = RegistryCache()
             with taddons.context(addon) as tctx:
-                tctx.configure(addon, regcache_config=str(config))
+                tctx.configure(addon, regcache_config=config)
                 tag = "/v2/library/x/manifests/1"
 
                 first = await ask(addon, tag)
@@ -116,6 +105,11 @@ def test_stale_if_error(tmp_path: Path) -> None:
                 other = await ask(addon, tag, accept=DOCKER_MANIFEST)
                 assert other.status_code == 503
                 assert json.loads(other.content)["errors"][0]["code"] == "UNAVAILABLE"
+
+                # A client with another Accept list that includes the recorded media type gets the
+                # recorded manifest: the tag named it when it was last seen.
+                wider = await ask(addon, tag, accept=f"{DOCKER_MANIFEST}, {OCI_MANIFEST}")
+                assert (wider.status_code, wider.headers["X-Cache"], wider.content) == (200, "STALE", BODY)
 
                 # A tag the upstream says is gone is gone: no stale answer for a 404.
                 upstream.mode = "404"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, digest_of, tag_key
+from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
 
 DATA = b"layer bytes " * 10_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -67,13 +67,14 @@ def test_manifests_are_verified_and_byte_exact(tmp_path: Path) -> None:
     assert store.get_manifest(digest_of(b"other")) is None
 
 
-def test_tag_records_are_keyed_by_accept(tmp_path: Path) -> None:
+def test_tag_records_are_keyed_by_registry_and_accept(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, 10**9)
-    oci = tag_key("docker.io", "library/x", "1", ("application/vnd.oci.image.index.v1+json",))
-    docker = tag_key("docker.io", "library/x", "1", ("application/vnd.docker.distribution.manifest.v2+json",))
-    other_registry = tag_key("ghcr.io", "library/x", "1", ("application/vnd.oci.image.index.v1+json",))
-    record = TagRecord(DIGEST, "application/vnd.oci.image.index.v1+json", 10, 1.0)
-    store.put_tag(oci, record)
-    assert store.get_tag(oci) == record
-    assert store.get_tag(docker) is None
-    assert store.get_tag(other_registry) is None
+    oci = ("application/vnd.oci.image.index.v1+json",)
+    docker = ("application/vnd.docker.distribution.manifest.v2+json",)
+    hub, ghcr = TagRef("docker.io", "library/x", "1"), TagRef("ghcr.io", "library/x", "1")
+    index = TagRecord(DIGEST, "application/vnd.oci.image.index.v1+json", 10, 1.0)
+    single = TagRecord("sha256:" + "c" * 64, docker[0], 20, 2.0)
+    store.put_tag(hub, oci, index)
+    store.put_tag(hub, docker, single)
+    assert store.tag_records(hub) == {accept_key(oci): index, accept_key(docker): single}
+    assert store.tag_records(ghcr) == {}
