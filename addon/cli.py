@@ -1,4 +1,5 @@
-"""The `regcache` command: `regcache run` starts mitmdump with the addon and sane defaults.
+"""The `regcache` command: `run` (mitmdump with the addon and sane defaults), `export` and
+`import` (bundles of cached images as OCI image layouts, see `bundle`).
 
 The mitmdump argument list lives here (`mitmdump_args`) so that the README's command, the tests and
 any service unit start the proxy the same way.
@@ -12,7 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
 from .config import ConfigError, load_settings
+from .store import DiskStore
 
 ADDON = Path(__file__).resolve().parent / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
@@ -79,6 +82,37 @@ def run(options: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def open_store(options: argparse.Namespace) -> DiskStore:
+    settings = load_settings(options.config)
+    cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else settings.cache_dir
+    # Not the owner: a running regcache may be using the same store (and its staging area).
+    return DiskStore(cache_dir, settings.size_limit, owner=False)
+
+
+def export(options: argparse.Namespace) -> int:
+    store = open_store(options)
+    refs = [parse_image_ref(image) for image in options.images] if options.images else None
+    contents = collect_for_export(store, refs)
+    write_bundle(store, contents, Path(options.output))
+    print(f"regcache: exported {contents.summary()} to {options.output}")
+    return 0
+
+
+def import_(options: argparse.Namespace) -> int:
+    store = open_store(options)
+    as_ref = parse_image_ref(options.as_ref) if options.as_ref else None
+    contents = import_bundle(store, Path(options.bundle), as_ref)
+    print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
+    for ref, _, record in contents.tags:
+        print(f"  {ref} -> {record.digest}")
+    return 0
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration whose cache_dir to use")
+    parser.add_argument("--cache-dir", help="the cache directory (default: cache_dir of --config, or the default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regcache", description="Docker/OCI registry pull-through cache")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,10 +122,35 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--port", type=int, default=3128, help="port to listen on (default 3128)")
     run_parser.add_argument("--confdir", default="certs", help="mitmproxy confdir holding the CA (default ./certs)")
     run_parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, help="further mitmdump arguments after --")
+    run_parser.set_defaults(handler=run)
+
+    export_parser = commands.add_parser(
+        "export", help="write cached images to an OCI image layout (directory, or a tar if OUT ends in .tar)"
+    )
+    _store_options(export_parser)
+    export_parser.add_argument("-o", "--output", required=True, help="bundle to write (DIR or FILE.tar)")
+    export_parser.add_argument("images", nargs="*", help="images to export, e.g. docker.io/library/alpine:3.20 (all)")
+    export_parser.set_defaults(handler=export)
+
+    import_parser = commands.add_parser(
+        "import", help="merge a bundle (or any OCI image layout, e.g. from skopeo) into the cache"
+    )
+    _store_options(import_parser)
+    import_parser.add_argument("bundle", help="OCI image layout directory or tar")
+    import_parser.add_argument(
+        "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
+    )
+    import_parser.set_defaults(handler=import_)
+
     options = parser.parse_args(argv)
-    if options.mitmdump_args[:1] == ["--"]:
+    if options.command == "run" and options.mitmdump_args[:1] == ["--"]:
         options.mitmdump_args = options.mitmdump_args[1:]
-    return run(options)
+    try:
+        return int(options.handler(options))
+    except (ConfigError, BundleError) as err:
+        unchanged = " (the cache is unchanged)" if options.command == "import" else ""
+        print(f"regcache {options.command}: {err}{unchanged}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ class Store(Protocol):
     def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
     def get_manifest(self, digest: str) -> Manifest | None: ...
     def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
+    def tag_refs(self) -> list[TagRef]: ...
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None: ...
     def realm_hosts(self) -> set[str]: ...
@@ -204,6 +205,15 @@ class DiskStore:
         self._cache.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
 
     # tags ----------------------------------------------------------------------------------
+    def tag_refs(self) -> list[TagRef]:
+        refs = []
+        for key in self._cache.iterkeys():
+            if isinstance(key, str) and key.startswith("tag:"):
+                namespace, _, rest = key[4:].partition("/")
+                name, _, tag = rest.rpartition(":")
+                refs.append(TagRef(namespace, name, tag))
+        return refs
+
     # One entry per tag, holding what it resolved to for each set of accepted media types, so a
     # replay can fall back to another client's record of the same tag.
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bed.cdn import Cdn
 from bed.dockerd import Dockerd
+from bed.registry import Registry
 from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
 
 from addon.store import DiskStore
 
@@ -51,3 +56,41 @@ def dockerd(regcache: Mitmdump, dockerd_factory: Callable[..., Dockerd]) -> Iter
     daemon = dockerd_factory(regcache.url, regcache.ca_cert)
     yield daemon
     daemon.close()
+
+
+@pytest.fixture
+def offline_regcache(tmp_path: Path, proxy_confdir: Path) -> Iterator[Callable[[Path], Mitmdump]]:
+    """``start(cache_dir)``: an offline regcache (no `upstreams`: upstream names do not even resolve)."""
+    started: list[Mitmdump] = []
+
+    def start(cache_dir: Path) -> Mitmdump:
+        config: dict[str, object] = {"cache_dir": str(cache_dir), "offline": True}
+        proxy = Mitmdump(tmp_path / f"offline{len(started)}", config, proxy_confdir)
+        started.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+        assert "Traceback" not in proxy.log()
+
+
+@pytest.fixture
+def upstream_gone(upstream_registry: Registry, token_server: TokenServer, cdn: Cdn) -> Callable[[], None]:
+    """``stop()``: stop the registry, its token server and its CDN (restarted after the test)."""
+
+    def stop() -> None:
+        for server in (upstream_registry, token_server, cdn):
+            server.stop()
+
+    return stop
+
+
+def regcache_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The `regcache` command of this venv."""
+    command = [str(Path(sys.executable).with_name("regcache")), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result

@@ -1,0 +1,335 @@
+"""Bundles: cached images as an OCI image layout (a directory or a tar), exported and imported.
+
+A bundle is a plain OCI image layout (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`), so skopeo,
+containerd and other OCI tools can read it, and a layout they wrote can seed the cache. Each
+`index.json` entry is one tag; its annotations say which registry, repository and tag it is
+(`io.regcache.*`, plus the conventional `org.opencontainers.image.ref.name` and
+`io.containerd.image.name` holding the full reference) and for which Accept list it was recorded.
+
+Import is all or nothing: every manifest and blob is hashed and checked against its digest and
+size while it is staged, and only when the whole bundle is good is anything committed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DOCKER_HUB
+from .routes import DIGEST_RE, NAME_RE, TAG_RE
+from .store import BlobStaging, DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, verify_digest
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, "application/vnd.docker.distribution.manifest.list.v2+json"})
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+REGISTRY = "io.regcache.registry"
+REPOSITORY = "io.regcache.repository"
+TAG = "io.regcache.tag"
+ACCEPT = "io.regcache.accept"
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+class BundleError(Exception):
+    """A bundle or reference that cannot be used; the message says what and where."""
+
+
+def parse_image_ref(text: str) -> TagRef:
+    """`alpine`, `library/alpine:3.20`, `docker.io/library/alpine:3.20`, `ghcr.io/org/app:1`."""
+    first, _, rest = text.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        namespace, remainder = first.lower(), rest
+    else:
+        namespace, remainder = DOCKER_HUB, text
+    if namespace in ("index.docker.io", "registry-1.docker.io"):
+        namespace = DOCKER_HUB
+    name, _, tag = remainder.rpartition(":") if ":" in remainder else (remainder, "", "latest")
+    if namespace == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    if not NAME_RE.fullmatch(name) or not TAG_RE.fullmatch(tag):
+        raise BundleError(f"{text!r} is not an image reference like docker.io/library/alpine:3.20")
+    return TagRef(namespace, name, tag)
+
+
+def children(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """(child manifest descriptors, blob descriptors) of an index or an image manifest."""
+    try:
+        document = json.loads(manifest.body)
+    except ValueError as err:
+        raise BundleError(f"manifest is not JSON: {err}") from err
+    if not isinstance(document, dict):
+        raise BundleError("manifest is not a JSON object")
+    if manifest.media_type in INDEX_MEDIA_TYPES or "manifests" in document:
+        return list(document.get("manifests") or []), []
+    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
+    return [], blobs + list(document.get("layers") or [])
+
+
+def _descriptor_digest(descriptor: dict[str, object]) -> str:
+    digest = descriptor.get("digest")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise BundleError(f"bad digest in descriptor {descriptor!r}")
+    return digest
+
+
+# export --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contents:
+    """What goes into (or came out of) a bundle."""
+
+    entries: list[dict[str, object]] = field(default_factory=list)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    blobs: dict[str, int] = field(default_factory=dict)  # digest → size
+    tags: list[tuple[TagRef, str, TagRecord]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        size = sum(self.blobs.values()) + sum(len(m.body) for m in self.manifests.values())
+        return f"{len(self.entries)} tags, {len(self.manifests)} manifests, {len(self.blobs)} blobs, {size} bytes"
+
+
+def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Contents) -> bool:
+    """Add a manifest and what it needs; False if the store lacks something an image needs.
+    An index keeps only the children that were recorded (others were never pulled)."""
+    child_manifests, blobs = children(manifest)
+    sizes = {}
+    for blob in blobs:
+        blob_digest = _descriptor_digest(blob)
+        size = contents.blobs.get(blob_digest) or store.blob_size(blob_digest)
+        if size is None:
+            return False
+        sizes[blob_digest] = size
+    complete_children = 0
+    for child in child_manifests:
+        child_digest = _descriptor_digest(child)
+        stored = store.get_manifest(child_digest)
+        if stored is not None and _collect(store, child_digest, stored, contents):
+            complete_children += 1
+    if child_manifests and not complete_children:
+        return False
+    contents.blobs.update(sizes)
+    contents.manifests[digest] = manifest
+    return True
+
+
+def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
+    contents = Contents()
+    for ref in refs if refs is not None else sorted(store.tag_refs(), key=str):
+        exported = False
+        for accepted, record in sorted(store.tag_records(ref).items()):
+            manifest = store.get_manifest(record.digest)
+            if manifest is None or not _collect(store, record.digest, manifest, contents):
+                continue
+            annotations = {
+                REF_NAME: str(ref),
+                CONTAINERD_NAME: str(ref),
+                REGISTRY: ref.namespace,
+                REPOSITORY: ref.name,
+                TAG: ref.tag,
+                ACCEPT: accepted,
+            }
+            descriptor = {"mediaType": manifest.media_type, "digest": record.digest, "size": len(manifest.body)}
+            contents.entries.append({**descriptor, "annotations": annotations})
+            exported = True
+        if refs is not None and not exported:
+            raise BundleError(f"{ref} is not in the cache (or not complete)")
+    return contents
+
+
+def write_bundle(store: DiskStore, contents: Contents, out: Path) -> None:
+    """Write a layout directory, or a tar when `out` ends in .tar; atomically (temp + rename)."""
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": contents.entries}
+    files: list[tuple[str, bytes | Path]] = [
+        ("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
+        ("index.json", json.dumps(index, indent=2).encode()),
+    ]
+    files += [(_blob_name(d), m.body) for d, m in sorted(contents.manifests.items())]
+    for digest in sorted(contents.blobs):
+        path = store.blob_path(digest)
+        if path is None:
+            raise BundleError(f"{digest} left the cache during export")
+        files.append((_blob_name(digest), Path(path)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.unlink(missing_ok=True)
+    if out.suffix == ".tar":
+        with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name, content in files:
+                _tar_add(tar, name, content)
+    else:
+        for name, content in files:
+            target = temp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                target.write_bytes(content)
+    if out.is_dir():
+        shutil.rmtree(out)
+    temp.replace(out)
+
+
+def _blob_name(digest: str) -> str:
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"blobs/{algorithm}/{hex_digest}"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, content: bytes | Path) -> None:
+    if isinstance(content, Path):
+        tar.add(content, arcname=name)
+        return
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(content), int(time.time()), 0o644
+    tar.addfile(info, fileobj=_BytesReader(content))
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._offset = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size < 0 else self._offset + size
+        chunk = self._data[self._offset : end]
+        self._offset += len(chunk)
+        return chunk
+
+
+# import --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def opened_layout(source: Path, scratch: Path) -> Iterator[Path]:
+    """The layout directory: `source` itself, or a tar unpacked under `scratch` (same disk)."""
+    if source.is_dir():
+        yield source
+        return
+    if not tarfile.is_tarfile(source):
+        raise BundleError(f"{source} is neither an OCI layout directory nor a tar of one")
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="bundle-") as temp:
+        with tarfile.open(source) as tar:
+            try:
+                tar.extractall(temp, filter="data")  # refuses absolute paths, .., and outside links
+            except (tarfile.TarError, OSError) as err:
+                raise BundleError(f"{source}: cannot unpack: {err}") from err
+        yield Path(temp)
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path.name}: {err}") from err
+    if not isinstance(document, dict):
+        raise BundleError(f"{path.name} is not a JSON object")
+    return document
+
+
+def _entry_ref(entry: dict[str, object], as_ref: TagRef | None, unnamed: int) -> TagRef:
+    annotations = entry.get("annotations") or {}
+    assert isinstance(annotations, dict)
+    if all(key in annotations for key in (REGISTRY, REPOSITORY, TAG)):
+        return TagRef(str(annotations[REGISTRY]), str(annotations[REPOSITORY]), str(annotations[TAG]))
+    ref_name = str(annotations.get(REF_NAME, ""))
+    if as_ref is not None and (unnamed == 1 or ref_name == as_ref.tag):
+        return as_ref
+    if "/" in ref_name:  # containerd and others write the full reference
+        return parse_image_ref(ref_name)
+    raise BundleError(
+        f"index.json entry {entry.get('digest')} (ref.name {ref_name!r}) does not say which registry and "
+        "repository it is: name it with --as REGISTRY/REPOSITORY:TAG"
+    )
+
+
+def read_layout(root: Path, as_ref: TagRef | None) -> Contents:
+    """Parse and verify every manifest of a layout (blobs are verified when staged)."""
+    if _read_json(root / "oci-layout").get("imageLayoutVersion") != "1.0.0":
+        raise BundleError("oci-layout: imageLayoutVersion is not 1.0.0")
+    entries = _read_json(root / "index.json").get("manifests")
+    if not isinstance(entries, list) or not entries:
+        raise BundleError("index.json lists no manifests")
+    unnamed = sum(1 for e in entries if REGISTRY not in (e.get("annotations") or {}))
+    contents = Contents(entries=entries)
+    now = time.time()
+    for entry in entries:
+        ref = _entry_ref(entry, as_ref, unnamed)
+        digest = _descriptor_digest(entry)
+        manifest = _load_manifest(root, entry, contents, required=True)
+        assert manifest is not None
+        accepted = str((entry.get("annotations") or {}).get(ACCEPT) or accept_key((manifest.media_type,)))
+        contents.tags.append((ref, accepted, TagRecord(digest, manifest.media_type, len(manifest.body), now)))
+    return contents
+
+
+def _load_manifest(root: Path, descriptor: dict[str, object], contents: Contents, required: bool) -> Manifest | None:
+    digest = _descriptor_digest(descriptor)
+    path = root / _blob_name(digest)
+    if not path.is_file():
+        if required:
+            raise BundleError(f"manifest {digest} is missing from blobs/")
+        return None  # an index child that was never recorded
+    body = path.read_bytes()
+    try:
+        verify_digest(digest, body)
+    except DigestMismatch as err:
+        raise BundleError(f"manifest {digest} is corrupt: its bytes do not match its digest") from err
+    media_type = descriptor.get("mediaType") or json.loads(body).get("mediaType") or ""
+    manifest = Manifest(str(media_type), body)
+    contents.manifests[digest] = manifest
+    child_manifests, blobs = children(manifest)
+    for child in child_manifests:
+        _load_manifest(root, child, contents, required=False)
+    for blob in blobs:
+        size = blob.get("size")
+        contents.blobs[_descriptor_digest(blob)] = size if isinstance(size, int) else -1
+    return manifest
+
+
+def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[BlobStaging]:
+    """Copy every blob into staging, hashing as it goes; on any problem discard them all.
+    Blobs the cache already has are verified too: a corrupt bundle is rejected whole."""
+    staged: list[BlobStaging] = []
+    try:
+        for digest, size in sorted(blobs.items()):
+            source = root / _blob_name(digest)
+            if not source.is_file():
+                raise BundleError(f"blob {digest} is missing from blobs/")
+            staging = store.stage_blob(digest)
+            staged.append(staging)
+            with source.open("rb") as reader:
+                while chunk := reader.read(COPY_CHUNK):
+                    staging.write(chunk)
+            try:
+                staging.verify(size if size >= 0 else None)
+            except DigestMismatch as err:
+                raise BundleError(f"blob {digest} is corrupt: {err}") from err
+            if store.blob_size(digest) is not None:  # verified, but the cache has it already
+                staged.remove(staging)
+                staging.discard()
+    except BaseException:
+        for staging in staged:
+            staging.discard()
+        raise
+    return staged
+
+
+def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None) -> Contents:
+    with opened_layout(source, store.staging_dir) as root:
+        contents = read_layout(root, as_ref)
+        staged = stage_blobs(store, root, contents.blobs)
+    # Everything is verified: only now does the cache change.
+    for staging in staged:
+        store.commit_blob(staging, staging.size)
+    for digest, manifest in contents.manifests.items():
+        store.put_manifest(digest, manifest)
+    for ref, accepted, record in contents.tags:
+        store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
+    return contents

@@ -1,0 +1,56 @@
+"""The offline scenario shared by the offline and bundle tests: what is recorded, what a replay
+must show (same tags and digests as online, clear errors for what was never recorded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from bed.dockerd import Dockerd
+from bed.images import ImageSet
+from bed.skopeo import Skopeo
+
+from .mitm import Mitmdump
+
+
+def record(
+    images: ImageSet,
+    regcache: Mitmdump,
+    dockerd_factory: Callable[..., Dockerd],
+    skopeo_factory: Callable[..., Skopeo],
+    tmp_path: Path,
+) -> None:
+    """dockerd pulls the OCI index (amd64 only) and the single image; skopeo copies the Docker list whole."""
+    online = dockerd_factory(regcache.url, regcache.ca_cert)
+    online.pull(images.oci_multi.ref)
+    online.pull(images.oci_single.ref)
+    online.close()
+    recorder = skopeo_factory(regcache.url, regcache.ca_cert)
+    digest = recorder.copy_to_dir(images.docker_multi.ref, tmp_path / "rec", all_platforms=True)
+    assert digest == images.docker_multi.digest
+
+
+def replay(
+    images: ImageSet, offline: Mitmdump, dockerd: Dockerd, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
+) -> None:
+    # `docker login` works offline too (the cache answers /v2/ itself), and pulls after it.
+    assert "Login Succeeded" in dockerd.cli("login", "-u", "ci", "-p", "secret", "registry-1.docker.io").stdout
+    for image in (images.oci_multi, images.oci_single):
+        dockerd.pull(image.ref)
+        assert f"{image.repo.removeprefix('library/')}@{image.digest}" in dockerd.repo_digests(image.ref)
+        assert dockerd.image_id(image.ref) == image.config.digest
+
+    skopeo = skopeo_factory(offline.url, offline.ca_cert)
+    digest = skopeo.copy_to_dir(images.docker_multi.ref, tmp_path / "replay", all_platforms=True)
+    assert digest == images.docker_multi.digest
+
+    # Never recorded: a registry error that names the image, not a hang or a bare 502.
+    with pytest.raises(Exception, match=r"not in the offline cache: docker\.io/library/big:1"):
+        skopeo.copy_to_dir(images.big.ref, tmp_path / "big")
+    # The index was recorded, its arm64 child was not: the error names the child's digest.
+    arm64 = images.oci_multi.children["linux/arm64/v8"]
+    with pytest.raises(Exception, match=f"not in the offline cache: docker.io/{images.oci_multi.repo}@{arm64}"):
+        skopeo.copy_to_dir(images.oci_multi.ref, tmp_path / "arm", arch="arm64")
+    results = {result for result, _, _ in offline.results()}
+    assert results <= {"HIT", "ERROR"}, results
