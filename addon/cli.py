@@ -1,5 +1,5 @@
 """The `regcache` command: `run` (mitmdump with the addon and sane defaults), `export` and
-`import` (bundles of cached images as OCI image layouts, see `bundle`).
+`import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`).
 
 The mitmdump argument list lives here (`mitmdump_args`) so that the README's command, the tests and
 any service unit start the proxy the same way.
@@ -8,6 +8,7 @@ any service unit start the proxy the same way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
 from .config import ConfigError, load_settings
 from .store import DiskStore
+from .warm import warm_all
 
 ADDON = Path(__file__).resolve().parent / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
@@ -78,6 +80,7 @@ def run(options: argparse.Namespace) -> int:
     print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
     print(dockerd_instructions(proxy, confdir / CA_CERT), flush=True)
     args = mitmdump_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach a redirected log file at once
     os.execv(mitmdump, [mitmdump, *args])
     return 0  # not reached
 
@@ -106,6 +109,27 @@ def import_(options: argparse.Namespace) -> int:
     for ref, _, record in contents.tags:
         print(f"  {ref} -> {record.digest}")
     return 0
+
+
+def warm(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options)
+    images = list(options.images)
+    if options.file:
+        lines = Path(options.file).read_text().splitlines()
+        images += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if not images:
+        raise ConfigError("warm", "name at least one image (or -f FILE)")
+    refs = [parse_image_ref(image) for image in images]
+    platforms = set(options.platform) if options.platform else None
+    results = asyncio.run(warm_all(settings, store, refs, platforms))
+    failed = [r for r in results if isinstance(r, str)]
+    for result in results:
+        if isinstance(result, str):
+            print(f"regcache warm: FAILED {result}", file=sys.stderr)
+        else:
+            print(f"warmed {result.ref} -> {result.digest} ({result.manifests} manifests, {result.blobs} blobs)")
+    return 1 if failed else 0
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
     )
     import_parser.set_defaults(handler=import_)
+
+    warm_parser = commands.add_parser("warm", help="fetch images from upstream into the cache (no container runtime)")
+    _store_options(warm_parser)
+    warm_parser.add_argument("images", nargs="*", help="images, e.g. docker.io/library/alpine:3.20 or alpine:3.20")
+    warm_parser.add_argument("-f", "--file", help="a file of images, one per line (# comments)")
+    warm_parser.add_argument(
+        "--platform", action="append", help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable)"
+    )
+    warm_parser.set_defaults(handler=warm)
 
     options = parser.parse_args(argv)
     if options.command == "run" and options.mitmdump_args[:1] == ["--"]:

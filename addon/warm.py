@@ -1,0 +1,177 @@
+"""`regcache warm`: fetch images from their upstream registries into the store, no container
+runtime needed — all platforms of a multi-arch image, or only the ones named.
+
+It uses the same services as the proxy (manifest service, single-flight blob fills), so what it
+stores and records is exactly what a pull through regcache would have stored and recorded. It
+gets an anonymous pull token the way registry clients do (`/v2/` challenge → token realm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from multidict import CIMultiDict
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from .blobs import Fill, Fills
+from .bundle import BundleError, children
+from .config import Settings
+from .manifests import ManifestService
+from .routes import Kind, RegistryRequest, Route, accepted_media_types
+from .store import DiskStore, Manifest, TagRef
+from .upstream import UpstreamClient, UpstreamUnavailable
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+PARALLEL_BLOBS = 4
+
+
+class WarmError(Exception):
+    pass
+
+
+@dataclass
+class Warmed:
+    ref: TagRef
+    digest: str
+    manifests: int
+    blobs: int
+
+
+def platform_of(descriptor: dict[str, object]) -> str:
+    platform = descriptor.get("platform") or {}
+    assert isinstance(platform, dict)
+    parts = [platform.get("os", "?"), platform.get("architecture", "?"), platform.get("variant")]
+    return "/".join(str(p) for p in parts if p)
+
+
+def platform_wanted(platform: str, wanted: set[str] | None) -> bool:
+    """`linux/arm64` selects `linux/arm64/v8` too; no selection means every platform."""
+    return wanted is None or platform in wanted or "/".join(platform.split("/")[:2]) in wanted
+
+
+def bearer_challenge(header: str) -> dict[str, str] | None:
+    if not header.lower().startswith("bearer "):
+        return None
+    return dict(re.findall(r'(\w+)="([^"]*)"', header))
+
+
+class Warmer:
+    def __init__(self, settings: Settings, store: DiskStore, progress: Progress) -> None:
+        self._settings = settings
+        self._store = store
+        self._upstream = UpstreamClient(settings)
+        self._manifests = ManifestService(store, self._upstream, offline=False)
+        self._fills = Fills(store, self._upstream)
+        self._progress = progress
+        self._parallel = asyncio.Semaphore(PARALLEL_BLOBS)
+
+    def _host(self, namespace: str) -> str:
+        """The registry host of a cache namespace (docker.io → registry-1.docker.io)."""
+        return next((h for h, ns in self._settings.registries.items() if ns == namespace), namespace)
+
+    async def warm(self, ref: TagRef, platforms: set[str] | None) -> Warmed:
+        base = f"https://{self._host(ref.namespace)}"
+        headers = CIMultiDict({"Accept": ", ".join(MANIFEST_TYPES)})
+        authorization = await self._token(base, ref.name)
+        if authorization:
+            headers["Authorization"] = authorization
+        digest, top = await self._manifest(base, ref, ref.tag, headers)
+        images = [top]
+        manifests = 1
+        child_manifests, _ = children(top)
+        for child in child_manifests:
+            if platform_wanted(platform_of(child), platforms):
+                images.append((await self._manifest(base, ref, str(child["digest"]), headers))[1])
+                manifests += 1
+        blobs = {str(blob["digest"]): blob for image in images for blob in children(image)[1]}
+        await asyncio.gather(*(self._blob(base, ref, digest, headers) for digest in blobs))
+        return Warmed(ref, digest, manifests, len(blobs))
+
+    async def _token(self, base: str, name: str) -> str | None:
+        ping = await self._upstream.fetch("GET", f"{base}/v2/", CIMultiDict())
+        challenge = bearer_challenge(ping.headers.get("WWW-Authenticate", "")) if ping.status == 401 else None
+        if not challenge or "realm" not in challenge:
+            return None
+        query = {
+            "scope": f"repository:{name}:pull",
+            **({"service": challenge["service"]} if "service" in challenge else {}),
+        }
+        answer = await self._upstream.fetch("GET", f"{challenge['realm']}?{urlencode(query)}", CIMultiDict())
+        if answer.status != 200:
+            raise WarmError(f"token request to {challenge['realm']} answered {answer.status}")
+        document = json.loads(answer.body)
+        token = document.get("token") or document.get("access_token")
+        return f"Bearer {token}" if token else None
+
+    async def _manifest(
+        self, base: str, ref: TagRef, reference: str, headers: CIMultiDict[str]
+    ) -> tuple[str, Manifest]:
+        route = Route(Kind.MANIFEST, ref.name, reference)
+        req = RegistryRequest(
+            ref.namespace,
+            f"{base}/v2/{ref.name}/manifests/{reference}",
+            "GET",
+            route,
+            headers,
+            accepted_media_types([headers["Accept"]]),
+        )
+        answer = await self._manifests.serve(req)
+        answer_headers = dict(answer.headers)
+        if answer.status != 200:
+            raise WarmError(f"{req.describe()}: {answer.status} {answer.body[:300].decode(errors='replace')}")
+        digest = answer_headers.get("Docker-Content-Digest") or reference
+        stored = self._store.get_manifest(digest)
+        if stored is None:
+            raise WarmError(f"{req.describe()}: manifest {digest} was not stored")
+        return digest, stored
+
+    async def _blob(self, base: str, ref: TagRef, digest: str, headers: CIMultiDict[str]) -> None:
+        if await asyncio.to_thread(self._store.blob_size, digest) is not None:
+            return
+        async with self._parallel:
+            url = f"{base}/v2/{ref.name}/blobs/{digest}"
+            fill = self._fills.start(digest, url, CIMultiDict((k, v) for k, v in headers.items() if k != "Accept"))
+            task = self._progress.add_task(f"{ref.name} {digest[7:19]}", total=None)
+            await self._follow(fill, task)
+        if fill.upstream_refusal is not None:
+            raise WarmError(f"{url}: upstream answered {fill.upstream_refusal.status}")
+        if not fill.committed:
+            raise WarmError(f"{url}: {fill.error}")
+
+    async def _follow(self, fill: Fill, task: object) -> None:
+        while not fill.finished:
+            await fill.wait_beyond(fill.written)
+            self._progress.update(task, completed=fill.written, total=fill.expected_size)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self._fills.close()
+        await self._upstream.close()
+
+
+async def warm_all(
+    settings: Settings, store: DiskStore, refs: Iterable[TagRef], platforms: set[str] | None
+) -> list[Warmed | str]:
+    """Warm each image; a failure is reported (as a string) and does not stop the others."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    results: list[Warmed | str] = []
+    with Progress(*columns, transient=True) as progress:
+        warmer = Warmer(settings, store, progress)
+        try:
+            for ref in refs:
+                try:
+                    results.append(await warmer.warm(ref, platforms))
+                except (WarmError, BundleError, UpstreamUnavailable, ValueError) as err:
+                    results.append(f"{ref}: {err}")
+        finally:
+            await warmer.close()
+    return results
