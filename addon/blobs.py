@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import diskcache
 from multidict import CIMultiDict
 
 from .answers import Decision, LocalStream, PassThrough, relay
@@ -122,6 +123,17 @@ class Fills:
             fill._notify()
             self._retire(fill)
             self._log(fill, time.monotonic() - started_at)
+        if fill.committed:
+            await self._evict()
+
+    async def _evict(self) -> None:
+        try:
+            removed, freed = await asyncio.to_thread(self._store.evict)
+        except (OSError, diskcache.Timeout) as err:
+            log.warning("eviction skipped: %s", err)
+            return
+        if removed:
+            log.info("EVICTED %d entries, %d B, least recently used first (size_limit)", removed, freed)
 
     def _retire(self, fill: Fill) -> None:
         if not fill.committed:
@@ -140,9 +152,11 @@ class Fills:
         elif fill.error:
             log.warning("fill of %s failed after %d B, nothing stored: %s", fill.digest, fill.written, fill.error)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    async def close(self, wait: bool = False) -> None:
+        """Stop: cancel running fills (nothing partial is stored), or with `wait` let them end."""
+        if not wait:
+            for task in list(self._tasks):
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

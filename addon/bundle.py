@@ -24,10 +24,19 @@ from pathlib import Path
 
 from .config import DOCKER_HUB
 from .routes import DIGEST_RE, NAME_RE, TAG_RE
-from .store import BlobStaging, DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, verify_digest
+from .store import (
+    BlobStaging,
+    DigestMismatch,
+    DiskStore,
+    Manifest,
+    TagRecord,
+    TagRef,
+    accept_key,
+    manifest_references,
+    verify_digest,
+)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, "application/vnd.docker.distribution.manifest.list.v2+json"})
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 REGISTRY = "io.regcache.registry"
@@ -59,17 +68,11 @@ def parse_image_ref(text: str) -> TagRef:
 
 
 def children(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """(child manifest descriptors, blob descriptors) of an index or an image manifest."""
+    """(child manifest descriptors, blob descriptors); a BundleError if it is not a manifest."""
     try:
-        document = json.loads(manifest.body)
+        return manifest_references(manifest)
     except ValueError as err:
-        raise BundleError(f"manifest is not JSON: {err}") from err
-    if not isinstance(document, dict):
-        raise BundleError("manifest is not a JSON object")
-    if manifest.media_type in INDEX_MEDIA_TYPES or "manifests" in document:
-        return list(document.get("manifests") or []), []
-    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
-    return [], blobs + list(document.get("layers") or [])
+        raise BundleError(f"manifest is not a JSON object: {err}") from err
 
 
 def _descriptor_digest(descriptor: dict[str, object]) -> str:
@@ -321,7 +324,7 @@ def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[Blo
     return staged
 
 
-def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None) -> Contents:
+def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bool = False) -> Contents:
     with opened_layout(source, store.staging_dir) as root:
         contents = read_layout(root, as_ref)
         staged = stage_blobs(store, root, contents.blobs)
@@ -332,4 +335,7 @@ def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None) -> Cont
         store.put_manifest(digest, manifest)
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
+        if pin:
+            store.pin(ref, record.digest)
+    store.evict()
     return contents

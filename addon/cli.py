@@ -1,5 +1,6 @@
 """The `regcache` command: `run` (mitmdump with the addon and sane defaults), `export` and
-`import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`).
+`import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`),
+`pin` / `unpin` / `pins` (images that eviction never removes).
 
 The mitmdump argument list lives here (`mitmdump_args`) so that the README's command, the tests and
 any service unit start the proxy the same way.
@@ -104,7 +105,7 @@ def export(options: argparse.Namespace) -> int:
 def import_(options: argparse.Namespace) -> int:
     store = open_store(options)
     as_ref = parse_image_ref(options.as_ref) if options.as_ref else None
-    contents = import_bundle(store, Path(options.bundle), as_ref)
+    contents = import_bundle(store, Path(options.bundle), as_ref, pin=options.pin)
     print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
     for ref, _, record in contents.tags:
         print(f"  {ref} -> {record.digest}")
@@ -130,6 +131,33 @@ def warm(options: argparse.Namespace) -> int:
         else:
             print(f"warmed {result.ref} -> {result.digest} ({result.manifests} manifests, {result.blobs} blobs)")
     return 1 if failed else 0
+
+
+def pin(options: argparse.Namespace) -> int:
+    store = open_store(options)
+    for image in options.images:
+        ref = parse_image_ref(image)
+        records = store.tag_records(ref)
+        if not records:
+            raise BundleError(f"{ref} is not in the cache: pull, warm or import it first")
+        newest = max(records.values(), key=lambda record: record.recorded_at)
+        store.pin(ref, newest.digest)
+        print(f"pinned {ref} -> {newest.digest}")
+    return 0
+
+
+def unpin(options: argparse.Namespace) -> int:
+    store = open_store(options)
+    for image in options.images:
+        ref = parse_image_ref(image)
+        print(f"unpinned {ref}" if store.unpin(ref) else f"{ref} was not pinned")
+    return 0
+
+
+def pins(options: argparse.Namespace) -> int:
+    for ref, digest in sorted(open_store(options).pins().items()):
+        print(f"{ref} {digest}")
+    return 0
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     import_parser.add_argument(
         "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
     )
+    import_parser.add_argument("--pin", action="store_true", help="pin every imported image (never evicted)")
     import_parser.set_defaults(handler=import_)
+
+    for name, handler, text in (
+        ("pin", pin, "pin images at the digest their tag last resolved to: eviction never removes them"),
+        ("unpin", unpin, "remove pins"),
+    ):
+        pin_parser = commands.add_parser(name, help=text)
+        _store_options(pin_parser)
+        pin_parser.add_argument("images", nargs="+", help="images, e.g. docker.io/library/alpine:3.20")
+        pin_parser.set_defaults(handler=handler)
+    pins_parser = commands.add_parser("pins", help="list pinned images and their digests")
+    _store_options(pins_parser)
+    pins_parser.set_defaults(handler=pins)
 
     warm_parser = commands.add_parser("warm", help="fetch images from upstream into the cache (no container runtime)")
     _store_options(warm_parser)

@@ -77,6 +77,18 @@ def accept_key(accepted: tuple[str, ...]) -> str:
     return ",".join(accepted)
 
 
+def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """(child manifest descriptors, blob descriptors) of an index or an image manifest.
+    Raises ValueError when the body is not a JSON object."""
+    document = json.loads(manifest.body)
+    if not isinstance(document, dict):
+        raise ValueError("manifest is not a JSON object")
+    if "manifests" in document:
+        return [d for d in document.get("manifests") or [] if isinstance(d, dict)], []
+    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
+    return [], blobs + [d for d in document.get("layers") or [] if isinstance(d, dict)]
+
+
 class BlobStaging:
     """A blob being fetched: appended to a temp file and hashed as it arrives."""
 
@@ -122,6 +134,10 @@ class Store(Protocol):
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None: ...
     def realm_hosts(self) -> set[str]: ...
     def add_realm_host(self, host: str) -> None: ...
+    def pins(self) -> dict[str, str]: ...
+    def pin(self, ref: TagRef, digest: str) -> None: ...
+    def unpin(self, ref: TagRef) -> bool: ...
+    def evict(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
 
@@ -154,11 +170,13 @@ class DiskStore:
         if owner:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.size_limit = size_limit
         self._cache = diskcache.Cache(
             str(cache_dir / "store"),
             disk=_AdoptingDisk,
-            size_limit=size_limit,
-            # diskcache's default evicts by insertion time; a mirror must keep what is used.
+            # diskcache's own culling knows no pins: `evict` does it instead, so diskcache's limit
+            # is set out of reach. Its LRU policy still keeps every entry's last access time.
+            size_limit=2**62,
             eviction_policy="least-recently-used",
         )
 
@@ -239,6 +257,62 @@ class DiskStore:
             hosts = self.realm_hosts()
             if host not in hosts:
                 self._cache.set("realm-hosts", json.dumps(sorted(hosts | {host})))
+
+    # pins and eviction ---------------------------------------------------------------------
+    def pins(self) -> dict[str, str]:
+        """Pinned image references → the digest pinned."""
+        raw = self._cache.get("pins")
+        return dict(json.loads(raw)) if isinstance(raw, str) else {}
+
+    def pin(self, ref: TagRef, digest: str) -> None:
+        with self._cache.transact():
+            self._cache.set("pins", json.dumps({**self.pins(), str(ref): digest}, sort_keys=True))
+
+    def unpin(self, ref: TagRef) -> bool:
+        with self._cache.transact():
+            pins = self.pins()
+            found = pins.pop(str(ref), None) is not None
+            self._cache.set("pins", json.dumps(pins, sort_keys=True))
+        return found
+
+    def protected_digests(self) -> set[str]:
+        """Every manifest and blob a pinned image needs."""
+        protected: set[str] = set()
+        pending = list(self.pins().values())
+        while pending:
+            digest = pending.pop()
+            if digest in protected:
+                continue
+            protected.add(digest)
+            manifest = self.get_manifest(digest)
+            if manifest is None:
+                continue
+            try:
+                child_manifests, blobs = manifest_references(manifest)
+            except ValueError:
+                continue
+            pending += [str(d.get("digest")) for d in child_manifests + blobs]
+        return protected
+
+    def evict(self) -> tuple[int, int]:
+        """Bring the store under `size_limit` (to 90 % of it, so that not every commit evicts):
+        least recently used first, pinned content never. Returns (entries, bytes) removed."""
+        volume = self._cache.volume()
+        if volume <= self.size_limit:
+            return 0, 0
+        protected = self.protected_digests()
+        target = int(self.size_limit * 0.9)
+        # diskcache has no public "oldest first" listing; its Cache table is a stable part of 5.x.
+        rows = self._cache._sql("SELECT key, size FROM Cache WHERE size > 0 ORDER BY access_time").fetchall()
+        removed = freed = 0
+        for key, size in rows:
+            if volume - freed <= target:
+                break
+            if not isinstance(key, str) or key.partition(":")[2] in protected:
+                continue
+            if self._cache.delete(key):
+                removed, freed = removed + 1, freed + size
+        return removed, freed
 
     def close(self) -> None:
         self._cache.close()

@@ -154,7 +154,7 @@ class Warmer:
             self._progress.update(task, completed=fill.written, total=fill.expected_size)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        await self._fills.close()
+        await self._fills.close(wait=True)  # each fill ends by bringing the store under size_limit
         await self._upstream.close()
 
 

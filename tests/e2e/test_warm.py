@@ -65,3 +65,22 @@ def test_warm_failure_is_reported(bed_hostmap: dict[str, str], tmp_path: Path) -
     assert result.returncode == 1
     assert "FAILED docker.io/library/does-not-exist:1: " in result.stderr
     assert "404" in result.stderr
+
+
+def test_pinned_image_survives_a_full_cache(images: ImageSet, bed_hostmap: dict[str, str], tmp_path: Path) -> None:
+    """size_limit 1 MB: warming the 100 MB image evicts what is not pinned, never the pinned."""
+    cache = tmp_path / "small"
+    config = tmp_path / "regcache.yaml"
+    config.write_text(yaml.safe_dump({"cache_dir": str(cache), "upstreams": bed_hostmap, "size_limit": "1MB"}))
+    regcache_cli("warm", "--config", str(config), images.oci_single.ref, images.docker_multi.ref)
+    pinned = regcache_cli("pin", "--config", str(config), images.oci_single.ref)
+    assert f"pinned docker.io/{images.oci_single.ref} -> {images.oci_single.digest}" in pinned.stdout
+    regcache_cli("warm", "--config", str(config), images.big.ref)
+    store = DiskStore(cache, 10**6, owner=False)
+    assert all(store.blob_size(blob.digest) is not None for blob in images.oci_single.blobs)
+    big_layer = max(images.big.layers, key=lambda blob: blob.size)
+    assert store.blob_size(big_layer.digest) is None  # over the limit on its own: evicted
+    dm_layers = {b.digest for b in images.docker_multi.blobs} - {b.digest for b in images.oci_single.blobs}
+    assert any(store.blob_size(d) is None for d in dm_layers)  # unpinned, least recently used
+    listed = regcache_cli("pins", "--config", str(config)).stdout
+    assert listed == f"docker.io/{images.oci_single.ref} {images.oci_single.digest}\n"

@@ -1,6 +1,8 @@
 """The content-addressed store: verified commits, no partial entries, survives reopening."""
 
 import hashlib
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,29 @@ def test_tag_records_are_keyed_by_registry_and_accept(tmp_path: Path) -> None:
     store.put_tag(hub, docker, single)
     assert store.tag_records(hub) == {accept_key(oci): index, accept_key(docker): single}
     assert store.tag_records(ghcr) == {}
+
+
+def manifest_for(*blob_digests: str) -> tuple[str, Manifest]:
+    body = json.dumps({"schemaVersion": 2, "layers": [{"digest": d, "size": 1} for d in blob_digests]}).encode()
+    return digest_of(body), Manifest("application/vnd.oci.image.manifest.v1+json", body)
+
+
+def test_eviction_is_lru_and_spares_pins(tmp_path: Path) -> None:
+    """Four 100 kB blobs in a store limited to 300 kB: the least recently used unpinned go."""
+    store = DiskStore(tmp_path, 300_000)
+    blobs = {}
+    for name in "abcd":
+        data = name.encode() * 100_000
+        blobs[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+        fill(store, blobs[name], data, len(data))
+        time.sleep(0.01)  # distinct access times
+    pinned_digest, pinned = manifest_for(blobs["a"])
+    store.put_manifest(pinned_digest, pinned)
+    store.pin(TagRef("docker.io", "library/pinned", "1"), pinned_digest)
+    store.open_blob(blobs["b"]).close()  # type: ignore[union-attr]  # b is now the most recently used
+    removed, freed = store.evict()
+    assert (removed, freed) == (2, 200_000)
+    assert {n for n, d in blobs.items() if store.blob_size(d) is not None} == {"a", "b"}
+    assert store.pins() == {"docker.io/library/pinned:1": pinned_digest}
+    assert store.unpin(TagRef("docker.io", "library/pinned", "1"))
+    assert store.pins() == {}
