@@ -10,6 +10,7 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 from mitmproxy.test import taddons
 
 from addon.cache import RegistryCache
@@ -25,13 +26,15 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_request(tmp_path: Path, host: str, path: str, method: str = "GET") -> tuple[RegistryCache, object]:
+def run_request(
+    tmp_path: Path, host: str, path: str, method: str = "GET", **options: object
+) -> tuple[RegistryCache, object]:
     config = write_config(tmp_path, closed_port(), timeout=5)
 
     async def go() -> tuple[RegistryCache, object]:
         addon = RegistryCache()
         with taddons.context(addon) as tctx:
-            tctx.configure(addon, regcache_config=config)
+            tctx.configure(addon, regcache_config=config, **options)
             flow = registry_flow(host, path, method)
             await addon.request(flow)
             addon.done()
@@ -84,3 +87,23 @@ def test_pushes_pass_through_to_the_mapped_upstream(tmp_path: Path) -> None:
     assert flow.response is None  # type: ignore[attr-defined]
     assert flow.request.host == "127.0.0.1"  # type: ignore[attr-defined]
     assert flow.request.scheme == "http"  # type: ignore[attr-defined]
+
+
+def test_offline_option_answers_pings_itself(tmp_path: Path) -> None:
+    _, ping = run_request(tmp_path, "registry-1.docker.io", "/v2/", regcache_offline=True)
+    assert (ping.response.status_code, ping.response.headers["X-Cache"]) == (200, "HIT")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "what"),
+    [
+        ("/v2/library/x/manifests/1", "MANIFEST_UNKNOWN", "docker.io/library/x:1"),
+        (f"/v2/library/x/manifests/{SHA}", "MANIFEST_UNKNOWN", f"docker.io/library/x@{SHA}"),
+        (f"/v2/library/x/blobs/{SHA}", "BLOB_UNKNOWN", f"docker.io/library/x@{SHA}"),
+    ],
+)
+def test_offline_option_names_what_is_not_cached(tmp_path: Path, path: str, code: str, what: str) -> None:
+    _, flow = run_request(tmp_path, "registry-1.docker.io", path, regcache_offline=True)
+    assert flow.response.status_code == 404  # type: ignore[attr-defined]
+    error = json.loads(flow.response.content)["errors"][0]  # type: ignore[attr-defined]
+    assert error == {"code": code, "message": f"not in the offline cache: {what}"}

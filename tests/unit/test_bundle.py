@@ -1,0 +1,81 @@
+"""Bundle parsing and import safety (end-to-end bundle tests are in tests/e2e/test_bundle.py)."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from addon.bundle import BundleError, import_bundle, parse_image_ref
+from addon.store import DiskStore, TagRef, digest_of
+
+
+@pytest.mark.parametrize(
+    ("text", "ref"),
+    [
+        ("alpine", TagRef("docker.io", "library/alpine", "latest")),
+        ("alpine:3.20", TagRef("docker.io", "library/alpine", "3.20")),
+        ("library/alpine:3.20", TagRef("docker.io", "library/alpine", "3.20")),
+        ("docker.io/library/alpine:3.20", TagRef("docker.io", "library/alpine", "3.20")),
+        ("index.docker.io/bitnami/redis:7", TagRef("docker.io", "bitnami/redis", "7")),
+        ("ghcr.io/org/app:1.2", TagRef("ghcr.io", "org/app", "1.2")),
+        ("registry.local:5000/team/app:v1", TagRef("registry.local:5000", "team/app", "v1")),
+    ],
+)
+def test_parse_image_ref(text: str, ref: TagRef) -> None:
+    assert parse_image_ref(text) == ref
+
+
+@pytest.mark.parametrize("text", ["UPPER/case:1", "a:b:c", "x:-bad"])
+def test_bad_image_ref(text: str) -> None:
+    with pytest.raises(BundleError, match="not an image reference"):
+        parse_image_ref(text)
+
+
+def layout_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_escaping_its_directory_is_refused(tmp_path: Path) -> None:
+    bundle = layout_tar(tmp_path / "evil.tar", {"oci-layout": b"{}", "../../escaped": b"x"})
+    store = DiskStore(tmp_path / "cache", 10**9)
+    with pytest.raises(BundleError, match="cannot unpack"):
+        import_bundle(store, bundle, None)
+    assert not list(tmp_path.rglob("escaped"))
+    assert store.tag_refs() == []
+
+
+def test_layout_without_names_needs_as(tmp_path: Path) -> None:
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:" + "0" * 64, "size": 0}}).encode()
+    digest = digest_of(manifest)
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "1"},
+            }
+        ],
+    }
+    bundle = layout_tar(
+        tmp_path / "layout.tar",
+        {
+            "oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
+            "index.json": json.dumps(index).encode(),
+            f"blobs/sha256/{digest[7:]}": manifest,
+        },
+    )
+    store = DiskStore(tmp_path / "cache", 10**9)
+    with pytest.raises(BundleError, match="--as"):
+        import_bundle(store, bundle, None)
+    with pytest.raises(BundleError, match=f"blob sha256:{'0' * 64} is missing"):
+        import_bundle(store, bundle, TagRef("docker.io", "library/x", "1"))
+    assert store.get_manifest(digest) is None
