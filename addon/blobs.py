@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +34,10 @@ from .upstream import (
 
 log = logging.getLogger(__name__)
 
+# Never fill the disk to the last byte: the store's index and other writers need room too.
+FREE_SPACE_RESERVE = 64 * 1024 * 1024
+# After a write to the store failed (disk full, I/O error), relay blobs uncached for this long.
+DISK_TROUBLE_PAUSE = 60.0
 # A committed fill stays visible this long, so a request that missed the store just before the
 # commit joins it instead of fetching the blob a second time.
 COMMITTED_GRACE_SECONDS = 30.0
@@ -51,6 +56,7 @@ class Fill:
         self.written = 0
         self.finished = False
         self.committed = False
+        self.pass_through = ""  # why this blob is relayed uncached (disk full, write errors)
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -73,6 +79,7 @@ class Fills:
         self._upstream = upstream
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._disk_trouble_until = 0.0
 
     def get(self, digest: str) -> Fill | None:
         return self._fills.get(digest)
@@ -99,6 +106,9 @@ class Fills:
                 fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
                 return
             fill.expected_size = response.content_length
+            if skip := self._no_room(fill.expected_size):
+                fill.pass_through = skip
+                return
             staging = await asyncio.to_thread(self._store.stage_blob, fill.digest)
             fill.staging_path = staging.path
             fill.started.set()
@@ -111,8 +121,12 @@ class Fills:
             fill.committed = True
         except (UpstreamUnavailable, DigestMismatch) as err:
             fill.error = str(err)
-        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+        except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
             fill.error = f"GET {url}: {describe_error(err)}"
+        except OSError as err:
+            fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
+            # The disk, not the upstream, failed: stop caching for a while, keep serving.
+            self._disk_trouble_until = time.monotonic() + DISK_TROUBLE_PAUSE
         finally:
             if staging is not None:
                 staging.discard()
@@ -135,6 +149,15 @@ class Fills:
         if removed:
             log.info("EVICTED %d entries, %d B, least recently used first (size_limit)", removed, freed)
 
+    def _no_room(self, size: int | None) -> str:
+        """Why this blob must not be cached now (empty: it may be)."""
+        if time.monotonic() < self._disk_trouble_until:
+            return "a recent write to the store failed"
+        free = shutil.disk_usage(self._store.staging_dir).free
+        if free < (size or 0) + FREE_SPACE_RESERVE:
+            return f"{free} B free in {self._store.staging_dir}, blob is {size} B"
+        return ""
+
     def _retire(self, fill: Fill) -> None:
         if not fill.committed:
             self._fills.pop(fill.digest, None)
@@ -147,7 +170,9 @@ class Fills:
 
     @staticmethod
     def _log(fill: Fill, seconds: float) -> None:
-        if fill.committed:
+        if fill.pass_through:
+            log.warning("caching skipped for %s, passed through: %s", fill.digest, fill.pass_through)
+        elif fill.committed:
             log.info("STORED blob %s %d B in %.0f ms", fill.digest, fill.written, seconds * 1000)
         elif fill.error:
             log.warning("fill of %s failed after %d B, nothing stored: %s", fill.digest, fill.written, fill.error)
@@ -193,6 +218,8 @@ class BlobService:
         await fill.started.wait()  # bounded: the upstream client times out
         if fill.upstream_refusal is not None:
             return relay(fill.upstream_refusal, "PASS")
+        if fill.pass_through:
+            return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
         if fill.error is not None:
             return unavailable(req, fill.error)
         return LocalStream(self._paths.fill(digest), "MISS")

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import diskcache
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
 from multidict import CIMultiDict
@@ -63,14 +64,32 @@ class Runtime:
         self.blob_server = BlobServer(self.store, self.fills)
         self.manifests = ManifestService(self.store, self.upstream, offline)
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths, offline)
-        self._started: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._sweeper: asyncio.Future[None] | None = None
 
     async def started(self) -> None:
         if self._started is None:
             self._started = asyncio.ensure_future(self.blob_server.start())
+            if self.settings.max_age:
+                self._sweeper = asyncio.ensure_future(self._expire_unused())
         await asyncio.shield(self._started)
 
+    async def _expire_unused(self) -> None:
+        """Every max_age/10 (at most hourly): drop what nobody used for max_age."""
+        max_age = self.settings.max_age
+        while True:
+            try:
+                removed, freed = await asyncio.to_thread(self.store.expire_unused, max_age)
+            except (OSError, diskcache.Timeout) as err:
+                log.warning("expiry skipped: %s", err)
+            else:
+                if removed:
+                    log.info("EXPIRED %d entries, %d B, unused for %.0f s (max_age)", removed, freed, max_age)
+            await asyncio.sleep(min(3600.0, max(1.0, max_age / 10)))
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.fills.close()
         await self.upstream.close()
         if self._started is not None:

@@ -74,6 +74,7 @@ class Settings:
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
     upstream_timeout: float = 30.0
     offline: bool = False
+    max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
 
     def namespace_for(self, host: str) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached."""
@@ -101,6 +102,21 @@ def parse_size(key: str, value: object) -> int:
     if size <= 0:
         raise ConfigError(key, f"must be larger than zero, got {value!r}")
     return size
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
+
+
+def parse_duration(key: str, value: object) -> float:
+    """`7d`, `12h`, `30m`, `90s`, `2w` or a number of seconds; 0 means never."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as 7d, got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.lower())):
+        return float(match[1]) * _DURATION_UNITS[match[2]]
+    raise ConfigError(key, f"expected a duration such as 7d, 12h, 30m, 90s or 0 (never), got {value!r}")
 
 
 def parse_upstream(key: str, value: object) -> Upstream:
@@ -139,7 +155,7 @@ def _positive_number(key: str, value: object) -> float:
 
 
 def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
-    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout", "offline"}
+    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout", "offline", "max_age"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known keys: {', '.join(sorted(known))})")
@@ -161,6 +177,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         }
     if "upstream_timeout" in raw:
         values["upstream_timeout"] = _positive_number("upstream_timeout", raw["upstream_timeout"])
+    if "max_age" in raw:
+        values["max_age"] = parse_duration("max_age", raw["max_age"])
     if "offline" in raw:
         if not isinstance(raw["offline"], bool):
             raise ConfigError("offline", f"expected true or false, got {raw['offline']!r}")

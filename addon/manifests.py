@@ -45,6 +45,7 @@ class ManifestService:
         self._store = store
         self._upstream = upstream
         self._offline = offline
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[Answer]] = {}
 
     async def serve(self, req: RegistryRequest) -> Answer:
         if self._offline:
@@ -99,6 +100,15 @@ class ManifestService:
             return await self._stale(req, str(err))
 
     async def _fetch(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
+        """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
+        key = (req.method, req.url, accept_key(req.accepted))
+        fetch = self._inflight.get(key)
+        if fetch is None:
+            fetch = self._inflight[key] = asyncio.ensure_future(self._fetch_once(req, expected_digest))
+            fetch.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(fetch)  # a client that goes away does not cancel it for others
+
+    async def _fetch_once(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
         answer = await self._upstream.fetch(req.method, req.url, CIMultiDict(req.headers), MAX_MANIFEST_SIZE)
         if answer.status != 200 or req.head:
             return relay(answer, "MISS" if answer.status == 200 else "PASS")

@@ -138,6 +138,7 @@ class Store(Protocol):
     def pin(self, ref: TagRef, digest: str) -> None: ...
     def unpin(self, ref: TagRef) -> bool: ...
     def evict(self) -> tuple[int, int]: ...
+    def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
 
@@ -309,6 +310,24 @@ class DiskStore:
             if volume - freed <= target:
                 break
             if not isinstance(key, str) or key.partition(":")[2] in protected:
+                continue
+            if self._cache.delete(key):
+                removed, freed = removed + 1, freed + size
+        return removed, freed
+
+    def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]:
+        """Remove blobs, manifests and tag records unused for `max_age` seconds, pinned content
+        never. Use is per entry, not per repository: a layer that any repository pulled lately
+        stays. Returns (entries, bytes) removed."""
+        cutoff = (time.time() if now is None else now) - max_age
+        rows = self._cache._sql("SELECT key, size FROM Cache WHERE access_time < ?", (cutoff,)).fetchall()
+        protected = self.protected_digests()
+        pins = {f"tag:{ref}" for ref in self.pins()}
+        removed = freed = 0
+        for key, size in rows:
+            if not isinstance(key, str) or key in ("pins", "realm-hosts") or key in pins:
+                continue
+            if key.partition(":")[2] in protected:
                 continue
             if self._cache.delete(key):
                 removed, freed = removed + 1, freed + size

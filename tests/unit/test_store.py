@@ -106,3 +106,20 @@ def test_eviction_is_lru_and_spares_pins(tmp_path: Path) -> None:
     assert store.pins() == {"docker.io/library/pinned:1": pinned_digest}
     assert store.unpin(TagRef("docker.io", "library/pinned", "1"))
     assert store.pins() == {}
+
+
+def test_expiry_removes_what_nobody_used_except_pins(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    kept, other, another = (b"kept" * 10_000, b"other" * 10_000, b"another" * 10_000)
+    digests = {}
+    for data in (kept, other, another):
+        digests[data] = "sha256:" + hashlib.sha256(data).hexdigest()
+        fill(store, digests[data], data, len(data))
+    pinned_digest, pinned = manifest_for(digests[kept])
+    store.put_manifest(pinned_digest, pinned)
+    store.pin(TagRef("docker.io", "library/kept", "1"), pinned_digest)
+    later = time.time() + 3600
+    assert store.expire_unused(1800, now=later)[0] == 2  # an hour later: the two unpinned blobs
+    assert store.blob_size(digests[kept]) is not None
+    assert store.get_manifest(pinned_digest) is not None
+    assert store.expire_unused(1800)[0] == 0  # nothing is 30 min old yet
