@@ -162,9 +162,9 @@ class Fills:
         if not fill.committed:
             self._fills.pop(fill.digest, None)
             return
-        asyncio.get_running_loop().call_later(COMMITTED_GRACE_SECONDS, self._forget, fill)
+        asyncio.get_running_loop().call_later(COMMITTED_GRACE_SECONDS, self.forget, fill)
 
-    def _forget(self, fill: Fill) -> None:
+    def forget(self, fill: Fill) -> None:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
 
@@ -201,10 +201,11 @@ class BlobService:
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
         digest = req.route.reference
         fill = self._fills.get(digest)
-        if fill is None and await asyncio.to_thread(self._store.blob_size, digest) is not None:
-            return LocalStream(self._paths.blob(digest), "HIT")
-        if fill is not None and fill.committed:
-            return LocalStream(self._paths.blob(digest), "HIT")
+        if fill is None or fill.committed:
+            if await asyncio.to_thread(self._store.blob_size, digest) is not None:
+                return LocalStream(self._paths.blob(digest), "HIT")
+            if fill is not None:  # committed, and evicted since
+                self._fills.forget(fill)
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
         if req.head:

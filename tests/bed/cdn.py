@@ -145,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
             if truncate:
                 self._send_truncated(fh, length)
                 return
-            _copy(fh, self.wfile, length)
+            _copy(fh, self.wfile, length, self.owner._rate)
 
     def _send_truncated(self, fh: BinaryIO, length: int) -> None:
         """Send half the promised bytes, then reset the connection."""
@@ -160,15 +160,20 @@ class _Handler(BaseHTTPRequestHandler):
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, length: int) -> None:
+def _copy(src: BinaryIO, dst: BinaryIO, length: int, rate: int | None = None) -> None:
     # Fixed-size chunks: blobs of 100+ MB must never sit in memory whole.
     remaining = length
+    started = time.monotonic()
     while remaining > 0:
         chunk = src.read(min(_CHUNK, remaining))
         if not chunk:
             break
         dst.write(chunk)
         remaining -= len(chunk)
+        if rate:  # throttled: hold the average at `rate` bytes per second
+            ahead = (length - remaining) / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -201,10 +206,15 @@ class Cdn(BackgroundHTTPServer[CdnRequest]):
         super().__init__(port)
         self.storage_root = Path(storage_root)
         self._truncated: str | None = None
+        self._rate: int | None = None
 
     def truncate(self, digest: str | None) -> None:
         """While set, GETs of this blob send full headers, half the body, then RST."""
         self._truncated = digest
+
+    def throttle(self, bytes_per_second: int | None) -> None:
+        """While set, blob bodies are sent no faster than this (None: full speed)."""
+        self._rate = bytes_per_second
 
     def count(self, digest: str | None = None, method: str = "GET", since: int = 0) -> int:
         """Requests for one blob (or any blob) with ``method``."""

@@ -112,6 +112,7 @@ def _bed_reset(request: pytest.FixtureRequest) -> Iterator[None]:
     if "cdn" in names:
         c: Cdn = request.getfixturevalue("cdn")
         c.truncate(None)
+        c.throttle(None)
         c.set_failing(None)
         if not c.running:
             c.start()

@@ -57,6 +57,19 @@ class Skopeo:
     def env(self) -> dict[str, str]:
         return proxied_env(skopeo_env(self.workdir), self.workdir, self.proxy_url, self.ca_pem)
 
+    def command(self, *args: str, arch: str | None = None, os_: str | None = "linux") -> list[str]:
+        cmd = [SKOPEO, "--policy", str(self._policy)]
+        if arch:
+            cmd += ["--override-arch", arch]
+            if os_:
+                cmd += ["--override-os", os_]
+        return cmd + list(args)
+
+    def start_copy(self, ref: str, dest: str | Path) -> subprocess.Popen[bytes]:
+        """Start ``skopeo copy`` (amd64) without waiting: for tests that kill a client midway."""
+        cmd = self.command("copy", "--quiet", docker_ref(ref), f"dir:{dest}", arch="amd64")
+        return subprocess.Popen(cmd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def run(
         self,
         *args: str,
@@ -67,12 +80,7 @@ class Skopeo:
         text: bool = True,
     ) -> subprocess.CompletedProcess[str] | subprocess.CompletedProcess[bytes]:
         """``skopeo [--override-os/--override-arch] ARGS`` (global options go first)."""
-        cmd = [SKOPEO, "--policy", str(self._policy)]
-        if arch:
-            cmd += ["--override-arch", arch]
-            if os_:
-                cmd += ["--override-os", os_]
-        cmd += list(args)
+        cmd = self.command(*args, arch=arch, os_=os_)
         proc = subprocess.run(cmd, check=False, env=self.env(), capture_output=True, text=text, timeout=timeout)
         if check and proc.returncode != 0:
             stderr = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode(errors="replace")

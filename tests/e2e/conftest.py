@@ -26,16 +26,29 @@ def proxy_confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def regcache(tmp_path: Path, proxy_confdir: Path, bed_hostmap: dict[str, str]) -> Iterator[Mitmdump]:
+def regcache_with(
+    tmp_path: Path, proxy_confdir: Path, bed_hostmap: dict[str, str]
+) -> Iterator[Callable[..., Mitmdump]]:
+    """``start(**settings)``: a regcache with an empty store in front of the bed, plus `settings`."""
+    started: list[Mitmdump] = []
+
+    def start(**settings: object) -> Mitmdump:
+        workdir = tmp_path / (f"regcache{len(started)}" if started else "")
+        config = {"cache_dir": str(workdir / "cache"), "upstreams": bed_hostmap, "upstream_timeout": 10, **settings}
+        proxy = Mitmdump(workdir, config, proxy_confdir)
+        started.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def regcache(regcache_with: Callable[..., Mitmdump]) -> Mitmdump:
     """A fresh regcache with an empty store, its upstreams mapped to the bed."""
-    proxy = Mitmdump(
-        tmp_path,
-        {"cache_dir": str(tmp_path / "cache"), "upstreams": bed_hostmap, "upstream_timeout": 10},
-        proxy_confdir,
-    )
-    proxy.start()
-    yield proxy
-    proxy.stop()
+    return regcache_with()
 
 
 @pytest.fixture

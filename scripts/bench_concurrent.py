@@ -1,0 +1,606 @@
+"""Benchmark (not a test): regcache under N concurrent pulls of one big image.
+
+What it measures, per scenario, with ``--clients`` skopeo processes pulling the same image at the
+same moment (``skopeo copy docker://registry-1.docker.io/library/bench:1 dir:...``, one
+destination directory each):
+
+* ``pass-through`` — a plain, non-caching mitmdump that only routes Docker Hub's host names to the
+  test bed (``bed.mitm.passthrough``): the baseline, what mitmproxy alone costs;
+* ``regcache cold`` — a fresh regcache (``mitmdump -s addon/cache.py``, started exactly as the
+  end-to-end tests start it, ``tests/e2e/mitm.py``) with an empty ``cache_dir``;
+* ``regcache warm`` — the same regcache right after, every blob stored (the script waits for the
+  ``STORED blob`` log lines before it starts).
+
+For each: wall time from the common start to the last client's end, every client's manifest
+digest checked against the registry's and every blob file's size checked (skopeo itself verifies
+blob digests while it copies); upstream requests from the bed registry's own access log
+(manifest GET/HEAD, blob GET/HEAD, ``/v2/``) and the token server's log; CDN requests from the
+CDN's log, and upstream bytes = registry response bytes + the blob bytes the CDN sent (computed
+from the blob sizes and any ``Range``, the CDN log has no byte count); the proxy's peak RSS during
+the phase (VmRSS sampled every 100 ms) and its VmHWM afterwards. Each scenario runs ``--runs``
+times, interleaved (pass-through, cold, warm, then again), with a new regcache and an empty cache
+for every cold run; the report gives medians and the ratio of each median wall time to the
+pass-through one, then every run, then findings (e.g. a blob fetched upstream more than once
+during the cold concurrent pull, which would defeat regcache's single flight).
+
+The test bed (``tests/bed``) is imported and reused: token server, distribution 2.8.2 registry with
+Docker-Hub-style CDN redirects, CDN stand-in, an image built and pushed with ``bed.images`` (one
+``--layer-mib`` MiB layer, gzip level 0, plus a small layer). Everything listens on 127.0.0.1.
+
+Everything it starts (servers, mitmdumps, skopeo processes) is stopped and its temporary working
+directory removed on exit, Ctrl-C and SIGTERM included. With ``--workdir DIR`` the directory is kept
+(logs, the built image layout and the registry storage, reused by the next run) and only the
+pulled copies and regcache's caches are removed.
+
+Run: ``scripts/bench-concurrent [--clients 8] [--layer-mib 1024] [--runs 3] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+# The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+import bed  # noqa: E402
+import mitmproxy.version  # noqa: E402
+from bed.cdn import Cdn, CdnRequest, _parse_range  # noqa: E402
+from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push  # noqa: E402
+from bed.mitm import MitmDump, passthrough  # noqa: E402
+from bed.registry import REGISTRY_BIN, AccessRecord, Registry  # noqa: E402
+from bed.skopeo import Skopeo  # noqa: E402
+from bed.tokens import TokenServer  # noqa: E402
+from e2e.mitm import Mitmdump  # noqa: E402
+
+MIB = 1024 * 1024
+REPO = "library/bench"
+TAG = "1"
+PASS, COLD, WARM = "pass-through mitmdump", "regcache cold", "regcache warm"
+SCENARIOS = (PASS, COLD, WARM)
+_STORED = re.compile(r"STORED blob (sha256:[0-9a-f]{64}) ")
+
+
+def log(message: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# -- memory ----------------------------------------------------------------------
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    """``key`` (VmRSS, VmHWM) from /proc/PID/status in KiB; None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match[1]) if match else None
+
+
+class RssSampler:
+    """Highest VmRSS of ``pid`` seen while the ``with`` block runs, sampled every ``interval`` s."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0  # bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
+
+    def _sample(self) -> None:
+        kib = _status_kib(self.pid, "VmRSS")
+        if kib is not None:
+            self.peak = max(self.peak, kib * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# -- one measured phase ----------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """What one scenario's concurrent pull took, in one run."""
+
+    scenario: str
+    run: int
+    clients: int
+    wall: float  # common start → last client done, seconds
+    client_seconds: list[float]
+    registry: list[AccessRecord]  # upstream registry access log lines of the phase
+    cdn: list[CdnRequest]
+    blob_sizes: dict[str, int]
+    tokens: int  # token server requests
+    rss_peak: int  # bytes, sampled VmRSS maximum during the phase
+    hwm: int  # bytes, VmHWM right after the phase (whole process life)
+    results: Counter[str] = field(default_factory=Counter)  # regcache log: "RESULT METHOD kind"
+    pulled_bytes: int = 0  # image bytes delivered to all clients
+
+    def _count(self, method: str, kind: str) -> int:
+        return sum(1 for r in self.registry if r.method == method and r.kind == kind)
+
+    @property
+    def manifest_gets(self) -> int:
+        return self._count("GET", "manifest")
+
+    @property
+    def manifest_heads(self) -> int:
+        return self._count("HEAD", "manifest")
+
+    @property
+    def blob_gets(self) -> int:
+        return self._count("GET", "blob")
+
+    @property
+    def blob_heads(self) -> int:
+        return self._count("HEAD", "blob")
+
+    @property
+    def pings(self) -> int:
+        return sum(1 for r in self.registry if r.kind == "base")
+
+    @property
+    def other(self) -> int:
+        return sum(1 for r in self.registry if r.kind == "other")
+
+    @property
+    def cdn_requests(self) -> int:
+        return len(self.cdn)
+
+    @property
+    def cdn_bytes(self) -> int:
+        """Body bytes the CDN sent: whole blobs for 200, the range for 206, nothing for HEAD."""
+        total = 0
+        for r in self.cdn:
+            size = self.blob_sizes.get(r.digest or "")
+            if r.method != "GET" or size is None:
+                continue
+            if r.status == 200:
+                total += size
+            elif r.status == 206 and r.range:
+                parsed = _parse_range(r.range, size)
+                total += parsed[1] - parsed[0] + 1 if parsed else 0
+        return total
+
+    @property
+    def upstream_bytes(self) -> int:
+        return sum(r.size for r in self.registry) + self.cdn_bytes
+
+    def blob_fetches(self) -> dict[str, int]:
+        """CDN GETs per blob digest (each a transfer of that blob, or part of it, from upstream)."""
+        return dict(Counter(r.digest for r in self.cdn if r.method == "GET" and r.digest))
+
+
+# -- the bench -------------------------------------------------------------------------
+
+
+class Bench:
+    """The bed, the proxies and the pulls; everything started is registered on ``stack``."""
+
+    def __init__(self, workdir: Path, clients: int, layer_mib: int, stack: contextlib.ExitStack) -> None:
+        self.workdir = workdir
+        self.clients = clients
+        self.layer_mib = layer_mib
+        self.stack = stack
+        self.tokens = TokenServer(workdir / "bed" / "certs")
+        self.registry = Registry(workdir / "bed" / "registry", self.tokens)
+        self.cdn = Cdn(self.registry.storage_root)
+        self.image: PushedImage | None = None
+        self.hostmap: dict[str, str] = {}
+        self.regcache_confdir = workdir / "regcache-conf"
+
+    # set-up
+
+    def start_bed(self) -> PushedImage:
+        self.tokens.start()
+        self.stack.callback(self.tokens.stop)
+        self.registry.start()
+        self.stack.callback(self.registry.close)
+        self.cdn.start()
+        self.stack.callback(self.cdn.stop)
+        self.hostmap = bed.hostmap(self.registry, self.tokens, self.cdn)
+        spec = ImageSpec(
+            REPO,
+            ("linux/amd64",),
+            (LayerSpec("bench-big", big=self.layer_mib * MIB, level=0), LayerSpec("bench-small", files=2)),
+        )
+        started = time.monotonic()
+        layout = build_layout(spec, self.workdir / "images" / "layouts")
+        log(f"image layout ready in {time.monotonic() - started:.1f} s: {layout}")
+        started = time.monotonic()
+        # Docker v2s2 manifest, as Docker Hub serves most images.
+        push(layout, self.registry, REPO, TAG, fmt="v2s2", workdir=self.workdir / "images" / "skopeo")
+        self.image = describe(self.registry, REPO, TAG)
+        log(f"pushed {REPO}:{TAG} ({self.image.digest}) in {time.monotonic() - started:.1f} s")
+        return self.image
+
+    def start_passthrough(self) -> MitmDump:
+        proxy = passthrough(self.workdir / "passthrough", self.hostmap)
+        self.stack.callback(proxy.stop)
+        proxy.start()
+        return proxy
+
+    @contextlib.contextmanager
+    def regcache(self, run: int) -> Iterator[Mitmdump]:
+        """A fresh regcache with an empty cache_dir; stopped and its cache removed afterwards."""
+        workdir = self.workdir / f"regcache-run{run}"
+        cache_dir = workdir / "cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        proxy = Mitmdump(workdir, {"cache_dir": str(cache_dir), "upstreams": self.hostmap}, self.regcache_confdir)
+        try:
+            proxy.start()
+            yield proxy
+        finally:
+            proxy.stop()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+    # measuring
+
+    @property
+    def pushed(self) -> PushedImage:
+        if self.image is None:
+            raise RuntimeError("the image was not pushed")
+        return self.image
+
+    def pull_all(self, proxy: MitmDump, label: str) -> tuple[float, list[float]]:
+        """``clients`` skopeo copies through ``proxy`` released at once; (wall s, per-client s).
+
+        Raises if any client failed or got other content than the registry has.
+        """
+        image = self.pushed
+        dest_root = self.workdir / "pulls" / label
+        client_root = self.workdir / "clients" / label
+        # One workdir per client: Skopeo rewrites its CA bundle there on every call.
+        skopeos = [Skopeo(client_root / f"c{i}", proxy.url, proxy.ca_cert) for i in range(self.clients)]
+        barrier = threading.Barrier(self.clients + 1)
+        ends: list[float] = [0.0] * self.clients
+        digests: list[str] = [""] * self.clients
+        errors: list[BaseException | None] = [None] * self.clients
+
+        def work(i: int) -> None:
+            try:
+                barrier.wait()
+                digests[i] = skopeos[i].copy_to_dir(image.ref, dest_root / f"c{i}")
+            except BaseException as e:  # reported by the main thread
+                errors[i] = e
+            finally:
+                ends[i] = time.monotonic()
+
+        threads = [
+            threading.Thread(target=work, args=(i,), name=f"client-{i}", daemon=True) for i in range(self.clients)
+        ]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.monotonic()
+        for t in threads:
+            t.join()
+        try:
+            failed = [f"client {i}: {e}" for i, e in enumerate(errors) if e is not None]
+            if failed:
+                raise RuntimeError(f"{label}: {len(failed)} of {self.clients} pulls failed:\n" + "\n".join(failed))
+            for i, digest in enumerate(digests):
+                if digest != image.digest:
+                    raise RuntimeError(f"{label}: client {i} got {digest}, the registry has {image.digest}")
+                for blob in image.blobs:
+                    got = (dest_root / f"c{i}" / blob.digest.partition(":")[2]).stat().st_size
+                    if got != blob.size:
+                        raise RuntimeError(f"{label}: client {i}: blob {blob.digest} is {got} B, not {blob.size} B")
+        finally:
+            shutil.rmtree(dest_root, ignore_errors=True)
+            shutil.rmtree(client_root, ignore_errors=True)
+        return max(ends) - start, [end - start for end in ends]
+
+    def measure(self, scenario: str, run: int, proxy: MitmDump) -> Phase:
+        if proxy.pid is None:
+            raise RuntimeError(f"{scenario}: proxy is not running")
+        label = f"run{run}-{scenario.replace(' ', '-')}"
+        reg_mark, cdn_mark, tok_mark, log_mark = self.registry.mark(), self.cdn.mark(), self.tokens.mark(), proxy.mark()
+        with RssSampler(proxy.pid) as rss:
+            wall, seconds = self.pull_all(proxy, label)
+        image = self.pushed
+        phase = Phase(
+            scenario=scenario,
+            run=run,
+            clients=self.clients,
+            wall=wall,
+            client_seconds=seconds,
+            registry=self.registry.requests(since=reg_mark),
+            cdn=self.cdn.requests(since=cdn_mark),
+            blob_sizes={b.digest: b.size for b in image.blobs},
+            tokens=len(self.tokens.requests(since=tok_mark)),
+            rss_peak=rss.peak,
+            hwm=proxy.peak_rss(),
+            pulled_bytes=self.clients * (image.total_size + len(image.manifest)),
+        )
+        if isinstance(proxy, Mitmdump):
+            blobs = {b.digest for b in image.blobs}
+            for result, method, what in proxy.results(since=log_mark):
+                ref = what.rpartition("@")[2]
+                kind = "ping" if what.endswith("/v2/") else "blob" if ref in blobs else "manifest"
+                phase.results[f"{result} {method} {kind}"] += 1
+        log(
+            f"run {run} {scenario}: {wall:.1f} s, upstream manifest GET {phase.manifest_gets} / HEAD "
+            f"{phase.manifest_heads}, blob GET {phase.blob_gets}, CDN {phase.cdn_requests}, "
+            f"{phase.upstream_bytes / MIB:.1f} MiB up, RSS peak {phase.rss_peak / MIB:.0f} MiB"
+        )
+        return phase
+
+    def wait_stored(self, proxy: Mitmdump, since: int, timeout: float = 120.0) -> float | None:
+        """Seconds until regcache logged ``STORED blob`` for every blob of the image (None: not all)."""
+        wanted = {b.digest for b in self.pushed.blobs}
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if wanted <= set(_STORED.findall(proxy.log()[since:])):
+                return time.monotonic() - start
+            time.sleep(0.1)
+        return None
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.1f}"
+
+
+def _command_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as e:
+        return f"unknown ({e})"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+
+
+def load_average() -> str:
+    """1-minute load average: other work on this machine skews every number."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def machine_facts() -> list[str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = found[1] if found else cpu
+    mem = _status_meminfo()
+    return [
+        f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {cpu}, {mem}, Linux {platform.release()}",
+        f"python {platform.python_version()} ({sys.executable}), mitmproxy {mitmproxy.version.VERSION}",
+        f"clients: {_command_version([SKOPEO, '--version'])}; upstream: "
+        f"{_command_version([REGISTRY_BIN, '--version'])}",
+    ]
+
+
+def _status_meminfo() -> str:
+    with contextlib.suppress(OSError):
+        found = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        if found:
+            return f"{int(found[1]) / MIB:.1f} GiB RAM"
+    return "RAM unknown"
+
+
+def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, load_before: str) -> str:
+    by: dict[str, list[Phase]] = {s: [p for p in phases if p.scenario == s] for s in SCENARIOS}
+    base_wall = _median([p.wall for p in by[PASS]])
+    layers = " + ".join(f"{b.size / MIB:.1f} MiB" if b.size >= MIB else f"{b.size} B" for b in image.layers)
+    lines = ["# regcache: concurrent pulls", ""]
+    lines += [f"- {fact}" for fact in machine_facts()]
+    lines.append(f"- load average (1 min): {load_before} before the bench, {load_average()} at its end")
+    lines += [
+        f"- image: {image.ref} ({image.digest}), Docker v2s2, layers {layers} (gzip level 0), "
+        f"config {image.config.size} B; {image.total_size / MIB:.1f} MiB per pull",
+        f"- each scenario: {args.clients} concurrent `skopeo copy docker://registry-1.docker.io/{image.ref} dir:…` "
+        f"released together; {args.runs} run(s), interleaved; medians below",
+        "- command: `scripts/bench-concurrent "
+        f"--clients {args.clients} --layer-mib {args.layer_mib} --runs {args.runs}`",
+        "",
+        "| scenario | clients | median wall s | ratio vs pass-through | upstream manifest GETs "
+        "| upstream blob GETs | CDN requests | upstream bytes | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scenario in SCENARIOS:
+        ps = by[scenario]
+        if not ps:
+            continue
+        wall = _median([p.wall for p in ps])
+        lines.append(
+            f"| {scenario} | {args.clients} | {wall:.1f} | {wall / base_wall:.2f} "
+            f"| {_num(_median([p.manifest_gets for p in ps]))} | {_num(_median([p.blob_gets for p in ps]))} "
+            f"| {_num(_median([p.cdn_requests for p in ps]))} "
+            f"| {_median([p.upstream_bytes for p in ps]) / MIB:.1f} MiB "
+            f"| {_median([p.rss_peak for p in ps]) / MIB:.0f} |"
+        )
+    lines += [
+        "",
+        "Upstream = the bed registry's access log (Docker Hub's `registry-1.docker.io`); blob GETs there "
+        "answer 307 to the CDN, whose requests carry the bytes. Upstream bytes = registry response bytes "
+        "+ CDN blob bytes. Peak RSS = highest VmRSS of the proxy sampled every 100 ms during the phase.",
+        "",
+        "## Every run",
+        "",
+        "| scenario | run | wall s | client s (min-max) | MB/s to clients | manifest GET/HEAD | blob GET/HEAD "
+        "| /v2/ | tokens | CDN GETs by blob | upstream MiB | RSS peak MiB | VmHWM MiB | regcache log |",
+        "|---|---:|---:|---|---:|---|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for p in sorted(phases, key=lambda p: (p.run, SCENARIOS.index(p.scenario))):
+        fetches = p.blob_fetches()
+        cdn_gets = " ".join(f"{d[7:15]}x{n}" for d, n in sorted(fetches.items())) or "-"
+        results = ", ".join(f"{k} {n}" for k, n in sorted(p.results.items())) or "-"
+        lines.append(
+            f"| {p.scenario} | {p.run} | {p.wall:.1f} | {min(p.client_seconds):.1f}-{max(p.client_seconds):.1f} "
+            f"| {p.pulled_bytes / p.wall / 1e6:.0f} | {p.manifest_gets}/{p.manifest_heads} "
+            f"| {p.blob_gets}/{p.blob_heads} | {p.pings} | {p.tokens} | {cdn_gets} "
+            f"| {p.upstream_bytes / MIB:.1f} | {p.rss_peak / MIB:.0f} | {p.hwm / MIB:.0f} | {results} |"
+        )
+    lines += ["", "## Findings", ""]
+    lines += [f"- {f}" for f in findings(phases, image)] or ["- nothing unexpected"]
+    return "\n".join(lines)
+
+
+def findings(phases: list[Phase], image: PushedImage) -> list[str]:
+    """What a reader should look at: deviations from what regcache promises."""
+    out = []
+    names = {b.digest: ("config" if b is image.config else f"layer {b.size / MIB:.1f} MiB") for b in image.blobs}
+    for p in phases:
+        where = f"run {p.run}, {p.scenario}"
+        if p.scenario == COLD:
+            for digest, n in sorted(p.blob_fetches().items()):
+                if n > 1:
+                    times = sorted(r.time for r in p.cdn if r.digest == digest and r.method == "GET")
+                    ranges = [r.range for r in p.cdn if r.digest == digest and r.method == "GET" and r.range]
+                    out.append(
+                        f"{where}: blob {digest} ({names.get(digest, '?')}) was fetched from the CDN {n} times "
+                        f"during the concurrent cold pull (single flight expects 1); requests "
+                        f"{times[-1] - times[0]:.2f} s apart first to last" + (f", ranges {ranges}" if ranges else "")
+                    )
+            per_blob = Counter(r.reference or "" for r in p.registry if r.kind == "blob" and r.method == "GET")
+            for ref, n in sorted(per_blob.items()):
+                if n > 1:
+                    out.append(f"{where}: blob {ref} was requested from the registry {n} times (307s)")
+            if p.manifest_gets > 1:
+                out.append(
+                    f"{where}: {p.manifest_gets} upstream manifest GETs for {p.clients} clients "
+                    "(counted pulls on Docker Hub)"
+                )
+        if p.scenario == WARM:
+            extra = [
+                f"{n} {what}"
+                for n, what in (
+                    (p.manifest_gets, "manifest GETs"),
+                    (p.blob_gets + p.blob_heads, "blob requests"),
+                    (p.cdn_requests, "CDN requests"),
+                    (p.other, "other registry requests"),
+                )
+                if n
+            ]
+            if extra:
+                out.append(f"{where}: upstream saw {', '.join(extra)} (warm expects only manifest HEADs and /v2/)")
+    by = {s: [p for p in phases if p.scenario == s] for s in SCENARIOS}
+    if by[PASS] and by[WARM]:
+        ratio = _median([p.wall for p in by[WARM]]) / _median([p.wall for p in by[PASS]])
+        if ratio > 1.1:
+            out.append(f"warm regcache is {ratio:.2f}x the pass-through wall time although nothing goes upstream")
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _terminate_children(name: str) -> None:
+    """SIGTERM our own child processes called ``name`` (skopeo clients left by an interrupt), by PID."""
+    me = os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            ppid = int(text[text.rindex(")") + 2 :].split()[1])
+            if ppid == me and comm == name:
+                os.kill(int(stat.parent.name), signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench-concurrent",
+        description="Benchmark regcache (cold, warm) against a pass-through mitmdump under concurrent skopeo pulls.",
+    )
+    parser.add_argument("--clients", type=int, default=8, help="concurrent pulls per phase (default 8)")
+    parser.add_argument("--layer-mib", type=int, default=1024, help="size of the big layer in MiB (default 1024)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions of every scenario (default 3)")
+    parser.add_argument("--workdir", type=Path, help="keep logs, layout and registry storage here (default: temp)")
+    args = parser.parse_args(argv)
+    for name in ("clients", "layer_mib", "runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    started = time.monotonic()
+    load_before = load_average()
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        else:
+            workdir = args.workdir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+            stack.callback(shutil.rmtree, workdir / "pulls", ignore_errors=True)
+        log(f"workdir {workdir}")
+        bench = Bench(workdir, args.clients, args.layer_mib, stack)
+        # Registered last, so it runs first: clients go before the servers they talk to.
+        stack.callback(_terminate_children, "skopeo")
+        try:
+            image = bench.start_bed()
+            baseline = bench.start_passthrough()
+            phases: list[Phase] = []
+            for run in range(1, args.runs + 1):
+                phases.append(bench.measure(PASS, run, baseline))
+                with bench.regcache(run) as regcache:
+                    mark = regcache.mark()
+                    phases.append(bench.measure(COLD, run, regcache))
+                    waited = bench.wait_stored(regcache, mark)
+                    if waited is None:
+                        log(f"run {run}: regcache did not log STORED for every blob; warm may not be warm")
+                    else:
+                        log(f"run {run}: every blob stored {waited:.1f} s after the cold pull ended")
+                    phases.append(bench.measure(WARM, run, regcache))
+                    if "Traceback" in regcache.log():
+                        log(f"run {run}: regcache logged a traceback, see {regcache.log_path}")
+        except KeyboardInterrupt as e:
+            log(f"interrupted ({e or 'Ctrl-C'}); cleaning up")
+            return 130
+        except Exception as e:
+            log(f"failed: {e}\n{traceback.format_exc()}")
+            return 1
+        print(report(phases, image, args, load_before))
+        log(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
