@@ -301,37 +301,74 @@ class DiskStore:
         volume = self._cache.volume()
         if volume <= self.size_limit:
             return 0, 0
-        protected = self.protected_digests()
         target = int(self.size_limit * 0.9)
-        # diskcache has no public "oldest first" listing; its Cache table is a stable part of 5.x.
-        rows = self._cache._sql("SELECT key, size FROM Cache WHERE size > 0 ORDER BY access_time").fetchall()
         removed = freed = 0
-        for key, size in rows:
+        for key, size, _ in sorted(self._evictable(), key=lambda entry: entry[2]):
             if volume - freed <= target:
                 break
-            if not isinstance(key, str) or key.partition(":")[2] in protected:
-                continue
-            if self._cache.delete(key):
+            if size and self._cache.delete(key):
                 removed, freed = removed + 1, freed + size
         return removed, freed
 
     def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]:
         """Remove blobs, manifests and tag records unused for `max_age` seconds, pinned content
-        never. Use is per entry, not per repository: a layer that any repository pulled lately
-        stays. Returns (entries, bytes) removed."""
+        never. Returns (entries, bytes) removed."""
         cutoff = (time.time() if now is None else now) - max_age
-        rows = self._cache._sql("SELECT key, size FROM Cache WHERE access_time < ?", (cutoff,)).fetchall()
-        protected = self.protected_digests()
-        pins = {f"tag:{ref}" for ref in self.pins()}
         removed = freed = 0
-        for key, size in rows:
-            if not isinstance(key, str) or key in ("pins", "realm-hosts") or key in pins:
-                continue
-            if key.partition(":")[2] in protected:
-                continue
-            if self._cache.delete(key):
+        for key, size, last_use in self._evictable():
+            if last_use < cutoff and self._cache.delete(key):
                 removed, freed = removed + 1, freed + size
         return removed, freed
+
+    def _evictable(self) -> list[tuple[str, int, float]]:
+        """(key, size, last use) of every entry that may go. An entry's last use is the latest
+        use of anything that needs it: a tag record's use counts for its manifests, a manifest's
+        for its platform manifests and blobs. So a layer shared by several repositories stays
+        while any of them is in use, even when clients that already have it skip downloading it.
+        """
+        # diskcache has no public listing with access times; its Cache table is stable in 5.x.
+        rows = self._cache._sql("SELECT key, size, access_time FROM Cache WHERE raw = 1").fetchall()
+        sizes = {key: size for key, size, _ in rows if isinstance(key, str)}
+        last_use = {key: access for key, _, access in rows if isinstance(key, str)}
+        needs = {key: self._needs(key) for key in sizes if key.startswith(("tag:", "manifest:"))}
+        for _ in range(3):  # tag → index → platform manifest → blobs
+            for key, needed in needs.items():
+                for other in needed:
+                    if other in last_use and last_use[other] < last_use[key]:
+                        last_use[other] = last_use[key]
+        protected = self.protected_digests()
+        pinned_tags = {f"tag:{ref}" for ref in self.pins()}
+        return [
+            (key, sizes[key], last_use[key])
+            for key in sizes
+            if key not in ("pins", "realm-hosts") and key not in pinned_tags and key.partition(":")[2] not in protected
+        ]
+
+    def _needs(self, key: str) -> list[str]:
+        """The entries a tag record or manifest refers to (read without counting as a use)."""
+        raw = self._peek(key)
+        try:
+            if key.startswith("tag:") and isinstance(raw, str):
+                return [f"manifest:{record['digest']}" for record in json.loads(raw).values()]
+            if isinstance(raw, bytes):
+                media_type, _, body = raw.partition(b"\n")
+                child_manifests, blobs = manifest_references(Manifest(media_type.decode(), body))
+                return [f"manifest:{d.get('digest')}" for d in child_manifests] + [
+                    f"blob:{d.get('digest')}" for d in blobs
+                ]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return []
+
+    def _peek(self, key: str) -> object:
+        """A value without updating its access time (diskcache's `get` would)."""
+        row = self._cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._cache._disk.fetch(row[0], row[1], row[2], False)
+        except OSError:
+            return None
 
     def close(self) -> None:
         self._cache.close()

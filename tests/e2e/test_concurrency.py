@@ -84,6 +84,30 @@ def test_killed_client_does_not_break_the_others(
     assert cdn.count(layer.digest, since=cdn_mark) == 1
 
 
+def test_fill_nobody_waits_for_still_completes(
+    images: ImageSet,
+    regcache: Mitmdump,
+    store: DiskStore,
+    skopeo_factory: Callable[..., Skopeo],
+    cdn: Cdn,
+    tmp_path: Path,
+) -> None:
+    """The only client goes away mid-blob: the fill runs on (bounded by the upstream time-out if it
+    stalls), is verified and stored, so the next pull is a hit."""
+    layer = max(images.big.layers, key=lambda blob: blob.size)
+    cdn.throttle(25 * 10**6)
+    cdn_mark = cdn.mark()
+    victim = skopeo_factory(regcache.url, regcache.ca_cert).start_copy(images.big.ref, tmp_path / "victim")
+    wait_for_staging(store, at_least=20 * 10**6)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    deadline = time.monotonic() + 60
+    while store.blob_size(layer.digest) is None:
+        assert time.monotonic() < deadline, "the orphaned fill was not stored"
+        time.sleep(0.1)
+    assert cdn.count(layer.digest, since=cdn_mark) == 1
+
+
 def wait_for_staging(store: DiskStore, at_least: int, timeout: float = 60) -> None:
     """Until a fill in progress has written `at_least` bytes."""
     deadline = time.monotonic() + timeout

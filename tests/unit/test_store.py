@@ -123,3 +123,24 @@ def test_expiry_removes_what_nobody_used_except_pins(tmp_path: Path) -> None:
     assert store.blob_size(digests[kept]) is not None
     assert store.get_manifest(pinned_digest) is not None
     assert store.expire_unused(1800)[0] == 0  # nothing is 30 min old yet
+
+
+def test_a_blob_stays_while_a_recently_used_manifest_needs_it(tmp_path: Path) -> None:
+    """Images A and B share a base layer. A's manifest was used last (a client that had the
+    layers already only fetched the manifest): B's own layer goes first, the shared one stays."""
+    store = DiskStore(tmp_path, 280_000)  # three 100 kB layers (+ the index) are over it, two are not
+    layers = {name: (name.encode() * 100_000)[:100_000] for name in ("base", "a-only", "b-only")}
+    digest = {name: "sha256:" + hashlib.sha256(data).hexdigest() for name, data in layers.items()}
+    for name in ("base", "a-only", "b-only"):
+        fill(store, digest[name], layers[name], len(layers[name]))
+        time.sleep(0.01)
+    image_a, manifest_a = manifest_for(digest["base"], digest["a-only"])
+    image_b, manifest_b = manifest_for(digest["base"], digest["b-only"])
+    store.put_manifest(image_b, manifest_b)
+    time.sleep(0.01)
+    store.put_manifest(image_a, manifest_a)
+    removed, _ = store.evict()
+    assert removed == 1
+    assert store.blob_size(digest["b-only"]) is None
+    assert store.blob_size(digest["base"]) is not None
+    assert store.blob_size(digest["a-only"]) is not None
