@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.config import DEFAULT_REGISTRIES, ConfigError, Upstream, load_settings, parse_size
+from addon.config import DEFAULT_REGISTRIES, ConfigError, Upstream, load_settings, parse_duration, parse_size
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -71,6 +71,9 @@ upstream_timeout: 5
         ("upstreams: {registry-1.docker.io: ftp://x}", "upstreams.registry-1.docker.io"),
         ("upstreams: [a]", "upstreams"),
         ("upstream_timeout: soon", "upstream_timeout"),
+        ("max_age: forever", "max_age"),
+        ("max_age: -1", "max_age"),
+        ("offline: yes please", "offline"),
         ("[1, 2]", "regcache_config"),
         ("a: [", "regcache_config"),
     ],
@@ -85,3 +88,15 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="regcache_config: cannot read"):
         load_settings(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7d", 604800.0), ("12h", 43200.0), ("30m", 1800.0), ("90s", 90.0), ("2w", 1209600.0), (0, 0.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration("max_age", text) == seconds
+
+
+def test_max_age_defaults_to_a_week() -> None:
+    assert load_settings(None).max_age == 7 * 86400
