@@ -180,6 +180,7 @@ class RegistryCache:
         )
 
     def running(self) -> None:
+        warn_if_exposed(ctx.options.listen_host, ctx.options.proxyauth)
         if self.runtime is not None:
             # Start the blob server now rather than on the first blob request.
             _background(self.runtime.started())
@@ -278,6 +279,21 @@ class RegistryCache:
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def warn_if_exposed(listen_host: str, proxyauth: str | None) -> None:
+    if listen_host in LOOPBACK or proxyauth:
+        return
+    where = listen_host or "all interfaces"
+    log.warning(
+        "regcache: WARNING: listening on %s WITHOUT proxy authentication — anyone who can reach this "
+        "port can pull everything in the cache. Listen on 127.0.0.1 or set proxyauth "
+        "(--set proxyauth=USER:PASS or @htpasswd-file).",
+        where,
+    )
 
 
 def bearer_realm_host(challenge: str) -> str | None:

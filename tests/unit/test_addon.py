@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from addon.cache import RegistryCache
+from addon.cache import RegistryCache, warn_if_exposed
 
 from .flows import registry_flow, write_config
 
@@ -107,3 +107,14 @@ def test_offline_option_names_what_is_not_cached(tmp_path: Path, path: str, code
     assert flow.response.status_code == 404  # type: ignore[attr-defined]
     error = json.loads(flow.response.content)["errors"][0]  # type: ignore[attr-defined]
     assert error == {"code": code, "message": f"not in the offline cache: {what}"}
+
+
+@pytest.mark.parametrize(
+    ("host", "proxyauth", "warned"),
+    [("", None, True), ("0.0.0.0", None, True), ("0.0.0.0", "ci:secret", False), ("127.0.0.1", None, False)],
+)
+def test_exposed_listener_is_warned_about(
+    caplog: pytest.LogCaptureFixture, host: str, proxyauth: str | None, warned: bool
+) -> None:
+    warn_if_exposed(host, proxyauth)
+    assert ("WITHOUT proxy authentication" in caplog.text) is warned
