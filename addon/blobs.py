@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class Fills:
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._disk_trouble_until = 0.0
+        self._evicting = asyncio.Lock()
 
     def get(self, digest: str) -> Fill | None:
         return self._fills.get(digest)
@@ -123,10 +125,13 @@ class Fills:
             fill.error = str(err)
         except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
             fill.error = f"GET {url}: {describe_error(err)}"
-        except OSError as err:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as err:
             fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
             # The disk, not the upstream, failed: stop caching for a while, keep serving.
             self._disk_trouble_until = time.monotonic() + DISK_TROUBLE_PAUSE
+        except BaseException as err:  # cancelled (shutdown, reload) or a bug: never looks complete
+            fill.error = fill.error or f"fill stopped: {describe_error(err)}"
+            raise
         finally:
             if staging is not None:
                 staging.discard()
@@ -141,11 +146,15 @@ class Fills:
             await self._evict()
 
     async def _evict(self) -> None:
-        try:
-            removed, freed = await asyncio.to_thread(self._store.evict)
-        except (OSError, diskcache.Timeout) as err:
-            log.warning("eviction skipped: %s", err)
-            return
+        """One eviction at a time: concurrent ones would each free the whole excess."""
+        if self._evicting.locked():
+            return  # the running one re-reads the store's volume as it goes
+        async with self._evicting:
+            try:
+                removed, freed = await asyncio.to_thread(self._store.evict)
+            except (OSError, sqlite3.Error, diskcache.Timeout) as err:
+                log.warning("eviction skipped: %s", err)
+                return
         if removed:
             log.info("EVICTED %d entries, %d B, least recently used first (size_limit)", removed, freed)
 

@@ -49,13 +49,16 @@ class BlobServer:
     async def stop(self) -> None:
         await self._runner.cleanup()
 
-    async def _stored_blob(self, request: web.Request) -> web.StreamResponse:
+    async def _stored_blob(self, request: web.Request, retryable: bool = False) -> web.StreamResponse:
+        """A stored blob. Gone (evicted, or a fill that failed meanwhile): 503 where the client was
+        sent to a fill, since a 404 would tell it the blob does not exist at all."""
         digest = request.match_info["digest"]
         path = await asyncio.to_thread(self._store.blob_path, digest)
         if path is None:
+            status, code = (503, "UNAVAILABLE") if retryable else (404, "BLOB_UNKNOWN")
             return web.Response(
-                status=404,
-                body=error_body("BLOB_UNKNOWN", "blob unknown to registry", digest),
+                status=status,
+                body=error_body(code, "blob not available from the cache, retry", digest),
                 content_type="application/json",
             )
         return web.FileResponse(path, headers=_blob_headers(digest))
@@ -64,12 +67,12 @@ class BlobServer:
         digest = request.match_info["digest"]
         fill = self._fills.get(digest)
         if fill is None or fill.committed or fill.staging_path is None:
-            return await self._stored_blob(request)
+            return await self._stored_blob(request, retryable=True)
         try:
             source = open(fill.staging_path, "rb")  # noqa: SIM115 - closed below, after streaming
         except FileNotFoundError:  # committed (moved) or discarded meanwhile
             await fill.wait_beyond(2**62)
-            return await self._stored_blob(request)
+            return await self._stored_blob(request, retryable=True)
         with source:
             response = web.StreamResponse(headers=_blob_headers(digest))
             if fill.expected_size is not None:
@@ -94,6 +97,6 @@ class BlobServer:
                 await response.write(chunk)
                 offset += len(chunk)
             elif fill.finished:
-                return fill.error is None
+                return fill.committed
             else:
                 await fill.wait_beyond(offset)

@@ -12,6 +12,7 @@ size while it is staged, and only when the whole bundle is good is anything comm
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -75,7 +76,7 @@ def children(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str
         raise BundleError(f"manifest is not a JSON object: {err}") from err
 
 
-def _descriptor_digest(descriptor: dict[str, object]) -> str:
+def descriptor_digest(descriptor: dict[str, object]) -> str:
     digest = descriptor.get("digest")
     if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise BundleError(f"bad digest in descriptor {descriptor!r}")
@@ -105,14 +106,14 @@ def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Conten
     child_manifests, blobs = children(manifest)
     sizes = {}
     for blob in blobs:
-        blob_digest = _descriptor_digest(blob)
+        blob_digest = descriptor_digest(blob)
         size = contents.blobs.get(blob_digest) or store.blob_size(blob_digest)
         if size is None:
             return False
         sizes[blob_digest] = size
     complete_children = 0
     for child in child_manifests:
-        child_digest = _descriptor_digest(child)
+        child_digest = descriptor_digest(child)
         stored = store.get_manifest(child_digest)
         if stored is not None and _collect(store, child_digest, stored, contents):
             complete_children += 1
@@ -160,25 +161,40 @@ def write_bundle(store: DiskStore, contents: Contents, out: Path) -> None:
         if path is None:
             raise BundleError(f"{digest} left the cache during export")
         files.append((_blob_name(digest), Path(path)))
+    out = out.resolve()
+    if out.is_dir() and any(out.iterdir()) and not (out / "oci-layout").exists():
+        raise BundleError(f"{out} exists and is not an OCI layout: not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(temp, ignore_errors=True)
     temp.unlink(missing_ok=True)
-    if out.suffix == ".tar":
-        with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT) as tar:
+    try:
+        if out.suffix == ".tar":
+            with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for name, content in files:
+                    _tar_add(tar, name, content)
+        else:
             for name, content in files:
-                _tar_add(tar, name, content)
-    else:
-        for name, content in files:
-            target = temp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Path):
-                shutil.copyfile(content, target)
-            else:
-                target.write_bytes(content)
+                target = temp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, Path):
+                    _copy_blob(content, target)
+                else:
+                    target.write_bytes(content)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.unlink(missing_ok=True)
+        raise
     if out.is_dir():
         shutil.rmtree(out)
     temp.replace(out)
+
+
+def _copy_blob(source: Path, target: Path) -> None:
+    try:
+        shutil.copyfile(source, target)
+    except FileNotFoundError as err:  # evicted by a running regcache since we listed it
+        raise BundleError(f"a blob left the cache during export ({source.name}); export again") from err
 
 
 def _blob_name(digest: str) -> str:
@@ -188,22 +204,14 @@ def _blob_name(digest: str) -> str:
 
 def _tar_add(tar: tarfile.TarFile, name: str, content: bytes | Path) -> None:
     if isinstance(content, Path):
-        tar.add(content, arcname=name)
+        try:
+            tar.add(content, arcname=name)
+        except FileNotFoundError as err:
+            raise BundleError(f"{name} left the cache during export; export again") from err
         return
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(content), int(time.time()), 0o644
-    tar.addfile(info, fileobj=_BytesReader(content))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._offset = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else self._offset + size
-        chunk = self._data[self._offset : end]
-        self._offset += len(chunk)
-        return chunk
+    tar.addfile(info, fileobj=io.BytesIO(content))
 
 
 # import --------------------------------------------------------------------------------------
@@ -240,7 +248,12 @@ def _entry_ref(entry: dict[str, object], as_ref: TagRef | None, unnamed: int) ->
     annotations = entry.get("annotations") or {}
     assert isinstance(annotations, dict)
     if all(key in annotations for key in (REGISTRY, REPOSITORY, TAG)):
-        return TagRef(str(annotations[REGISTRY]), str(annotations[REPOSITORY]), str(annotations[TAG]))
+        # Through the reference grammar: a bundle is input like any other.
+        named = f"{annotations[REGISTRY]}/{annotations[REPOSITORY]}:{annotations[TAG]}"
+        ref = parse_image_ref(named)
+        if str(ref) != named:
+            raise BundleError(f"index.json entry {entry.get('digest')} names {named!r}, not a valid reference")
+        return ref
     ref_name = str(annotations.get(REF_NAME, ""))
     if as_ref is not None and (unnamed == 1 or ref_name == as_ref.tag):
         return as_ref
@@ -264,7 +277,7 @@ def read_layout(root: Path, as_ref: TagRef | None) -> Contents:
     now = time.time()
     for entry in entries:
         ref = _entry_ref(entry, as_ref, unnamed)
-        digest = _descriptor_digest(entry)
+        digest = descriptor_digest(entry)
         manifest = _load_manifest(root, entry, contents, required=True)
         assert manifest is not None
         accepted = str((entry.get("annotations") or {}).get(ACCEPT) or accept_key((manifest.media_type,)))
@@ -273,7 +286,7 @@ def read_layout(root: Path, as_ref: TagRef | None) -> Contents:
 
 
 def _load_manifest(root: Path, descriptor: dict[str, object], contents: Contents, required: bool) -> Manifest | None:
-    digest = _descriptor_digest(descriptor)
+    digest = descriptor_digest(descriptor)
     path = root / _blob_name(digest)
     if not path.is_file():
         if required:
@@ -292,7 +305,7 @@ def _load_manifest(root: Path, descriptor: dict[str, object], contents: Contents
         _load_manifest(root, child, contents, required=False)
     for blob in blobs:
         size = blob.get("size")
-        contents.blobs[_descriptor_digest(blob)] = size if isinstance(size, int) else -1
+        contents.blobs[descriptor_digest(blob)] = size if isinstance(size, int) else -1
     return manifest
 
 
@@ -326,11 +339,18 @@ def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[Blo
 
 def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bool = False) -> Contents:
     with opened_layout(source, store.staging_dir) as root:
-        contents = read_layout(root, as_ref)
+        try:
+            contents = read_layout(root, as_ref)
+        except (ValueError, TypeError, AttributeError, KeyError, AssertionError) as err:
+            raise BundleError(f"malformed index.json or manifest: {err!r}") from err
         staged = stage_blobs(store, root, contents.blobs)
     # Everything is verified: only now does the cache change.
-    for staging in staged:
-        store.commit_blob(staging, staging.size)
+    try:
+        for staging in staged:
+            store.commit_blob(staging, staging.size)
+    finally:
+        for staging in staged:
+            staging.discard()  # what was not committed (no-op for what was)
     for digest, manifest in contents.manifests.items():
         store.put_manifest(digest, manifest)
     for ref, accepted, record in contents.tags:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Coroutine
@@ -33,7 +32,7 @@ from addon.answers import Answer, Decision, LocalStream, error_answer, relay
 from addon.blobs import BlobService, Fills
 from addon.blobserver import BlobServer
 from addon.config import ConfigError, Settings, load_settings
-from addon.manifests import ManifestService
+from addon.manifests import ManifestService, upstream_failed
 from addon.routes import (
     API_VERSION_HEADER,
     INVALID_MESSAGES,
@@ -43,7 +42,7 @@ from addon.routes import (
     parse_path,
 )
 from addon.store import DiskStore
-from addon.upstream import UpstreamClient, UpstreamUnavailable, forwardable_headers
+from addon.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge, forwardable_headers
 
 log = logging.getLogger("regcache")
 
@@ -70,7 +69,7 @@ class Runtime:
     async def started(self) -> None:
         if self._started is None:
             self._started = asyncio.ensure_future(self.blob_server.start())
-            if self.settings.max_age:
+            if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
                 self._sweeper = asyncio.ensure_future(self._expire_unused())
         await asyncio.shield(self._started)
 
@@ -99,7 +98,7 @@ class Runtime:
 
 def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
     """Send the flow where `upstreams` says this host really is (no-op for other hosts)."""
-    target = settings.upstreams.get(flow.request.host.lower())
+    target = settings.upstream_for(flow.request.host, flow.request.port)
     if target is None:
         return
     flow.request.scheme = target.scheme
@@ -115,7 +114,8 @@ def logical_url(request: http.Request) -> str:
 
 
 def make_response(answer: Answer) -> http.Response:
-    headers = http.Headers([(k.encode(), v.encode()) for k, v in answer.headers])
+    # Upstream header bytes that are not UTF-8 reach us as surrogates (aiohttp); send them back as-is.
+    headers = http.Headers([(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in answer.headers])
     headers["X-Cache"] = answer.result
     response = http.Response.make(answer.status, answer.body, headers)
     if answer.content_length is not None and not answer.body:
@@ -191,8 +191,9 @@ class RegistryCache:
             self.runtime = None
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        host = (data.client_hello.sni or (data.context.server.address or ("",))[0]).lower()
-        if host and not self.settings.intercepts(host) and not self._answers_tokens(host):
+        address = data.context.server.address or ("", None)
+        host = (data.client_hello.sni or address[0]).lower()
+        if host and not self.settings.intercepts(host, address[1]) and not self._answers_tokens(host):
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
 
@@ -200,7 +201,7 @@ class RegistryCache:
         runtime = self.runtime
         if flow.response is not None or runtime is None:
             return
-        namespace = self.settings.namespace_for(flow.request.host)
+        namespace = self.settings.namespace_for(flow.request.host, flow.request.port)
         route = parse_path(flow.request.path)
         if namespace is None and self._answers_tokens(flow.request.host.lower()):
             flow.response = make_response(offline_token())
@@ -217,7 +218,11 @@ class RegistryCache:
             headers=forwardable_headers(flow.request.headers.items(multi=True)),
             accepted=accepted_media_types(flow.request.headers.get_all("accept")),
         )
-        decision = await self._decide(runtime, req, ranged="range" in flow.request.headers)
+        try:
+            decision = await self._decide(runtime, req, ranged="range" in flow.request.headers)
+        except Exception as err:  # a bug or a broken store must not send the flow on unhandled
+            log.exception("regcache: %s %s failed", req.method, req.describe())
+            decision = error_answer(503, "UNAVAILABLE", "regcache failed on this request; retry", note=repr(err))
         flow.metadata[META] = (decision.result, req.describe(), decision.note)
         if isinstance(decision, Answer):
             flow.response = make_response(decision)
@@ -256,6 +261,8 @@ class RegistryCache:
             answer = await runtime.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
             return Answer(200, no_auth_needed, b"{}", "STALE", note=str(err))
+        if upstream_failed(answer):
+            return Answer(200, no_auth_needed, b"{}", "STALE", note=f"upstream answered {answer.status}")
         realm_host = bearer_realm_host(answer.headers.get("WWW-Authenticate", ""))
         if realm_host and realm_host not in runtime.realm_hosts:
             runtime.realm_hosts.add(realm_host)
@@ -296,10 +303,10 @@ def warn_if_exposed(listen_host: str, proxyauth: str | None) -> None:
     )
 
 
-def bearer_realm_host(challenge: str) -> str | None:
+def bearer_realm_host(header: str) -> str | None:
     """The host of a `WWW-Authenticate: Bearer realm="https://auth.docker.io/token",...` realm."""
-    match = re.search(r'realm="([^"]+)"', challenge) if challenge.lower().startswith("bearer") else None
-    return (urlsplit(match[1]).hostname or None) if match else None
+    realm = (bearer_challenge(header) or {}).get("realm")
+    return (urlsplit(realm).hostname or None) if realm else None
 
 
 def offline_token() -> Answer:

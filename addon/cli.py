@@ -137,10 +137,10 @@ def pin(options: argparse.Namespace) -> int:
     store = open_store(options)
     for image in options.images:
         ref = parse_image_ref(image)
-        records = store.tag_records(ref)
-        if not records:
+        stored = [r for r in store.tag_records(ref).values() if store.get_manifest(r.digest) is not None]
+        if not stored:
             raise BundleError(f"{ref} is not in the cache: pull, warm or import it first")
-        newest = max(records.values(), key=lambda record: record.recorded_at)
+        newest = max(stored, key=lambda record: record.recorded_at)
         store.pin(ref, newest.digest)
         print(f"pinned {ref} -> {newest.digest}")
     return 0

@@ -10,11 +10,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
 DOCKER_HUB = "docker.io"
+T = TypeVar("T")
 
 # Docker Hub answers under two names (crane uses index.docker.io); both are one cache namespace.
 DEFAULT_REGISTRIES: dict[str, str] = {
@@ -76,14 +78,24 @@ class Settings:
     offline: bool = False
     max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
 
-    def namespace_for(self, host: str) -> str | None:
-        """The cache namespace of a registry host, or None when the host is not cached."""
-        return self.registries.get(host.lower())
+    def namespace_for(self, host: str, port: int | None = None) -> str | None:
+        """The cache namespace of a registry host, or None when the host is not cached.
+        An entry `host:port` matches that port only, a plain `host` any port."""
+        return _lookup(self.registries, host, port)
 
-    def intercepts(self, host: str) -> bool:
+    def upstream_for(self, host: str, port: int | None = None) -> Upstream | None:
+        return _lookup(self.upstreams, host, port)
+
+    def intercepts(self, host: str, port: int | None = None) -> bool:
         """Should TLS to this host be opened at all? Registries and re-targeted hosts only."""
-        host = host.lower()
-        return host in self.registries or host in self.upstreams
+        return self.namespace_for(host, port) is not None or self.upstream_for(host, port) is not None
+
+
+def _lookup(table: Mapping[str, T], host: str, port: int | None) -> T | None:
+    host = host.lower()
+    if port is not None and (found := table.get(f"{host}:{port}")) is not None:
+        return found
+    return table.get(host)
 
 
 def parse_size(key: str, value: object) -> int:

@@ -11,13 +11,14 @@ an upstream `GET`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
 from multidict import CIMultiDict
 
 from .answers import Answer, error_answer, manifest_answer, relay
-from .routes import DIGEST_RE, RegistryRequest, is_acceptable
+from .routes import DIGEST_RE, RegistryRequest, is_acceptable, normalize_media_type
 from .store import (
     DigestMismatch,
     Manifest,
@@ -33,6 +34,24 @@ from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+
+SCHEMA1_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    }
+)
+
+
+def manifest_media_type(body: bytes, content_type: str) -> str:
+    """The manifest's own `mediaType` field if it has one, else the Content-Type, parameters
+    dropped (some registries send `...+json; charset=utf-8`)."""
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return normalize_media_type(declared if isinstance(declared, str) and declared else content_type)
 
 
 def upstream_failed(answer: UpstreamAnswer) -> bool:
@@ -81,7 +100,7 @@ class ManifestService:
         except UpstreamUnavailable as err:
             return await self._stale(req, str(err))
         if upstream_failed(check):
-            return await self._stale(req, f"upstream answered {check.status}", check)
+            return await self._stale(req, f"upstream answered {check.status}", relay(check, "PASS"))
         digest = check.headers.get("Docker-Content-Digest", "")
         if check.status == 200 and DIGEST_RE.fullmatch(digest):
             stored = await asyncio.to_thread(self._store.get_manifest, digest)
@@ -92,12 +111,16 @@ class ManifestService:
             if check.status == 200 and DIGEST_RE.fullmatch(digest):
                 # dockerd HEADs the tag, then GETs the digest: remember what the tag named, so
                 # the same pull can be replayed from the store when the upstream is down.
-                await self._record_tag(req, TagRecord(digest, check.headers.get("Content-Type", ""), 0, time.time()))
+                media_type = normalize_media_type(check.headers.get("Content-Type", ""))
+                await self._record_tag(req, TagRecord(digest, media_type, 0, time.time()))
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
-            return await self._fetch(req, None)
+            answer = await self._fetch(req, None)
         except UpstreamUnavailable as err:
             return await self._stale(req, str(err))
+        if answer.status == 429 or answer.status >= 500:  # Docker Hub's rate limit hits GETs, not HEADs
+            return await self._stale(req, f"upstream answered {answer.status}", answer)
+        return answer
 
     async def _fetch(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
         """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
@@ -114,8 +137,11 @@ class ManifestService:
             return relay(answer, "MISS" if answer.status == 200 else "PASS")
         if len(answer.body) > MAX_MANIFEST_SIZE:
             return error_answer(502, "MANIFEST_INVALID", f"upstream manifest larger than {MAX_MANIFEST_SIZE} bytes")
+        media_type = manifest_media_type(answer.body, answer.headers.get("Content-Type", ""))
+        if media_type in SCHEMA1_MEDIA_TYPES:  # signed JSON: its digest is not that of the bytes
+            return relay(answer, "MISS", note="schema 1 manifest, not cached")
         digest = expected_digest or answer.headers.get("Docker-Content-Digest") or digest_of(answer.body)
-        manifest = Manifest(answer.headers.get("Content-Type", "application/octet-stream"), answer.body)
+        manifest = Manifest(media_type, answer.body)
         try:
             await asyncio.to_thread(self._store.put_manifest, digest, manifest)
         except DigestMismatch:
@@ -124,16 +150,21 @@ class ManifestService:
             )
         if not req.route.is_digest:
             await self._record_tag(req, new_tag_record(manifest, digest))
-        return relay(answer, "MISS")
+        relayed = relay(answer, "MISS")
+        if not answer.headers.get("Docker-Content-Digest"):  # optional upstream; clients like it
+            relayed.headers.append(("Docker-Content-Digest", digest))
+        return relayed
 
-    async def _stale(self, req: RegistryRequest, reason: str, failed: UpstreamAnswer | None = None) -> Answer:
+    async def _stale(self, req: RegistryRequest, reason: str, failed: Answer | None = None) -> Answer:
+        """The recorded manifest for this tag; else the upstream's own failure, else a 503."""
         if not req.route.is_digest:
             found = await asyncio.to_thread(self._recorded, req)
             if found is not None:
                 digest, stored = found
                 return manifest_answer(stored, digest, req.head, "STALE", note=reason)
         if failed is not None:
-            return relay(failed, "PASS", note=reason)
+            failed.note = reason
+            return failed
         return unavailable(req, reason)
 
     def _recorded(self, req: RegistryRequest) -> tuple[str, Manifest] | None:

@@ -96,15 +96,20 @@ def accepted_media_types(accept_headers: list[str]) -> tuple[str, ...]:
     types = set()
     for header in accept_headers:
         for part in header.split(","):
-            media_type = part.split(";", 1)[0].strip().lower()
+            media_type = normalize_media_type(part)
             if media_type:
                 types.add(media_type)
     return tuple(sorted(types))
 
 
+def normalize_media_type(media_type: str) -> str:
+    """`Application/JSON; charset=utf-8` → `application/json` (clients ignore parameters)."""
+    return media_type.split(";", 1)[0].strip().lower()
+
+
 def is_acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
     """Would a client with this Accept list take a manifest of this media type?"""
-    return not accepted or "*/*" in accepted or media_type.lower() in accepted
+    return not accepted or "*/*" in accepted or normalize_media_type(media_type) in accepted
 
 
 def error_body(code: str, message: str, detail: object = None) -> bytes:

@@ -7,8 +7,9 @@ Every call here blocks (SQLite, file I/O): callers on the event loop use `asynci
 
 Consistency rules:
 - a blob is staged in `<cache_dir>/staging/` while it is fetched and hashed, and enters the store
-  only through `commit`, which checks size and digest and then *renames* the file into diskcache's
-  directory (same file system, no copy) inside diskcache's own transaction;
+  only through `commit`, which checks size and digest, fsyncs, *renames* the file into diskcache's
+  directory (same file system, no copy) and then inserts its row; if the insert fails, the moved
+  file is removed again;
 - a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
 - leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
   served.
@@ -109,7 +110,10 @@ class BlobStaging:
         self._file.flush()
 
     def verify(self, expected_size: int | None) -> None:
-        self._file.close()
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before the index says it is there
+            self._file.close()
         if expected_size is not None and self.size != expected_size:
             raise DigestMismatch(f"{self.digest}: got {self.size} bytes, expected {expected_size}")
         actual = f"{self._hash.name}:{self._hash.hexdigest()}"
@@ -142,10 +146,11 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class _StagedFile:
     path: Path
     size: int
+    adopted_as: str = ""  # where _AdoptingDisk moved it, so a failed insert can remove it
 
 
 class _AdoptingDisk(diskcache.Disk):
@@ -157,6 +162,7 @@ class _AdoptingDisk(diskcache.Disk):
         filename, full_path = self.filename(key, value)
         os.makedirs(os.path.dirname(full_path), exist_ok=True)
         os.rename(value.path, full_path)
+        value.adopted_as = full_path
         return value.size, MODE_BINARY, filename, None
 
 
@@ -205,9 +211,16 @@ class DiskStore:
 
     def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None:
         """Verify, then move the staged file into the store. On any failure nothing is stored."""
+        staged = _StagedFile(staging.path, staging.size)
         try:
             staging.verify(expected_size)
-            self._cache.set(f"blob:{staging.digest}", _StagedFile(staging.path, staging.size))
+            self._cache.set(f"blob:{staging.digest}", staged)
+        except BaseException:
+            # diskcache moves the file in before its transaction; if the insert fails, the file
+            # would stay behind with no row pointing at it.
+            if staged.adopted_as:
+                Path(staged.adopted_as).unlink(missing_ok=True)
+            raise
         finally:
             staging.discard()  # no-op after a successful move
 
@@ -298,13 +311,13 @@ class DiskStore:
     def evict(self) -> tuple[int, int]:
         """Bring the store under `size_limit` (to 90 % of it, so that not every commit evicts):
         least recently used first, pinned content never. Returns (entries, bytes) removed."""
-        volume = self._cache.volume()
-        if volume <= self.size_limit:
+        if self._cache.volume() <= self.size_limit:
             return 0, 0
         target = int(self.size_limit * 0.9)
         removed = freed = 0
         for key, size, _ in sorted(self._evictable(), key=lambda entry: entry[2]):
-            if volume - freed <= target:
+            # Re-read: another process (import, warm) may be evicting or adding at the same time.
+            if self._cache.volume() <= target:
                 break
             if size and self._cache.delete(key):
                 removed, freed = removed + 1, freed + size

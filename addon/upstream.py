@@ -15,6 +15,7 @@ and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for e
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -60,7 +61,7 @@ class UpstreamClient:
     def resolve(self, url: str) -> str:
         """Apply the `upstreams` map: the URL we really connect to for a logical URL."""
         parts = urlsplit(url)
-        target = self._settings.upstreams.get((parts.hostname or "").lower())
+        target = self._settings.upstream_for(parts.hostname or "", parts.port)
         if target is None:
             return url
         netloc = f"{target.host}:{target.port}"
@@ -71,7 +72,9 @@ class UpstreamClient:
             self._session = aiohttp.ClientSession(
                 auto_decompress=False,  # digests are over the bytes as sent
                 trust_env=False,  # an inherited HTTPS_PROXY would loop requests back into us
-                connector=aiohttp.TCPConnector(limit=64, limit_per_host=16),
+                # No per-host cap: every Docker Hub fill goes to one CDN host, and a wait for a
+                # pooled connection would count against the connect time-out.
+                connector=aiohttp.TCPConnector(limit=0),
             )
         return self._session
 
@@ -98,7 +101,7 @@ class UpstreamClient:
                 # must not travel there.
                 headers = CIMultiDict(headers)
                 del headers["Authorization"]
-            if response.status == 303:
+            if response.status == 303 and method != "HEAD":  # a HEAD stays a HEAD (RFC 9110 15.4.4)
                 method = "GET"
         raise UpstreamUnavailable(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
 
@@ -119,7 +122,7 @@ class UpstreamClient:
     def blob_timeout(self) -> aiohttp.ClientTimeout:
         """No total limit for a blob (it may be GBs), but a stall is a failure."""
         limit = self._settings.upstream_timeout
-        return aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit, sock_read=limit)
+        return aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -135,6 +138,13 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         body += chunk
     return bytes(body)
+
+
+def bearer_challenge(header: str) -> dict[str, str] | None:
+    """The parameters of `WWW-Authenticate: Bearer realm="…",service="…",scope="…"`, or None."""
+    if not header.lower().startswith("bearer "):
+        return None
+    return dict(re.findall(r'(\w+)="([^"]*)"', header))
 
 
 def describe_error(err: BaseException) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -19,12 +18,12 @@ from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from .blobs import Fill, Fills
-from .bundle import BundleError, children
+from .bundle import BundleError, children, descriptor_digest
 from .config import Settings
 from .manifests import ManifestService
 from .routes import Kind, RegistryRequest, Route, accepted_media_types
 from .store import DiskStore, Manifest, TagRef
-from .upstream import UpstreamClient, UpstreamUnavailable
+from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -48,8 +47,9 @@ class Warmed:
 
 
 def platform_of(descriptor: dict[str, object]) -> str:
-    platform = descriptor.get("platform") or {}
-    assert isinstance(platform, dict)
+    platform = descriptor.get("platform")
+    if not isinstance(platform, dict):
+        return "?"
     parts = [platform.get("os", "?"), platform.get("architecture", "?"), platform.get("variant")]
     return "/".join(str(p) for p in parts if p)
 
@@ -57,12 +57,6 @@ def platform_of(descriptor: dict[str, object]) -> str:
 def platform_wanted(platform: str, wanted: set[str] | None) -> bool:
     """`linux/arm64` selects `linux/arm64/v8` too; no selection means every platform."""
     return wanted is None or platform in wanted or "/".join(platform.split("/")[:2]) in wanted
-
-
-def bearer_challenge(header: str) -> dict[str, str] | None:
-    if not header.lower().startswith("bearer "):
-        return None
-    return dict(re.findall(r'(\w+)="([^"]*)"', header))
 
 
 class Warmer:
@@ -91,9 +85,9 @@ class Warmer:
         child_manifests, _ = children(top)
         for child in child_manifests:
             if platform_wanted(platform_of(child), platforms):
-                images.append((await self._manifest(base, ref, str(child["digest"]), headers))[1])
+                images.append((await self._manifest(base, ref, descriptor_digest(child), headers))[1])
                 manifests += 1
-        blobs = {str(blob["digest"]): blob for image in images for blob in children(image)[1]}
+        blobs = {descriptor_digest(blob): blob for image in images for blob in children(image)[1]}
         await asyncio.gather(*(self._blob(base, ref, digest, headers) for digest in blobs))
         return Warmed(ref, digest, manifests, len(blobs))
 
@@ -110,6 +104,8 @@ class Warmer:
         if answer.status != 200:
             raise WarmError(f"token request to {challenge['realm']} answered {answer.status}")
         document = json.loads(answer.body)
+        if not isinstance(document, dict):
+            raise WarmError(f"token response from {challenge['realm']} is not a JSON object")
         token = document.get("token") or document.get("access_token")
         return f"Bearer {token}" if token else None
 
@@ -145,6 +141,8 @@ class Warmer:
             await self._follow(fill, task)
         if fill.upstream_refusal is not None:
             raise WarmError(f"{url}: upstream answered {fill.upstream_refusal.status}")
+        if fill.pass_through:
+            raise WarmError(f"{url}: not cached: {fill.pass_through}")
         if not fill.committed:
             raise WarmError(f"{url}: {fill.error}")
 

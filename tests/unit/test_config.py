@@ -100,3 +100,11 @@ def test_durations(text: object, seconds: float) -> None:
 
 def test_max_age_defaults_to_a_week() -> None:
     assert load_settings(None).max_age == 7 * 86400
+
+
+def test_registry_with_a_port_matches_that_port(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "registries: [registry.local:5000, plain.example]"))
+    assert settings.namespace_for("registry.local", 5000) == "registry.local:5000"
+    assert settings.namespace_for("registry.local", 443) is None
+    assert settings.namespace_for("plain.example", 8443) == "plain.example"
+    assert settings.intercepts("registry.local", 5000)
