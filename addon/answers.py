@@ -69,3 +69,18 @@ def relay(answer: UpstreamAnswer, result: str, note: str = "") -> Answer:
 def error_answer(status: int, code: str, message: str, detail: object = None, note: str = "") -> Answer:
     headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
     return Answer(status, headers, error_body(code, message, detail), "ERROR", note=note or message)
+
+
+_HEAD_STATUS_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+
+
+def answer_from_head(answer: UpstreamAnswer, head: bool, not_found_code: str, result: str, note: str = "") -> Answer:
+    """An upstream `HEAD`'s answer, re-used for the client's request. A `HEAD` answer has no body,
+    so a client `GET` gets a registry error body instead of a promise of bytes that never come."""
+    if head:
+        return relay(answer, result, note)
+    code = not_found_code if answer.status == 404 else _HEAD_STATUS_CODES.get(answer.status, "UNAVAILABLE")
+    headers = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP | {"content-type"}]
+    headers.append(("Content-Type", "application/json"))
+    body = error_body(code, f"upstream answered {answer.status}")
+    return Answer(answer.status, headers, body, result, note=note)

@@ -20,6 +20,7 @@ import aiohttp
 import diskcache
 from multidict import CIMultiDict
 
+from .access import Access, repository
 from .answers import Decision, LocalStream, PassThrough, relay
 from .manifests import not_in_offline_cache, unavailable
 from .routes import RegistryRequest
@@ -86,18 +87,20 @@ class Fills:
     def get(self, digest: str) -> Fill | None:
         return self._fills.get(digest)
 
-    def start(self, digest: str, url: str, headers: CIMultiDict[str]) -> Fill:
+    def start(self, digest: str, url: str, headers: CIMultiDict[str], repository: str) -> tuple[Fill, bool]:
+        """Join the running fill of `digest`, or start one (fetched through `repository`);
+        True if this call started it."""
         fill = self._fills.get(digest)
         if fill is not None:
-            return fill
+            return fill, False
         fill = self._fills[digest] = Fill(digest)
         # The fill belongs to no flow: a client that goes away does not abort it for the others.
-        task = asyncio.create_task(self._run(fill, url, headers))
+        task = asyncio.create_task(self._run(fill, url, headers, repository))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fill
+        return fill, True
 
-    async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str]) -> None:
+    async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str], repository: str) -> None:
         started_at = time.monotonic()
         response: aiohttp.ClientResponse | None = None
         staging: BlobStaging | None = None
@@ -121,6 +124,7 @@ class Fills:
             committing, staging = staging, None
             await asyncio.to_thread(self._store.commit_blob, committing, fill.expected_size)
             fill.committed = True
+            await asyncio.to_thread(self._store.mark_seen, repository, [fill.digest])
         except (UpstreamUnavailable, DigestMismatch) as err:
             fill.error = str(err)
         except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
@@ -200,7 +204,10 @@ def _append(staging: BlobStaging, chunk: bytes) -> None:
 
 
 class BlobService:
-    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths, offline: bool) -> None:
+    def __init__(
+        self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths, access: Access, offline: bool
+    ) -> None:
+        self._access = access
         self._store = store
         self._upstream = upstream
         self._fills = fills
@@ -212,9 +219,10 @@ class BlobService:
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
             if await asyncio.to_thread(self._store.blob_size, digest) is not None:
-                return LocalStream(self._paths.blob(digest), "HIT")
+                return await self._access.check(req, digest, "blobs") or LocalStream(self._paths.blob(digest), "HIT")
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
+                fill = None
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
         if req.head:
@@ -224,15 +232,19 @@ class BlobService:
                 return unavailable(req, str(err))
         if ranged:
             return PassThrough(note="range request for an uncached blob")
-        fill = self._fills.start(digest, req.url, CIMultiDict(req.headers))
+        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), repository(req))
+        if not started and (denied := await self._access.check(req, digest, "blobs")):
+            return denied  # someone else's fill: this client must be allowed too
         await fill.started.wait()  # bounded: the upstream client times out
         if fill.upstream_refusal is not None:
             return relay(fill.upstream_refusal, "PASS")
+        if started and not fill.error:
+            self._access.grant(req)
         if fill.pass_through:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
         if fill.error is not None:
             return unavailable(req, fill.error)
-        return LocalStream(self._paths.fill(digest), "MISS")
+        return LocalStream(self._paths.fill(digest), "MISS", note="" if started else "joined a running fill")
 
 
 class BlobPaths:

@@ -337,6 +337,20 @@ def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[Blo
     return staged
 
 
+def reachable(digest: str, manifests: dict[str, Manifest]) -> list[str]:
+    """`digest` and everything its manifest needs that the bundle has, transitively."""
+    found, pending = [], [digest]
+    while pending:
+        current = pending.pop()
+        if current in found:
+            continue
+        found.append(current)
+        if current in manifests:
+            child_manifests, blobs = children(manifests[current])
+            pending += [descriptor_digest(d) for d in child_manifests + blobs]
+    return found
+
+
 def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bool = False) -> Contents:
     with opened_layout(source, store.staging_dir) as root:
         try:
@@ -355,6 +369,7 @@ def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bo
         store.put_manifest(digest, manifest)
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
+        store.mark_seen(f"{ref.namespace}/{ref.name}", reachable(record.digest, contents.manifests))
         if pin:
             store.pin(ref, record.digest)
     store.evict()

@@ -28,6 +28,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from addon.access import Access
 from addon.answers import Answer, Decision, LocalStream, error_answer, relay
 from addon.blobs import BlobService, Fills
 from addon.blobserver import BlobServer
@@ -61,8 +62,9 @@ class Runtime:
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
         self.blob_server = BlobServer(self.store, self.fills)
-        self.manifests = ManifestService(self.store, self.upstream, offline)
-        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths, offline)
+        self.access = Access(self.store, self.upstream, offline)
+        self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
+        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths, self.access, offline)
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Future[None] | None = None
 

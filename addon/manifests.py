@@ -17,7 +17,8 @@ import time
 
 from multidict import CIMultiDict
 
-from .answers import Answer, error_answer, manifest_answer, relay
+from .access import Access, credential
+from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
 from .routes import DIGEST_RE, RegistryRequest, is_acceptable, normalize_media_type
 from .store import (
     DigestMismatch,
@@ -60,11 +61,12 @@ def upstream_failed(answer: UpstreamAnswer) -> bool:
 
 
 class ManifestService:
-    def __init__(self, store: Store, upstream: UpstreamClient, offline: bool) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, access: Access, offline: bool) -> None:
         self._store = store
         self._upstream = upstream
+        self._access = access
         self._offline = offline
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[Answer]] = {}
+        self._inflight: dict[tuple[str, str, str, str], asyncio.Future[Answer]] = {}
 
     async def serve(self, req: RegistryRequest) -> Answer:
         if self._offline:
@@ -88,7 +90,9 @@ class ManifestService:
         digest = req.route.reference
         stored = await asyncio.to_thread(self._store.get_manifest, digest)
         if stored is not None:
-            return manifest_answer(stored, digest, req.head, "HIT")
+            return await self._access.check(req, digest, "manifests") or manifest_answer(
+                stored, digest, req.head, "HIT"
+            )
         try:
             return await self._fetch(req, digest)
         except UpstreamUnavailable as err:
@@ -100,12 +104,16 @@ class ManifestService:
         except UpstreamUnavailable as err:
             return await self._stale(req, str(err))
         if upstream_failed(check):
-            return await self._stale(req, f"upstream answered {check.status}", relay(check, "PASS"))
+            failed = answer_from_head(check, req.head, "MANIFEST_UNKNOWN", "PASS")
+            return await self._stale(req, f"upstream answered {check.status}", failed)
         digest = check.headers.get("Docker-Content-Digest", "")
+        if check.status == 200:
+            self._access.grant(req)
         if check.status == 200 and DIGEST_RE.fullmatch(digest):
             stored = await asyncio.to_thread(self._store.get_manifest, digest)
             if stored is not None and is_acceptable(stored.media_type, req.accepted):
                 await self._record_tag(req, new_tag_record(stored, digest))
+                await self._access.seen(req, digest, stored)
                 return manifest_answer(stored, digest, req.head, "REVALIDATED")
         if req.head:
             if check.status == 200 and DIGEST_RE.fullmatch(digest):
@@ -113,6 +121,7 @@ class ManifestService:
                 # the same pull can be replayed from the store when the upstream is down.
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
                 await self._record_tag(req, TagRecord(digest, media_type, 0, time.time()))
+                await self._access.seen(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
             answer = await self._fetch(req, None)
@@ -124,7 +133,9 @@ class ManifestService:
 
     async def _fetch(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
         """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
-        key = (req.method, req.url, accept_key(req.accepted))
+        # Shared between clients the upstream has lately let read this repository (every tag
+        # request is, by its HEAD); anyone else shares only with its own credentials.
+        key = (req.method, req.url, accept_key(req.accepted), "" if self._access.granted(req) else credential(req))
         fetch = self._inflight.get(key)
         if fetch is None:
             fetch = self._inflight[key] = asyncio.ensure_future(self._fetch_once(req, expected_digest))
@@ -135,6 +146,7 @@ class ManifestService:
         answer = await self._upstream.fetch(req.method, req.url, CIMultiDict(req.headers), MAX_MANIFEST_SIZE)
         if answer.status != 200 or req.head:
             return relay(answer, "MISS" if answer.status == 200 else "PASS")
+        self._access.grant(req)
         if len(answer.body) > MAX_MANIFEST_SIZE:
             return error_answer(502, "MANIFEST_INVALID", f"upstream manifest larger than {MAX_MANIFEST_SIZE} bytes")
         media_type = manifest_media_type(answer.body, answer.headers.get("Content-Type", ""))
@@ -150,6 +162,7 @@ class ManifestService:
             )
         if not req.route.is_digest:
             await self._record_tag(req, new_tag_record(manifest, digest))
+        await self._access.seen(req, digest, manifest)
         relayed = relay(answer, "MISS")
         if not answer.headers.get("Docker-Content-Digest"):  # optional upstream; clients like it
             relayed.headers.append(("Docker-Content-Digest", digest))

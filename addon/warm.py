@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from .access import Access
 from .blobs import Fill, Fills
 from .bundle import BundleError, children, descriptor_digest
 from .config import Settings
@@ -64,7 +65,7 @@ class Warmer:
         self._settings = settings
         self._store = store
         self._upstream = UpstreamClient(settings)
-        self._manifests = ManifestService(store, self._upstream, offline=False)
+        self._manifests = ManifestService(store, self._upstream, Access(store, self._upstream, False), offline=False)
         self._fills = Fills(store, self._upstream)
         self._progress = progress
         self._parallel = asyncio.Semaphore(PARALLEL_BLOBS)
@@ -136,7 +137,12 @@ class Warmer:
             return
         async with self._parallel:
             url = f"{base}/v2/{ref.name}/blobs/{digest}"
-            fill = self._fills.start(digest, url, CIMultiDict((k, v) for k, v in headers.items() if k != "Accept"))
+            fill, _ = self._fills.start(
+                digest,
+                url,
+                CIMultiDict((k, v) for k, v in headers.items() if k != "Accept"),
+                f"{ref.namespace}/{ref.name}",
+            )
             task = self._progress.add_task(f"{ref.name} {digest[7:19]}", total=None)
             await self._follow(fill, task)
         if fill.upstream_refusal is not None:

@@ -17,7 +17,9 @@ blob digests while it copies); upstream requests from the bed registry's own acc
 (manifest GET/HEAD, blob GET/HEAD, ``/v2/``) and the token server's log; CDN requests from the
 CDN's log, and upstream bytes = registry response bytes + the blob bytes the CDN sent (computed
 from the blob sizes and any ``Range``, the CDN log has no byte count); the proxy's peak RSS during
-the phase (VmRSS sampled every 100 ms) and its VmHWM afterwards. Each scenario runs ``--runs``
+the phase (VmRSS sampled every 100 ms) and its VmHWM afterwards; the CPU seconds the bench's own
+processes used and those everything else on the machine took meanwhile (so a run disturbed by
+someone else's work shows, and is flagged). Each scenario runs ``--runs``
 times, interleaved (pass-through, cold, warm, then again), with a new regcache and an empty cache
 for every cold run; the report gives medians and the ratio of each median wall time to the
 pass-through one, then every run, then findings (e.g. a blob fetched upstream more than once
@@ -32,7 +34,14 @@ directory removed on exit, Ctrl-C and SIGTERM included. With ``--workdir DIR`` t
 (logs, the built image layout and the registry storage, reused by the next run) and only the
 pulled copies and regcache's caches are removed.
 
-Run: ``scripts/bench-concurrent [--clients 8] [--layer-mib 1024] [--runs 3] [--workdir DIR]``.
+mitmdump re-loads an ``-s`` script when its file changes, which drops the fills in progress: a run
+that overlaps an edit of ``addon/cache.py`` measures a broken pull, and as every run starts a new
+regcache, runs can measure different versions. Phases during which ``addon/`` or ``tests/bed/`` changed
+are flagged in the findings. ``--snapshot`` avoids both: it copies ``addon/`` and ``tests/`` to a
+temporary directory at start and runs the whole bench (the addon script mitmdump loads included)
+from that copy, so a long run measures one version while others keep editing.
+
+Run: ``scripts/bench-concurrent [--clients 8] [--layer-mib 1024] [--runs 3] [--workdir DIR] [--snapshot]``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import os
 import platform
 import re
@@ -57,10 +67,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
-# The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py.
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+# --snapshot re-executes this script with a frozen copy of addon/ and tests/ named here.
+SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
+SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
+# The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py,
+# whose `addon.cli` names the addon script mitmdump loads: SRC/addon/cache.py.
+sys.path[:0] = [str(SRC / "tests"), str(SRC)]
 
 import bed  # noqa: E402
 import mitmproxy.version  # noqa: E402
@@ -72,12 +87,23 @@ from bed.skopeo import Skopeo  # noqa: E402
 from bed.tokens import TokenServer  # noqa: E402
 from e2e.mitm import Mitmdump  # noqa: E402
 
+import addon.cli  # noqa: E402
+
 MIB = 1024 * 1024
 REPO = "library/bench"
 TAG = "1"
 PASS, COLD, WARM = "pass-through mitmdump", "regcache cold", "regcache warm"
 SCENARIOS = (PASS, COLD, WARM)
 _STORED = re.compile(r"STORED blob (sha256:[0-9a-f]{64}) ")
+
+
+def source_digest(directory: Path) -> str:
+    """sha256 over the names and contents of ``directory``'s ``*.py`` files (first 12 hex digits)."""
+    sha = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")):
+        with contextlib.suppress(OSError):
+            sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()[:12]
 
 
 def log(message: str) -> None:
@@ -95,6 +121,58 @@ def _status_kib(pid: int, key: str) -> int | None:
         return None
     match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match[1]) if match else None
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process, its reaped children, and its live descendants (mitmdump, registry)."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            rest = text[text.rindex(")") + 2 :].split()
+            pid = int(stat.parent.name)
+            parents[pid] = int(rest[1])
+            # utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 after the command name.
+            ticks[pid] = sum(int(v) for v in rest[11:15])
+    me = os.getpid()
+    for pid in ticks:
+        ancestor = parents.get(pid, 0)
+        while ancestor > 1 and ancestor != me:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == me:
+            total += ticks[pid] / _TICK
+    return total
+
+
+class CpuAccount:
+    """Machine-wide busy CPU seconds during the ``with`` block, and how many were not this bench's."""
+
+    def __enter__(self) -> CpuAccount:
+        self._busy, self._own = _machine_busy_seconds(), _own_seconds()
+        self.busy = self.own = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy = _machine_busy_seconds() - self._busy
+        self.own = _own_seconds() - self._own
+
+    @property
+    def foreign(self) -> float:
+        """CPU seconds other processes (e.g. someone's test run) took from the machine meanwhile."""
+        return max(0.0, self.busy - self.own)
 
 
 class RssSampler:
@@ -148,6 +226,9 @@ class Phase:
     hwm: int  # bytes, VmHWM right after the phase (whole process life)
     results: Counter[str] = field(default_factory=Counter)  # regcache log: "RESULT METHOD kind"
     pulled_bytes: int = 0  # image bytes delivered to all clients
+    source_changed: bool = False  # addon/ or tests/bed/ changed while the phase ran
+    own_cpu: float = 0.0  # CPU seconds of the bench's processes (clients, proxy, bed) during the phase
+    foreign_cpu: float = 0.0  # CPU seconds every other process on the machine took meanwhile
 
     def _count(self, method: str, kind: str) -> int:
         return sum(1 for r in self.registry if r.method == method and r.kind == kind)
@@ -221,6 +302,7 @@ class Bench:
         self.image: PushedImage | None = None
         self.hostmap: dict[str, str] = {}
         self.regcache_confdir = workdir / "regcache-conf"
+        self.addon_digest = source_digest(SRC / "addon")
 
     # set-up
 
@@ -311,7 +393,12 @@ class Bench:
         try:
             failed = [f"client {i}: {e}" for i, e in enumerate(errors) if e is not None]
             if failed:
-                raise RuntimeError(f"{label}: {len(failed)} of {self.clients} pulls failed:\n" + "\n".join(failed))
+                changed = "" if source_digest(SRC / "addon") == self.addon_digest else " (addon/ changed meanwhile!)"
+                raise RuntimeError(
+                    f"{label}: {len(failed)} of {self.clients} pulls failed{changed}:\n"
+                    + "\n".join(failed)
+                    + f"\n--- proxy log ({proxy.log_path}), last lines ---\n{proxy.log_tail(40)}"
+                )
             for i, digest in enumerate(digests):
                 if digest != image.digest:
                     raise RuntimeError(f"{label}: client {i} got {digest}, the registry has {image.digest}")
@@ -329,8 +416,11 @@ class Bench:
             raise RuntimeError(f"{scenario}: proxy is not running")
         label = f"run{run}-{scenario.replace(' ', '-')}"
         reg_mark, cdn_mark, tok_mark, log_mark = self.registry.mark(), self.cdn.mark(), self.tokens.mark(), proxy.mark()
-        with RssSampler(proxy.pid) as rss:
+        # mitmdump re-loads an -s script whose file changes, dropping what the old one was doing.
+        sources = (source_digest(SRC / "addon"), source_digest(SRC / "tests" / "bed"))
+        with CpuAccount() as cpu, RssSampler(proxy.pid) as rss:
             wall, seconds = self.pull_all(proxy, label)
+        changed = sources != (source_digest(SRC / "addon"), source_digest(SRC / "tests" / "bed"))
         image = self.pushed
         phase = Phase(
             scenario=scenario,
@@ -345,6 +435,9 @@ class Bench:
             rss_peak=rss.peak,
             hwm=proxy.peak_rss(),
             pulled_bytes=self.clients * (image.total_size + len(image.manifest)),
+            source_changed=changed,
+            own_cpu=cpu.own,
+            foreign_cpu=cpu.foreign,
         )
         if isinstance(proxy, Mitmdump):
             blobs = {b.digest for b in image.blobs}
@@ -394,6 +487,23 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
+def code_facts() -> str:
+    """Which regcache was measured: the addon script mitmdump loads, its digest, the git state."""
+
+    def git(*args: str) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip()
+        return ""
+
+    dirty = "uncommitted changes in addon/" if git("status", "--porcelain", "--", "addon") else "addon/ clean"
+    frozen = f"a copy of {ROOT} made at start (--snapshot)" if SRC != ROOT else "the working tree"
+    return (
+        f"code: {addon.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
+        f"{ROOT} at start: git HEAD {git('rev-parse', '--short', 'HEAD') or '?'}, {dirty}"
+    )
+
+
 def machine_facts() -> list[str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -417,12 +527,13 @@ def _status_meminfo() -> str:
     return "RAM unknown"
 
 
-def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, load_before: str) -> str:
+def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, load_before: str, code: str) -> str:
     by: dict[str, list[Phase]] = {s: [p for p in phases if p.scenario == s] for s in SCENARIOS}
     base_wall = _median([p.wall for p in by[PASS]])
     layers = " + ".join(f"{b.size / MIB:.1f} MiB" if b.size >= MIB else f"{b.size} B" for b in image.layers)
     lines = ["# regcache: concurrent pulls", ""]
     lines += [f"- {fact}" for fact in machine_facts()]
+    lines.append(f"- {code}")
     lines.append(f"- load average (1 min): {load_before} before the bench, {load_average()} at its end")
     lines += [
         f"- image: {image.ref} ({image.digest}), Docker v2s2, layers {layers} (gzip level 0), "
@@ -430,7 +541,8 @@ def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, lo
         f"- each scenario: {args.clients} concurrent `skopeo copy docker://registry-1.docker.io/{image.ref} dir:…` "
         f"released together; {args.runs} run(s), interleaved; medians below",
         "- command: `scripts/bench-concurrent "
-        f"--clients {args.clients} --layer-mib {args.layer_mib} --runs {args.runs}`",
+        f"--clients {args.clients} --layer-mib {args.layer_mib} --runs {args.runs}"
+        f"{' --snapshot' if args.snapshot else ''}`",
         "",
         "| scenario | clients | median wall s | ratio vs pass-through | upstream manifest GETs "
         "| upstream blob GETs | CDN requests | upstream bytes | peak RSS MiB |",
@@ -452,13 +564,17 @@ def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, lo
         "",
         "Upstream = the bed registry's access log (Docker Hub's `registry-1.docker.io`); blob GETs there "
         "answer 307 to the CDN, whose requests carry the bytes. Upstream bytes = registry response bytes "
-        "+ CDN blob bytes. Peak RSS = highest VmRSS of the proxy sampled every 100 ms during the phase.",
+        "+ CDN blob bytes. Peak RSS = highest VmRSS of the proxy sampled every 100 ms during the phase. "
+        "CPU: seconds used by the bench's own processes vs. by everything else on the machine during the "
+        "phase (/proc/stat minus this process tree; kernel threads such as writeback count as other, "
+        "~5-10 % of capacity on a quiet machine), so runs disturbed by other work show.",
         "",
         "## Every run",
         "",
         "| scenario | run | wall s | client s (min-max) | MB/s to clients | manifest GET/HEAD | blob GET/HEAD "
-        "| /v2/ | tokens | CDN GETs by blob | upstream MiB | RSS peak MiB | VmHWM MiB | regcache log |",
-        "|---|---:|---:|---|---:|---|---|---:|---:|---|---:|---:|---:|---|",
+        "| /v2/ | tokens | CDN GETs by blob | upstream MiB | RSS peak MiB | VmHWM MiB | bench / other CPU s "
+        "| regcache log |",
+        "|---|---:|---:|---|---:|---|---|---:|---:|---|---:|---:|---:|---|---|",
     ]
     for p in sorted(phases, key=lambda p: (p.run, SCENARIOS.index(p.scenario))):
         fetches = p.blob_fetches()
@@ -468,7 +584,8 @@ def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, lo
             f"| {p.scenario} | {p.run} | {p.wall:.1f} | {min(p.client_seconds):.1f}-{max(p.client_seconds):.1f} "
             f"| {p.pulled_bytes / p.wall / 1e6:.0f} | {p.manifest_gets}/{p.manifest_heads} "
             f"| {p.blob_gets}/{p.blob_heads} | {p.pings} | {p.tokens} | {cdn_gets} "
-            f"| {p.upstream_bytes / MIB:.1f} | {p.rss_peak / MIB:.0f} | {p.hwm / MIB:.0f} | {results} |"
+            f"| {p.upstream_bytes / MIB:.1f} | {p.rss_peak / MIB:.0f} | {p.hwm / MIB:.0f} "
+            f"| {p.own_cpu:.0f} / {p.foreign_cpu:.0f} | {results} |"
         )
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in findings(phases, image)] or ["- nothing unexpected"]
@@ -481,6 +598,15 @@ def findings(phases: list[Phase], image: PushedImage) -> list[str]:
     names = {b.digest: ("config" if b is image.config else f"layer {b.size / MIB:.1f} MiB") for b in image.blobs}
     for p in phases:
         where = f"run {p.run}, {p.scenario}"
+        capacity = p.wall * len(os.sched_getaffinity(0))
+        # Kernel threads (writeback of the pulled copies) alone take ~5-10 %.
+        if p.foreign_cpu > 0.2 * capacity:
+            out.append(
+                f"{where}: other processes used {p.foreign_cpu:.0f} CPU s of the {capacity:.0f} available "
+                f"({p.foreign_cpu / capacity:.0%}, kernel threads included); its wall time is inflated"
+            )
+        if p.source_changed:
+            out.append(f"{where}: addon/ or tests/bed/ changed while it ran (mitmdump reloads its scripts): discard")
         if p.scenario == COLD:
             for digest, n in sorted(p.blob_fetches().items()):
                 if n > 1:
@@ -540,6 +666,27 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+def snapshot_and_reexec(argv: list[str]) -> NoReturn:
+    """Copy addon/ and tests/ to a temporary directory and run this script again on that copy.
+
+    The new process finds the copy in ``$REGCACHE_BENCH_SRC`` and removes it when it exits.
+    """
+    src = Path(tempfile.mkdtemp(prefix="regcache-bench-src-"))
+    try:
+        ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache")
+        for part in ("addon", "tests"):
+            shutil.copytree(ROOT / part, src / part, ignore=ignore)
+        log(f"measuring a copy of addon/ and tests/ in {src}")
+        os.execve(
+            sys.executable,
+            [sys.executable, str(Path(__file__).resolve()), *argv],
+            {**os.environ, SNAPSHOT_ENV: str(src)},
+        )
+    except BaseException:
+        shutil.rmtree(src, ignore_errors=True)
+        raise
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench-concurrent",
@@ -549,6 +696,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer-mib", type=int, default=1024, help="size of the big layer in MiB (default 1024)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every scenario (default 3)")
     parser.add_argument("--workdir", type=Path, help="keep logs, layout and registry storage here (default: temp)")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="measure a copy of addon/ and tests/ taken at start, so edits made during the run "
+        "(mitmdump reloads addon/cache.py when it changes) neither change nor break the code under test",
+    )
     args = parser.parse_args(argv)
     for name in ("clients", "layer_mib", "runs"):
         if getattr(args, name) < 1:
@@ -557,12 +710,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.snapshot and SNAPSHOT_ENV not in os.environ:
+        snapshot_and_reexec(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.monotonic()
     load_before = load_average()
+    code = code_facts()
     with contextlib.ExitStack() as stack:
+        if SRC != ROOT:
+            stack.callback(shutil.rmtree, SRC, ignore_errors=True)
         if args.workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -597,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             log(f"failed: {e}\n{traceback.format_exc()}")
             return 1
-        print(report(phases, image, args, load_before))
+        print(report(phases, image, args, load_before, code))
         log(f"done in {time.monotonic() - started:.0f} s")
     return 0
 

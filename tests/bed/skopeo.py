@@ -113,6 +113,7 @@ class Skopeo:
         all_platforms: bool = False,
         transport: str = "dir",
         arch: str = "amd64",
+        creds: str | None = None,
     ) -> str:
         """Copy an image out through the proxy; return the digest skopeo reports.
 
@@ -127,6 +128,8 @@ class Skopeo:
         args = ["copy", "--quiet", "--digestfile", str(digestfile)]
         if all_platforms:
             args.append("--all")
+        if creds:
+            args += ["--src-creds", creds]
         args += [docker_ref(ref), f"{transport}:{dest}"]
         self.run(*args, arch=None if all_platforms else arch)
         return digestfile.read_text().strip()

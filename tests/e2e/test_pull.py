@@ -169,7 +169,12 @@ def test_moved_tag_is_served_new(
 
 
 def test_stored_blob_answers_range_and_head(
-    images: ImageSet, skopeo: Skopeo, regcache: Mitmdump, upstream_registry: Registry, tmp_path: Path
+    images: ImageSet,
+    skopeo: Skopeo,
+    regcache: Mitmdump,
+    upstream_registry: Registry,
+    token_server: TokenServer,
+    tmp_path: Path,
 ) -> None:
     image = images.oci_single
     skopeo.copy_to_dir(image.ref, tmp_path / "cold")
@@ -178,17 +183,26 @@ def test_stored_blob_answers_range_and_head(
     url = f"https://registry-1.docker.io/v2/{image.repo}/blobs/{layer.digest}"
     mark = upstream_registry.mark()
 
-    status, headers, body = request_through(regcache, url, {"Range": "bytes=10-99"})
+    # Without credentials the upstream's refusal comes back, with its challenge: the cache does
+    # not hand out what the upstream would not.
+    status, headers, body = request_through(regcache, url)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer realm=")
+    assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+
+    auth = {"Authorization": f"Bearer {token_server.mint(image.repo)}"}
+    status, headers, body = request_through(regcache, url, {"Range": "bytes=10-99", **auth})
     assert (status, body) == (206, data[10:100])
     assert headers["Content-Range"] == f"bytes 10-99/{len(data)}"
     assert headers["Docker-Content-Digest"] == layer.digest
 
-    status, headers, body = request_through(regcache, url, method="HEAD")
+    status, headers, body = request_through(regcache, url, auth, method="HEAD")
     assert (status, body) == (200, b"")
     assert headers["Content-Length"] == str(len(data))
     assert headers["Content-Type"] == "application/octet-stream"
     assert headers["X-Cache"] == "HIT"
-    assert upstream_registry.requests(mark) == []
+    # Access was checked with one HEAD per credential; the bytes all came from the store.
+    assert [r.method for r in upstream_registry.requests(mark)] == ["HEAD", "HEAD"]
 
 
 def test_store_survives_restart_and_docker_hub_names_share_it(

@@ -1,0 +1,65 @@
+"""Private images stay private: cached content only for clients the upstream authorises.
+
+The bed's token server makes `library/secret` readable by alice only (Docker-Hub-style token auth);
+every other repository stays public.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from bed.cdn import Cdn
+from bed.images import PushedImage, push_variant
+from bed.registry import Registry
+from bed.skopeo import Skopeo
+from bed.tokens import Policy, TokenServer
+
+from .mitm import Mitmdump
+from .test_pull import request_through
+
+ALICE, BOB = "alice:alice-password", "bob:bob-password"
+
+
+@pytest.fixture
+def secret(upstream_registry: Registry, token_server: TokenServer, bed_workdir: Path) -> PushedImage:
+    image = push_variant(upstream_registry, bed_workdir / "secret", "library/secret", "1", seed="secret")
+    token_server.policy = Policy(
+        users=dict(pair.split(":") for pair in (ALICE, BOB)), private_repos={"library/secret": {"alice"}}
+    )
+    return image
+
+
+def test_private_image_is_served_from_cache_only_to_authorised_clients(
+    secret: PushedImage,
+    regcache: Mitmdump,
+    skopeo_factory: Callable[..., Skopeo],
+    upstream_registry: Registry,
+    token_server: TokenServer,
+    cdn: Cdn,
+    tmp_path: Path,
+) -> None:
+    skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
+    assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice-cold", creds=ALICE) == secret.digest
+    assert not any(r.has_authorization for r in cdn.requests()), "registry credentials reached the CDN"
+
+    for name, creds in (("anonymous", None), ("bob", BOB)):
+        with pytest.raises(Exception, match=r"unauthorized|denied|401|403"):
+            skopeo.copy_to_dir(secret.ref, tmp_path / name, creds=creds)
+
+    # Straight for the cached layer by digest: anonymous, and through a public repository's name.
+    layer = secret.layers[-1]
+    status, _, body = request_through(regcache, f"https://registry-1.docker.io/v2/{secret.repo}/blobs/{layer.digest}")
+    assert status == 401
+    public = {"Authorization": f"Bearer {token_server.mint('library/oci-single')}"}
+    status, _, body = request_through(
+        regcache, f"https://registry-1.docker.io/v2/library/oci-single/blobs/{layer.digest}", public
+    )
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+    mark = upstream_registry.mark()
+    assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice-warm", creds=ALICE) == secret.digest
+    assert [r for r in upstream_registry.requests(mark) if r.method == "GET" and r.kind != "base"] == []
