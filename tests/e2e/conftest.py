@@ -29,13 +29,14 @@ def proxy_confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def regcache_with(
     tmp_path: Path, proxy_confdir: Path, bed_hostmap: dict[str, str]
 ) -> Iterator[Callable[..., Mitmdump]]:
-    """``start(**settings)``: a regcache with an empty store in front of the bed, plus `settings`."""
+    """``start(options=None, **settings)``: a regcache with an empty store in front of the bed, plus
+    YAML `settings` and mitmproxy `options`."""
     started: list[Mitmdump] = []
 
-    def start(**settings: object) -> Mitmdump:
+    def start(options: dict[str, str] | None = None, **settings: object) -> Mitmdump:
         workdir = tmp_path / (f"regcache{len(started)}" if started else "")
         config = {"cache_dir": str(workdir / "cache"), "upstreams": bed_hostmap, "upstream_timeout": 10, **settings}
-        proxy = Mitmdump(workdir, config, proxy_confdir)
+        proxy = Mitmdump(workdir, config, proxy_confdir, options=options)
         started.append(proxy)
         proxy.start()
         return proxy

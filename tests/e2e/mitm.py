@@ -23,13 +23,22 @@ RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD)
 class Mitmdump(MitmDump):
     """regcache with ``config`` (written to ``workdir/regcache.yaml``), its CA in ``confdir``."""
 
-    def __init__(self, workdir: Path, config: dict[str, object], confdir: Path, port: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, object],
+        confdir: Path,
+        port: int = 0,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """`options`: further mitmproxy options (`--set KEY=VALUE`), e.g. proxyauth."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "regcache.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        extra = [arg for key, value in (options or {}).items() for arg in ("--set", f"{key}={value}")]
         super().__init__(
             workdir,
-            lambda port: mitmdump_args(str(self.config_path), "127.0.0.1", port, confdir),
+            lambda port: mitmdump_args(str(self.config_path), "127.0.0.1", port, confdir) + extra,
             confdir=confdir,
             port=port,
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from bed.cdn import Cdn
-from bed.images import PushedImage, push_variant
+from bed.images import ImageSet, PushedImage, push_variant
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import Policy, TokenServer
@@ -63,3 +63,16 @@ def test_private_image_is_served_from_cache_only_to_authorised_clients(
     mark = upstream_registry.mark()
     assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice-warm", creds=ALICE) == secret.digest
     assert [r for r in upstream_registry.requests(mark) if r.method == "GET" and r.kind != "base"] == []
+
+
+def test_proxy_authentication_keeps_strangers_out(
+    images: ImageSet, regcache_with: Callable[..., Mitmdump], skopeo_factory: Callable[..., Skopeo], tmp_path: Path
+) -> None:
+    """mitmproxy's proxy auth in front of the cache: without the proxy password, nothing."""
+    regcache = regcache_with(options={"proxyauth": "ci:proxy-secret"})
+    member_url = regcache.url.replace("http://", "http://ci:proxy-secret@")
+    member = skopeo_factory(member_url, regcache.ca_cert)
+    assert member.copy_to_dir(images.oci_single.ref, tmp_path / "member") == images.oci_single.digest
+    stranger = skopeo_factory(regcache.url, regcache.ca_cert)
+    with pytest.raises(Exception, match="Proxy Authentication Required"):
+        stranger.copy_to_dir(images.oci_single.ref, tmp_path / "stranger")
