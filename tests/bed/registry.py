@@ -165,7 +165,10 @@ class Registry(ProcessOwner):
         cdn_baseurl: str = DOCKER_HUB_CDN,
         realm: str = DOCKER_HUB_REALM,
         service: str = DEFAULT_SERVICE,
+        htpasswd: Path | None = None,
     ) -> None:
+        """`htpasswd`: basic auth against that file (bcrypt) instead of token auth."""
+        self.htpasswd = htpasswd
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.token_server = token_server
@@ -231,7 +234,15 @@ class Registry(ProcessOwner):
     def config(self) -> dict[str, object]:
         """The public instance's configuration."""
         cfg = self._base_config(self.port)
-        cfg["auth"] = {
+        if self.htpasswd is not None:
+            cfg["auth"] = {"htpasswd": {"realm": "bed-registry", "path": str(self.htpasswd)}}
+        else:
+            cfg["auth"] = self._token_auth()
+        cfg["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.cdn_baseurl}}]}
+        return cfg
+
+    def _token_auth(self) -> dict[str, object]:
+        return {
             "token": {
                 "realm": self.realm,
                 "service": self.service,
@@ -239,8 +250,6 @@ class Registry(ProcessOwner):
                 "rootcertbundle": str(self.token_server.cert_path),
             }
         }
-        cfg["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.cdn_baseurl}}]}
-        return cfg
 
     # -- lifecycle -------------------------------------------------------------
 

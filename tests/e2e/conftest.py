@@ -44,6 +44,7 @@ def regcache_with(
     yield start
     for proxy in started:
         proxy.stop()
+        assert "Traceback" not in proxy.log(), f"regcache logged a traceback:\n{proxy.log()[-3000:]}"
 
 
 @pytest.fixture
@@ -73,21 +74,9 @@ def dockerd(regcache: Mitmdump, dockerd_factory: Callable[..., Dockerd]) -> Iter
 
 
 @pytest.fixture
-def offline_regcache(tmp_path: Path, proxy_confdir: Path) -> Iterator[Callable[[Path], Mitmdump]]:
+def offline_regcache(regcache_with: Callable[..., Mitmdump]) -> Callable[[Path], Mitmdump]:
     """``start(cache_dir)``: an offline regcache (no `upstreams`: upstream names do not even resolve)."""
-    started: list[Mitmdump] = []
-
-    def start(cache_dir: Path) -> Mitmdump:
-        config: dict[str, object] = {"cache_dir": str(cache_dir), "offline": True}
-        proxy = Mitmdump(tmp_path / f"offline{len(started)}", config, proxy_confdir)
-        started.append(proxy)
-        proxy.start()
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
-        assert "Traceback" not in proxy.log()
+    return lambda cache_dir: regcache_with(cache_dir=str(cache_dir), offline=True, upstreams={})
 
 
 @pytest.fixture

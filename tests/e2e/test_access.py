@@ -7,7 +7,9 @@ every other repository stays public.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,57 @@ def test_proxy_authentication_keeps_strangers_out(
     stranger = skopeo_factory(regcache.url, regcache.ca_cert)
     with pytest.raises(Exception, match="Proxy Authentication Required"):
         stranger.copy_to_dir(images.oci_single.ref, tmp_path / "stranger")
+
+
+@dataclass
+class BasicAuthUpstream:
+    registry: Registry
+    cdn: Cdn
+
+    def hostmap(self, base: dict[str, str]) -> dict[str, str]:
+        return {**base, "registry-1.docker.io": self.registry.url, "production.cloudflare.docker.com": self.cdn.url}
+
+
+@pytest.fixture
+def basic_auth_upstream(tmp_path: Path, token_server: TokenServer) -> Iterator[BasicAuthUpstream]:
+    """A registry with basic (htpasswd) auth, and its own CDN: nothing readable without alice's password."""
+    htpasswd = tmp_path / "htpasswd"
+    user, password = ALICE.split(":")
+    entry = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True)
+    htpasswd.write_text(entry.stdout)
+    registry = Registry(tmp_path / "htpasswd-registry", token_server, htpasswd=htpasswd)
+    registry.start()
+    cdn = Cdn(registry.storage_root)
+    cdn.start()
+    yield BasicAuthUpstream(registry, cdn)
+    cdn.stop()
+    registry.close()
+
+
+def test_htpasswd_registry_private_content(
+    basic_auth_upstream: BasicAuthUpstream,
+    bed_hostmap: dict[str, str],
+    regcache_with: Callable[..., Mitmdump],
+    skopeo_factory: Callable[..., Skopeo],
+    tmp_path: Path,
+) -> None:
+    upstream = basic_auth_upstream.registry
+    image = push_variant(upstream, tmp_path / "push", "library/team-app", "1", seed="team")
+    regcache = regcache_with(upstreams=basic_auth_upstream.hostmap(bed_hostmap))
+    skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "alice", creds=ALICE) == image.digest
+
+    for name, creds in (("anonymous", None), ("wrong-password", "alice:guess")):
+        with pytest.raises(Exception, match=r"unauthorized|401"):
+            skopeo.copy_to_dir(image.ref, tmp_path / name, creds=creds)
+    layer_url = f"https://registry-1.docker.io/v2/{image.repo}/blobs/{image.layers[-1].digest}"
+    status, headers, _ = request_through(regcache, layer_url)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Basic")
+
+    mark = upstream.mark()
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "alice-warm", creds=ALICE) == image.digest
+    assert [r for r in upstream.requests(mark) if r.method == "GET" and r.kind != "base"] == []
+    # alice's Basic credentials went to the registry only, never to the CDN it redirects to.
+    assert basic_auth_upstream.cdn.requests()
+    assert not any(r.has_authorization for r in basic_auth_upstream.cdn.requests())
