@@ -55,6 +55,30 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     return normalize_media_type(declared if isinstance(declared, str) and declared else content_type)
 
 
+CACHEABLE_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    }
+)
+
+
+def not_cacheable(body: bytes, media_type: str) -> str:
+    """Why these manifest bytes must not be stored (empty: they may be). Anything else is relayed
+    to the client as it came, so an odd registry still works, but never enters the cache."""
+    if media_type not in CACHEABLE_MEDIA_TYPES:
+        return f"unknown media type {media_type!r}"
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+        return "not a schemaVersion 2 manifest"
+    return ""
+
+
 def upstream_failed(answer: UpstreamAnswer) -> bool:
     """Answers that say nothing about the tag: the upstream is overloaded or broken."""
     return answer.status == 429 or answer.status >= 500
@@ -152,6 +176,8 @@ class ManifestService:
         media_type = manifest_media_type(answer.body, answer.headers.get("Content-Type", ""))
         if media_type in SCHEMA1_MEDIA_TYPES:  # signed JSON: its digest is not that of the bytes
             return relay(answer, "MISS", note="schema 1 manifest, not cached")
+        if reason := not_cacheable(answer.body, media_type):
+            return relay(answer, "PASS", note=f"not cached: {reason}")
         digest = expected_digest or answer.headers.get("Docker-Content-Digest") or digest_of(answer.body)
         manifest = Manifest(media_type, answer.body)
         try:

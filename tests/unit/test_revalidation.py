@@ -17,6 +17,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from addon.cache import RegistryCache
+from addon.store import digest_of
 
 from .flows import registry_flow, write_config
 
@@ -41,6 +42,10 @@ class Upstream:
             return web.Response(status=int(self.mode), body=b'{"errors":[]}', content_type="application/json")
         if self.mode == "huge":
             return web.Response(body=b" " * (5 * 2**20), content_type=OCI_MANIFEST)
+        if self.mode in ("not-json", "odd-type"):
+            odd = b"{not json" if self.mode == "not-json" else b'{"schemaVersion": 2}'
+            content_type = OCI_MANIFEST if self.mode == "not-json" else "application/x-odd"
+            return web.Response(body=odd, content_type=content_type)
         headers = {"Docker-Content-Digest": DIGEST, "Content-Type": OCI_MANIFEST}
         return web.Response(body=BODY, headers=headers)
 
@@ -126,6 +131,12 @@ def test_stale_if_error(tmp_path: Path) -> None:
                 huge = await ask(addon, "/v2/library/x/manifests/2")
                 assert huge.status_code == 502
                 assert json.loads(huge.content)["errors"][0]["code"] == "MANIFEST_INVALID"
+                # Malformed or unknown manifests reach the client as they came, and are never stored.
+                for mode in ("not-json", "odd-type"):
+                    upstream.mode = mode
+                    odd = await ask(addon, f"/v2/library/x/manifests/{mode}")
+                    assert (odd.status_code, odd.headers["X-Cache"]) == (200, "PASS")
+                    assert addon.runtime.store.get_manifest(digest_of(odd.content)) is None  # type: ignore[union-attr]
                 addon.done()
                 await asyncio.sleep(0.1)
 
