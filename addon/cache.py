@@ -259,6 +259,10 @@ class RegistryCache:
         no_auth_needed = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
         if runtime.offline:
             return Answer(200, no_auth_needed, b"{}", "HIT", note="offline")
+        url = urlsplit(req.url)
+        if "Authorization" not in req.headers and runtime.settings.credential_for(url.hostname or "", url.port):
+            # regcache authenticates to this registry itself: clients need not.
+            return Answer(200, no_auth_needed, b"{}", "PASS", note="regcache's own credentials")
         try:
             answer = await runtime.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:

@@ -6,6 +6,8 @@ key, wrong type, unparsable size or URL, unreadable file) raises `ConfigError` n
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +71,18 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """regcache's own credentials for one registry: HTTP Basic (username + secret), or a static
+    bearer token (no username). The secret never appears in a repr or a log line."""
+
+    username: str
+    secret: str = field(repr=False)
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.secret}".encode()).decode()
+
+
+@dataclass(frozen=True)
 class Settings:
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/regcache").expanduser())
     size_limit: int = 50 * 1024**3
@@ -77,6 +91,7 @@ class Settings:
     upstream_timeout: float = 30.0
     offline: bool = False
     max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
+    credentials: Mapping[str, Credential] = field(default_factory=dict)
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -85,6 +100,9 @@ class Settings:
 
     def upstream_for(self, host: str, port: int | None = None) -> Upstream | None:
         return _lookup(self.upstreams, host, port)
+
+    def credential_for(self, host: str, port: int | None = None) -> Credential | None:
+        return _lookup(self.credentials, host, port)
 
     def intercepts(self, host: str, port: int | None = None) -> bool:
         """Should TLS to this host be opened at all? Registries and re-targeted hosts only."""
@@ -131,6 +149,45 @@ def parse_duration(key: str, value: object) -> float:
     raise ConfigError(key, f"expected a duration such as 7d, 12h, 30m, 90s or 0 (never), got {value!r}")
 
 
+def _secret(key: str, entry: dict[str, object], name: str) -> str | None:
+    """`name`, `name_file` or `name_env`: inline, read from a file, or from the environment."""
+    given = [k for k in (name, f"{name}_file", f"{name}_env") if k in entry]
+    if len(given) > 1:
+        raise ConfigError(f"{key}.{given[1]}", f"give only one of {', '.join(given)}")
+    if not given:
+        return None
+    source = entry[given[0]]
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{key}.{given[0]}", "expected a non-empty string")
+    if given[0].endswith("_file"):
+        try:
+            return Path(source).expanduser().read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"{key}.{given[0]}", f"cannot read {source}: {err.strerror}") from err
+    if given[0].endswith("_env"):
+        if not os.environ.get(source):
+            raise ConfigError(f"{key}.{given[0]}", f"environment variable {source} is not set")
+        return os.environ[source]
+    return source
+
+
+def parse_credential(key: str, entry: object) -> Credential:
+    if not isinstance(entry, dict):
+        raise ConfigError(key, "expected {username, password | password_file | password_env} or {token…}")
+    unknown = set(entry) - {"username", "password", "password_file", "password_env", "token", "token_file", "token_env"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+    password, token = _secret(key, entry, "password"), _secret(key, entry, "token")
+    username = entry.get("username")
+    if token is not None and (password is not None or username is not None):
+        raise ConfigError(key, "give either username and password, or a token")
+    if token is not None:
+        return Credential("", token)
+    if not isinstance(username, str) or not username or password is None:
+        raise ConfigError(key, "needs username and one of password, password_file, password_env")
+    return Credential(username, password)
+
+
 def parse_upstream(key: str, value: object) -> Upstream:
     if not isinstance(value, str):
         raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
@@ -167,7 +224,16 @@ def _positive_number(key: str, value: object) -> float:
 
 
 def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
-    known = {"cache_dir", "size_limit", "registries", "upstreams", "upstream_timeout", "offline", "max_age"}
+    known = {
+        "cache_dir",
+        "size_limit",
+        "registries",
+        "upstreams",
+        "upstream_timeout",
+        "offline",
+        "max_age",
+        "credentials",
+    }
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known keys: {', '.join(sorted(known))})")
@@ -189,6 +255,14 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         }
     if "upstream_timeout" in raw:
         values["upstream_timeout"] = _positive_number("upstream_timeout", raw["upstream_timeout"])
+    if "credentials" in raw:
+        entries = raw["credentials"]
+        if not isinstance(entries, dict):
+            raise ConfigError("credentials", "expected a map registry host → {username, password…} or {token…}")
+        values["credentials"] = {
+            _host("credentials", host): parse_credential(f"credentials.{host}", entry)
+            for host, entry in entries.items()
+        }
     if "max_age" in raw:
         values["max_age"] = parse_duration("max_age", raw["max_age"])
     if "offline" in raw:

@@ -15,16 +15,22 @@ and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for e
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
+import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import Settings
-from .routes import HOP_BY_HOP
+from .config import Credential, Settings
+from .routes import HOP_BY_HOP, parse_path
+
+log = logging.getLogger(__name__)
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -57,6 +63,7 @@ class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}  # (host, scope) → (Authorization, until)
 
     def resolve(self, url: str) -> str:
         """Apply the `upstreams` map: the URL we really connect to for a logical URL."""
@@ -81,7 +88,58 @@ class UpstreamClient:
     async def open(
         self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
-        """Send a request, following redirects ourselves. The caller must release the response."""
+        """Send a request, following redirects ourselves. The caller must release the response.
+
+        A request without the client's own `Authorization` to a registry that has `credentials`
+        configured is authorised with them (Basic, or a token from a realm on the registry's own
+        registrable domain; tokens are kept until they expire)."""
+        host, port = urlsplit(url).hostname or "", urlsplit(url).port
+        credential = None if "Authorization" in headers else self._settings.credential_for(host, port)
+        if credential is None:
+            return await self._send(method, url, headers, timeout)
+        headers = CIMultiDict(headers)
+        cached = self._tokens.get((host, scope_of(url)))
+        if cached and cached[1] > time.monotonic():
+            headers["Authorization"] = cached[0]
+        response = await self._send(method, url, headers, timeout)
+        if response.status != 401:
+            return response
+        authorization = await self._authorize(url, response.headers.get("WWW-Authenticate", ""), credential)
+        if authorization is None:
+            return response
+        response.release()
+        headers["Authorization"] = authorization
+        return await self._send(method, url, headers, timeout)
+
+    async def _authorize(self, url: str, challenge: str, credential: Credential) -> str | None:
+        if not credential.username:  # a static token
+            return f"Bearer {credential.secret}"
+        if challenge.lower().startswith("basic"):
+            return credential.basic()
+        params = bearer_challenge(challenge) or {}
+        realm, host = params.get("realm", ""), urlsplit(url).hostname or ""
+        if not realm or registrable_domain(urlsplit(realm).hostname or "") != registrable_domain(host):
+            log.warning("not sending %s's credentials to the auth realm %r: not on its domain", host, realm)
+            return None
+        scope = params.get("scope") or scope_of(url)
+        query = urlencode({k: v for k, v in (("service", params.get("service")), ("scope", scope)) if v})
+        answer = await self.fetch("GET", f"{realm}?{query}", CIMultiDict(Authorization=credential.basic()))
+        try:
+            document = json.loads(answer.body) if answer.status == 200 else {}
+            token = document.get("token") or document.get("access_token")
+            lifetime = float(document.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not token:
+            log.warning("the auth realm of %s refused regcache's credentials (%d)", host, answer.status)
+            return None
+        authorization = f"Bearer {token}"
+        self._tokens[(host, scope_of(url))] = (authorization, time.monotonic() + max(lifetime - 30, 10))
+        return authorization
+
+    async def _send(
+        self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
         session = self._session_on_loop()
         origin = urlsplit(url).hostname
         for _ in range(MAX_REDIRECTS + 1):
@@ -138,6 +196,26 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         body += chunk
     return bytes(body)
+
+
+def scope_of(url: str) -> str:
+    """The pull scope a registry URL needs: `repository:<name>:pull` (empty for `/v2/`)."""
+    route = parse_path(urlsplit(url).path)
+    return f"repository:{route.name}:pull" if route.name else ""
+
+
+def registrable_domain(host: str) -> str:
+    """`auth.docker.io` and `registry-1.docker.io` → `docker.io`; `x.example.co.uk` →
+    `example.co.uk` (a country code with a short second level); an IP address is itself."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.lower().rstrip(".").split(".")
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
 
 
 def bearer_challenge(header: str) -> dict[str, str] | None:

@@ -81,7 +81,9 @@ def test_proxy_authentication_keeps_strangers_out(
 
 
 @dataclass
-class BasicAuthUpstream:
+class OtherUpstream:
+    """A second registry (own storage, own CDN) for set-ups the shared bed registry does not have."""
+
     registry: Registry
     cdn: Cdn
 
@@ -90,23 +92,36 @@ class BasicAuthUpstream:
 
 
 @pytest.fixture
-def basic_auth_upstream(tmp_path: Path, token_server: TokenServer) -> Iterator[BasicAuthUpstream]:
-    """A registry with basic (htpasswd) auth, and its own CDN: nothing readable without alice's password."""
+def other_upstream(tmp_path: Path, token_server: TokenServer) -> Iterator[Callable[..., OtherUpstream]]:
+    """``start(**registry_options)``, e.g. ``htpasswd=FILE`` or ``realm=URL``."""
+    started: list[OtherUpstream] = []
+
+    def start(**options: object) -> OtherUpstream:
+        registry = Registry(tmp_path / f"registry{len(started)}", token_server, **options)  # type: ignore[arg-type]
+        registry.start()
+        cdn = Cdn(registry.storage_root)
+        cdn.start()
+        started.append(OtherUpstream(registry, cdn))
+        return started[-1]
+
+    yield start
+    for upstream in started:
+        upstream.cdn.stop()
+        upstream.registry.close()
+
+
+@pytest.fixture
+def basic_auth_upstream(tmp_path: Path, other_upstream: Callable[..., OtherUpstream]) -> OtherUpstream:
+    """A registry with basic (htpasswd) auth: nothing readable without alice's password."""
     htpasswd = tmp_path / "htpasswd"
     user, password = ALICE.split(":")
     entry = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True)
     htpasswd.write_text(entry.stdout)
-    registry = Registry(tmp_path / "htpasswd-registry", token_server, htpasswd=htpasswd)
-    registry.start()
-    cdn = Cdn(registry.storage_root)
-    cdn.start()
-    yield BasicAuthUpstream(registry, cdn)
-    cdn.stop()
-    registry.close()
+    return other_upstream(htpasswd=htpasswd)
 
 
 def test_htpasswd_registry_private_content(
-    basic_auth_upstream: BasicAuthUpstream,
+    basic_auth_upstream: OtherUpstream,
     bed_hostmap: dict[str, str],
     regcache_with: Callable[..., Mitmdump],
     skopeo_factory: Callable[..., Skopeo],
@@ -132,3 +147,47 @@ def test_htpasswd_registry_private_content(
     # alice's Basic credentials went to the registry only, never to the CDN it redirects to.
     assert basic_auth_upstream.cdn.requests()
     assert not any(r.has_authorization for r in basic_auth_upstream.cdn.requests())
+
+
+def alice_password_file(tmp_path: Path) -> dict[str, dict[str, str]]:
+    secret_file = tmp_path / "alice.password"
+    secret_file.write_text(ALICE.split(":")[1] + "\n")
+    return {"registry-1.docker.io": {"username": "alice", "password_file": str(secret_file)}}
+
+
+def test_configured_credentials_pull_private_images_for_anonymous_clients(
+    secret: PushedImage,
+    regcache_with: Callable[..., Mitmdump],
+    skopeo_factory: Callable[..., Skopeo],
+    token_server: TokenServer,
+    cdn: Cdn,
+    tmp_path: Path,
+) -> None:
+    regcache = regcache_with(credentials=alice_password_file(tmp_path))
+    mark, cdn_mark = token_server.mark(), cdn.mark()
+    anonymous = skopeo_factory(regcache.url, regcache.ca_cert)
+    assert anonymous.copy_to_dir(secret.ref, tmp_path / "pulled") == secret.digest
+    assert {r.user for r in token_server.requests(mark)} == {"alice"}  # regcache asked, as alice
+    assert not any(r.has_authorization for r in cdn.requests(cdn_mark))
+    assert "alice-password" not in regcache.log()
+
+
+def test_configured_credentials_never_go_to_a_realm_on_another_domain(
+    secret: PushedImage,
+    other_upstream: Callable[..., OtherUpstream],
+    bed_hostmap: dict[str, str],
+    regcache_with: Callable[..., Mitmdump],
+    skopeo_factory: Callable[..., Skopeo],
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """registry-1.docker.io sends clients to a realm on example.org: alice's password stays home."""
+    foreign = other_upstream(realm="https://auth.example.org/token")
+    image = push_variant(foreign.registry, tmp_path / "push", "library/secret", "1", seed="elsewhere")
+    upstreams = {**foreign.hostmap(bed_hostmap), "auth.example.org": token_server.url}
+    regcache = regcache_with(upstreams=upstreams, credentials=alice_password_file(tmp_path))
+    mark = token_server.mark()
+    with pytest.raises(Exception, match=r"unauthorized|401|denied"):
+        skopeo_factory(regcache.url, regcache.ca_cert).copy_to_dir(image.ref, tmp_path / "pulled")
+    assert not any(r.has_authorization for r in token_server.requests(mark))
+    assert "not sending registry-1.docker.io's credentials to the auth realm" in regcache.log()

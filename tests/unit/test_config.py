@@ -4,7 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from addon.config import DEFAULT_REGISTRIES, ConfigError, Upstream, load_settings, parse_duration, parse_size
+from addon.config import (
+    DEFAULT_REGISTRIES,
+    ConfigError,
+    Credential,
+    Upstream,
+    load_settings,
+    parse_duration,
+    parse_size,
+)
+from addon.upstream import registrable_domain
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -108,3 +117,53 @@ def test_registry_with_a_port_matches_that_port(tmp_path: Path) -> None:
     assert settings.namespace_for("registry.local", 443) is None
     assert settings.namespace_for("plain.example", 8443) == "plain.example"
     assert settings.intercepts("registry.local", 5000)
+
+
+def test_credentials_inline_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    monkeypatch.setenv("REGCACHE_TEST_TOKEN", "from-env")
+    settings = load_settings(
+        write(
+            tmp_path,
+            f"""
+credentials:
+  registry-1.docker.io: {{username: ci, password: inline}}
+  ghcr.io: {{username: bot, password_file: {tmp_path / "pw"}}}
+  quay.io: {{token_env: REGCACHE_TEST_TOKEN}}
+""",
+        )
+    )
+    assert settings.credential_for("registry-1.docker.io") == Credential("ci", "inline")
+    assert settings.credential_for("ghcr.io") == Credential("bot", "from-file")
+    assert settings.credential_for("quay.io") == Credential("", "from-env")
+    assert "inline" not in repr(settings) and "from-file" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("credentials: {ghcr.io: {username: a}}", "credentials.ghcr.io"),
+        ("credentials: {ghcr.io: {username: a, password: b, password_env: C}}", "credentials.ghcr.io.password_env"),
+        ("credentials: {ghcr.io: {password_env: REGCACHE_UNSET_VARIABLE}}", "credentials.ghcr.io.password_env"),
+        ("credentials: {ghcr.io: {user: a}}", "credentials.ghcr.io.user"),
+        ("credentials: {ghcr.io: {username: a, password_file: /nonexistent/pw}}", "credentials.ghcr.io.password_file"),
+    ],
+)
+def test_bad_credentials_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text))
+    assert raised.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("host", "domain"),
+    [
+        ("auth.docker.io", "docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+        ("ghcr.io", "ghcr.io"),
+        ("registry.example.co.uk", "example.co.uk"),
+        ("127.0.0.1", "127.0.0.1"),
+    ],
+)
+def test_registrable_domain(host: str, domain: str) -> None:
+    assert registrable_domain(host) == domain
