@@ -191,3 +191,17 @@ def test_configured_credentials_never_go_to_a_realm_on_another_domain(
         skopeo_factory(regcache.url, regcache.ca_cert).copy_to_dir(image.ref, tmp_path / "pulled")
     assert not any(r.has_authorization for r in token_server.requests(mark))
     assert "not sending registry-1.docker.io's credentials to the auth realm" in regcache.log()
+
+
+def test_hostile_requests_get_clear_errors(regcache: Mitmdump, proxy_confdir: Path) -> None:
+    """Traversal, bad digests and oversized headers: an error, never a traceback or a 500."""
+    base = "https://registry-1.docker.io/v2"
+    status, _, body = request_through(regcache, f"{base}/library/..%2F..%2Fetc/manifests/latest")
+    assert status == 400
+    assert json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+    status, _, body = request_through(regcache, f"{base}/library/x/blobs/sha256:abc")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")
+    status, _, _ = request_through(regcache, f"{base}/library/x/manifests/1", {"X-Junk": "j" * 300_000})
+    assert 400 <= status < 500
+    # The CA's private key is the proxy's alone.
+    assert (proxy_confdir / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
