@@ -78,7 +78,10 @@ class BlobServer:
             if fill.expected_size is not None:
                 response.content_length = fill.expected_size
             await response.prepare(request)
-            complete = await self._follow(fill, source.fileno(), response)
+            try:
+                complete = await self._follow(fill, source.fileno(), response)
+            except ConnectionResetError:  # the client went away; the fill goes on for the others
+                return response
         if not complete and request.transport is not None:
             # The status line has gone out already: dropping the connection mid-body is the only
             # honest signal left, so the client never takes a short blob for a whole one.
