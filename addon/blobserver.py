@@ -80,7 +80,7 @@ class BlobServer:
             await response.prepare(request)
             try:
                 complete = await self._follow(fill, source.fileno(), response)
-            except ConnectionResetError:  # the client went away; the fill goes on for the others
+            except ConnectionError:  # the client went away; the fill goes on for the others
                 return response
         if not complete and request.transport is not None:
             # The status line has gone out already: dropping the connection mid-body is the only
