@@ -92,14 +92,20 @@ class BlobServer:
 
     @staticmethod
     async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> bool:
-        """Stream the staging file as the fill writes it; False if the fill failed."""
+        """Stream the staging file as the fill writes it; False if the fill failed.
+
+        The last byte is held back until the fill is committed: a client that has the whole blob
+        can count on the cache having it too (and a blob that fails verification never reaches
+        a client complete)."""
         offset = 0
         while True:
-            if fill.written > offset:
-                chunk = await asyncio.to_thread(os.pread, fd, min(fill.written - offset, READ_CHUNK), offset)
+            finished = fill.finished  # read before `written`: a fill ends only after its last write
+            sendable = fill.written if finished and fill.committed else fill.written - 1
+            if sendable > offset:
+                chunk = await asyncio.to_thread(os.pread, fd, min(sendable - offset, READ_CHUNK), offset)
                 await response.write(chunk)
                 offset += len(chunk)
-            elif fill.finished:
+            elif finished:
                 return fill.committed
             else:
-                await fill.wait_beyond(offset)
+                await fill.wait_beyond(offset + 1)
