@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 
 from .answers import Answer, answer_from_head, error_answer
 from .routes import RegistryRequest
-from .store import Manifest, Store, manifest_references
+from .store import Manifest, Store, referenced_digests
 from .upstream import UpstreamClient, UpstreamUnavailable
 
 GRANT_SECONDS = 300.0
@@ -40,14 +40,6 @@ def credential(req: RegistryRequest) -> str:
 
 def repository(req: RegistryRequest) -> str:
     return f"{req.namespace}/{req.route.name}"
-
-
-def references(manifest: Manifest) -> list[str]:
-    try:
-        child_manifests, blobs = manifest_references(manifest)
-    except ValueError:
-        return []
-    return [str(d.get("digest")) for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
 
 
 class Access:
@@ -72,7 +64,7 @@ class Access:
 
     async def seen(self, req: RegistryRequest, digest: str, manifest: Manifest | None = None) -> None:
         """`digest` (and what its manifest references) belongs to the request's repository."""
-        digests: Iterable[str] = [digest, *(references(manifest) if manifest is not None else [])]
+        digests: Iterable[str] = [digest, *(referenced_digests(manifest) if manifest is not None else [])]
         await asyncio.to_thread(self._store.mark_seen, repository(req), list(digests))
 
     async def check(self, req: RegistryRequest, digest: str, kind: str) -> Answer | None:

@@ -218,7 +218,7 @@ class BlobService:
         digest = req.route.reference
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
-            if await asyncio.to_thread(self._store.blob_size, digest) is not None:
+            if await asyncio.to_thread(self._store.has_blob, digest):
                 return await self._access.check(req, digest, "blobs") or LocalStream(self._paths.blob(digest), "HIT")
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)

@@ -90,6 +90,15 @@ def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], li
     return [], blobs + [d for d in document.get("layers") or [] if isinstance(d, dict)]
 
 
+def referenced_digests(manifest: Manifest) -> list[str]:
+    """Every digest a manifest refers to (platform manifests, config, layers); [] if unparsable."""
+    try:
+        child_manifests, blobs = manifest_references(manifest)
+    except ValueError:
+        return []
+    return [d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
+
+
 class BlobStaging:
     """A blob being fetched: appended to a temp file and hashed as it arrives."""
 
@@ -126,6 +135,7 @@ class BlobStaging:
 
 
 class Store(Protocol):
+    def has_blob(self, digest: str) -> bool: ...
     def blob_size(self, digest: str) -> int | None: ...
     def blob_path(self, digest: str) -> str | None: ...
     def open_blob(self, digest: str) -> BinaryIO | None: ...
@@ -207,6 +217,10 @@ class DiskStore:
             return None
         with handle:
             return os.fstat(handle.fileno()).st_size
+
+    def has_blob(self, digest: str) -> bool:
+        """Is it stored? (No file is opened and it does not count as a use.)"""
+        return f"blob:{digest}" in self._cache
 
     def stage_blob(self, digest: str) -> BlobStaging:
         return BlobStaging(self.staging_dir, digest)
@@ -310,13 +324,8 @@ class DiskStore:
                 continue
             protected.add(digest)
             manifest = self.get_manifest(digest)
-            if manifest is None:
-                continue
-            try:
-                child_manifests, blobs = manifest_references(manifest)
-            except ValueError:
-                continue
-            pending += [str(d.get("digest")) for d in child_manifests + blobs]
+            if manifest is not None:
+                pending += referenced_digests(manifest)
         return protected
 
     def evict(self) -> tuple[int, int]:

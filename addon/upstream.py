@@ -121,21 +121,29 @@ class UpstreamClient:
         if not realm or registrable_domain(urlsplit(realm).hostname or "") != registrable_domain(host):
             log.warning("not sending %s's credentials to the auth realm %r: not on its domain", host, realm)
             return None
-        scope = params.get("scope") or scope_of(url)
-        query = urlencode({k: v for k, v in (("service", params.get("service")), ("scope", scope)) if v})
-        answer = await self.fetch("GET", f"{realm}?{query}", CIMultiDict(Authorization=credential.basic()))
+        token = await self.realm_token(params, params.get("scope") or scope_of(url), credential.basic())
+        if token is None:
+            log.warning("the auth realm of %s refused regcache's credentials", host)
+            return None
+        authorization, lifetime = token
+        self._tokens[(host, scope_of(url))] = (authorization, time.monotonic() + max(lifetime - 30, 10))
+        return authorization
+
+    async def realm_token(
+        self, challenge: dict[str, str], scope: str, authorization: str | None
+    ) -> tuple[str, float] | None:
+        """A bearer token from a `Bearer` challenge's realm (anonymous when `authorization` is
+        None): (the Authorization value, its lifetime in seconds), or None if refused."""
+        query = urlencode({k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v})
+        headers = CIMultiDict(Authorization=authorization) if authorization else CIMultiDict()
+        answer = await self.fetch("GET", f"{challenge['realm']}?{query}", headers)
         try:
             document = json.loads(answer.body) if answer.status == 200 else {}
             token = document.get("token") or document.get("access_token")
             lifetime = float(document.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
-            token = None
-        if not token:
-            log.warning("the auth realm of %s refused regcache's credentials (%d)", host, answer.status)
             return None
-        authorization = f"Bearer {token}"
-        self._tokens[(host, scope_of(url))] = (authorization, time.monotonic() + max(lifetime - 30, 10))
-        return authorization
+        return (f"Bearer {token}", lifetime) if token else None
 
     async def _send(
         self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout

@@ -9,10 +9,8 @@ gets an anonymous pull token the way registry clients do (`/v2/` challenge → t
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlencode
 
 from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -97,18 +95,10 @@ class Warmer:
         challenge = bearer_challenge(ping.headers.get("WWW-Authenticate", "")) if ping.status == 401 else None
         if not challenge or "realm" not in challenge:
             return None
-        query = {
-            "scope": f"repository:{name}:pull",
-            **({"service": challenge["service"]} if "service" in challenge else {}),
-        }
-        answer = await self._upstream.fetch("GET", f"{challenge['realm']}?{urlencode(query)}", CIMultiDict())
-        if answer.status != 200:
-            raise WarmError(f"token request to {challenge['realm']} answered {answer.status}")
-        document = json.loads(answer.body)
-        if not isinstance(document, dict):
-            raise WarmError(f"token response from {challenge['realm']} is not a JSON object")
-        token = document.get("token") or document.get("access_token")
-        return f"Bearer {token}" if token else None
+        token = await self._upstream.realm_token(challenge, f"repository:{name}:pull", None)
+        if token is None:
+            raise WarmError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
+        return token[0]
 
     async def _manifest(
         self, base: str, ref: TagRef, reference: str, headers: CIMultiDict[str]
@@ -133,7 +123,7 @@ class Warmer:
         return digest, stored
 
     async def _blob(self, base: str, ref: TagRef, digest: str, headers: CIMultiDict[str]) -> None:
-        if await asyncio.to_thread(self._store.blob_size, digest) is not None:
+        if await asyncio.to_thread(self._store.has_blob, digest):
             return
         async with self._parallel:
             url = f"{base}/v2/{ref.name}/blobs/{digest}"
