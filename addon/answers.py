@@ -2,7 +2,7 @@
 
 The services (manifests, blobs) decide; the addon turns the decision into a flow change:
 - `Answer`: a small, complete response made here (manifests, errors, pings);
-- `LocalStream`: re-target the flow to regcache's loopback blob server, which streams the bytes;
+- `LocalStream`: blob bytes from regcache's blob endpoint (a redirect there, or the flow re-targeted);
 - `PassThrough`: let mitmproxy forward the request to the upstream unchanged.
 
 `result` is the cache outcome, logged per request and sent as `X-Cache`:
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bloburls import BlobSource
 from .routes import API_VERSION_HEADER, HOP_BY_HOP, error_body
 from .store import Manifest
 from .upstream import UpstreamAnswer
@@ -33,7 +34,8 @@ class Answer:
 
 @dataclass
 class LocalStream:
-    path: str
+    source: BlobSource
+    digest: str
     result: str
     note: str = ""
 
@@ -56,6 +58,18 @@ def manifest_answer(manifest: Manifest, digest: str, head: bool, result: str, no
     ]
     body = b"" if head else manifest.body
     return Answer(200, headers, body, result, content_length=len(manifest.body), note=note)
+
+
+def blob_head_answer(digest: str, size: int, result: str) -> Answer:
+    headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest)]
+    headers += API_VERSION_HEADER.items()
+    return Answer(200, headers, b"", result, content_length=size)
+
+
+def redirect_answer(url: str, stream: LocalStream) -> Answer:
+    """Send the client to the blob endpoint for `stream`'s bytes (`307` keeps the method)."""
+    headers = [("Location", url), ("Docker-Content-Digest", stream.digest), *API_VERSION_HEADER.items()]
+    return Answer(307, headers, b"", stream.result, note=stream.note or "redirected to the blob endpoint")
 
 
 def relay(answer: UpstreamAnswer, result: str, note: str = "") -> Answer:

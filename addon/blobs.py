@@ -2,8 +2,8 @@
 
 A miss starts a `Fill`: one upstream `GET` (redirects to a CDN followed by `UpstreamClient`),
 written to a staging file and hashed as it arrives, committed to the store only when size and
-digest match. Clients are re-targeted to the loopback blob server, which streams the staging file
-as it grows (`BlobServer`), so the first pull is never held back until the whole blob is in.
+digest match. Clients are sent to the blob endpoint, which streams the staging file as it grows
+(`BlobServer`), so the first pull is never held back until the whole blob is in.
 Concurrent requests for the same digest join the running fill instead of fetching again.
 """
 
@@ -21,7 +21,7 @@ import diskcache
 from multidict import CIMultiDict
 
 from .access import Access, repository
-from .answers import Decision, LocalStream, PassThrough, relay
+from .answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
 from .manifests import not_in_offline_cache, unavailable
 from .routes import RegistryRequest
 from .store import BlobStaging, DigestMismatch, Store
@@ -204,14 +204,11 @@ def _append(staging: BlobStaging, chunk: bytes) -> None:
 
 
 class BlobService:
-    def __init__(
-        self, store: Store, upstream: UpstreamClient, fills: Fills, paths: BlobPaths, access: Access, offline: bool
-    ) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, access: Access, offline: bool) -> None:
         self._access = access
         self._store = store
         self._upstream = upstream
         self._fills = fills
-        self._paths = paths
         self._offline = offline
 
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
@@ -219,7 +216,7 @@ class BlobService:
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
             if await asyncio.to_thread(self._store.has_blob, digest):
-                return await self._access.check(req, digest, "blobs") or LocalStream(self._paths.blob(digest), "HIT")
+                return await self._access.check(req, digest, "blobs") or await self._hit(req, digest)
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
@@ -244,17 +241,9 @@ class BlobService:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
         if fill.error is not None:
             return unavailable(req, fill.error)
-        return LocalStream(self._paths.fill(digest), "MISS", note="" if started else "joined a running fill")
+        return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
 
-
-class BlobPaths:
-    """The loopback blob server's paths; a random prefix keeps other local users from guessing them."""
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret
-
-    def blob(self, digest: str) -> str:
-        return f"/{self.secret}/blobs/{digest}"
-
-    def fill(self, digest: str) -> str:
-        return f"/{self.secret}/fills/{digest}"
+    async def _hit(self, req: RegistryRequest, digest: str) -> Decision:
+        if req.head and (size := await asyncio.to_thread(self._store.blob_size, digest)) is not None:
+            return blob_head_answer(digest, size, "HIT")
+        return LocalStream("blobs", digest, "HIT")

@@ -1,24 +1,30 @@
-"""The loopback blob server: streams blob bytes to mitmproxy with bounded memory.
+"""The blob endpoint: blob bytes with bounded memory, straight from the store's files.
 
-mitmproxy sends an addon-made response as one buffer (a 1 GiB blob would cost GBs of RAM), so blob
-flows are re-targeted here instead and mitmproxy streams our answer through to the client.
-It runs on mitmproxy's own event loop and serves:
-- `/<secret>/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
-- `/<secret>/fills/<digest>`: a blob still being fetched, following the staging file as it grows,
+Clients get here by a `307` to a signed URL (see bloburls.py; Go clients on this host then fetch
+directly, past mitmproxy), or — for clients that cannot reach it — mitmproxy re-targets their flow
+here and streams the answer through (an addon-made response would be one buffer in memory).
+It runs on mitmproxy's own event loop and serves, for a valid signature only:
+- `/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
+- `/fills/<digest>`: a blob still being fetched, following the staging file as it grows,
   and breaking the connection if the fill fails so the client never takes a partial blob as whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import secrets
+import time
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
-from .blobs import BlobPaths, Fill, Fills
+from .blobs import Fill, Fills
+from .bloburls import BlobUrls
 from .routes import API_VERSION_HEADER, error_body
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 
@@ -27,20 +33,24 @@ def _blob_headers(digest: str) -> dict[str, str]:
     return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest, **API_VERSION_HEADER}
 
 
+def _error(status: int, code: str, message: str, digest: str) -> web.Response:
+    return web.Response(status=status, body=error_body(code, message, digest), content_type="application/json")
+
+
 class BlobServer:
-    def __init__(self, store: Store, fills: Fills) -> None:
+    def __init__(self, store: Store, fills: Fills, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self._store = store
         self._fills = fills
-        self.paths = BlobPaths(secrets.token_hex(16))
-        self.port = 0
-        app = web.Application()
-        app.router.add_get(f"/{self.paths.secret}/blobs/{{digest}}", self._stored_blob)
-        app.router.add_get(f"/{self.paths.secret}/fills/{{digest}}", self._filling_blob, allow_head=False)
+        self.urls = BlobUrls()
+        self.host, self.port = listen
+        app = web.Application(middlewares=[self._signed_only])
+        app.router.add_get("/blobs/{digest}", self._stored_blob)
+        app.router.add_get("/fills/{digest}", self._filling_blob, allow_head=False)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
@@ -49,6 +59,15 @@ class BlobServer:
     async def stop(self) -> None:
         await self._runner.cleanup()
 
+    @web.middleware
+    async def _signed_only(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        source = request.path.split("/", 2)[1]
+        digest = request.match_info.get("digest", "")
+        query = request.query
+        if not self.urls.valid(source, digest, query.get("expires", ""), query.get("signature", "")):
+            return _error(403, "DENIED", "blob URL is not signed by this cache, or has expired", digest)
+        return await handler(request)
+
     async def _stored_blob(self, request: web.Request, retryable: bool = False) -> web.StreamResponse:
         """A stored blob. Gone (evicted, or a fill that failed meanwhile): 503 where the client was
         sent to a fill, since a 404 would tell it the blob does not exist at all."""
@@ -56,12 +75,8 @@ class BlobServer:
         path = await asyncio.to_thread(self._store.blob_path, digest)
         if path is None:
             status, code = (503, "UNAVAILABLE") if retryable else (404, "BLOB_UNKNOWN")
-            return web.Response(
-                status=status,
-                body=error_body(code, "blob not available from the cache, retry", digest),
-                content_type="application/json",
-            )
-        return web.FileResponse(path, headers=_blob_headers(digest))
+            return _error(status, code, "blob not available from the cache, retry", digest)
+        return _LoggedFileResponse(digest, path, headers=_blob_headers(digest))
 
     async def _filling_blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
@@ -73,6 +88,7 @@ class BlobServer:
         except FileNotFoundError:  # committed (moved) or discarded meanwhile
             await fill.wait_beyond(2**62)
             return await self._stored_blob(request, retryable=True)
+        started = time.monotonic()
         with source:
             response = web.StreamResponse(headers=_blob_headers(digest))
             if fill.expected_size is not None:
@@ -88,6 +104,7 @@ class BlobServer:
             request.transport.abort()
             return response  # aiohttp's final write_eof sees the closed transport, as on a hang-up
         await response.write_eof()
+        _log_delivery(request, digest, fill.written, started)
         return response
 
     @staticmethod
@@ -109,3 +126,25 @@ class BlobServer:
                 return fill.committed
             else:
                 await fill.wait_beyond(offset + 1)
+
+
+class _LoggedFileResponse(web.FileResponse):
+    """aiohttp's sendfile response, logged once the whole body is out."""
+
+    def __init__(self, digest: str, path: str, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._digest = digest
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        started = time.monotonic()
+        writer = await super().prepare(request)  # sends the body (sendfile) before it returns
+        _log_delivery(request, self._digest, self.content_length or 0, started)
+        return writer
+
+
+def _log_delivery(request: web.BaseRequest, digest: str, size: int, started: float) -> None:
+    if request.method != "GET":
+        return
+    seconds = max(time.monotonic() - started, 1e-6)
+    peer = request.remote or "?"
+    log.info("SENT blob %s %d B to %s in %.0f ms (%.0f MB/s)", digest, size, peer, seconds * 1000, size / seconds / 1e6)

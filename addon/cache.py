@@ -29,9 +29,10 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from addon.access import Access
-from addon.answers import Answer, Decision, LocalStream, error_answer, relay
+from addon.answers import Answer, Decision, LocalStream, error_answer, redirect_answer, relay
 from addon.blobs import BlobService, Fills
 from addon.blobserver import BlobServer
+from addon.bloburls import reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.manifests import ManifestService, upstream_failed
 from addon.routes import (
@@ -61,10 +62,10 @@ class Runtime:
         self.realm_hosts = self.store.realm_hosts()
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
-        self.blob_server = BlobServer(self.store, self.fills)
+        self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen)
         self.access = Access(self.store, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
-        self.blobs = BlobService(self.store, self.upstream, self.fills, self.blob_server.paths, self.access, offline)
+        self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Future[None] | None = None
 
@@ -109,6 +110,20 @@ def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
     flow.request.path = target.path_prefix + flow.request.path
 
 
+def send_to_blob_server(flow: http.HTTPFlow, runtime: Runtime, stream: LocalStream) -> None:
+    """A redirect to the blob endpoint where the client can reach it; else stream it through."""
+    server, settings = runtime.blob_server, runtime.settings
+    path = server.urls.path(stream.source, stream.digest)
+    client = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+    base = redirect_base(settings.blob_redirect, settings.blob_url, server.host, server.port, client)
+    if base is not None:
+        flow.response = make_response(redirect_answer(base + path, stream))
+        return
+    flow.request.scheme, flow.request.host, flow.request.port = "http", reachable_host(server.host), server.port
+    flow.request.path = path
+    flow.metadata[STREAMED] = True
+
+
 def logical_url(request: http.Request) -> str:
     default_port = 443 if request.scheme == "https" else 80
     port = "" if request.port == default_port else f":{request.port}"
@@ -120,8 +135,9 @@ def make_response(answer: Answer) -> http.Response:
     headers = http.Headers([(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in answer.headers])
     headers["X-Cache"] = answer.result
     response = http.Response.make(answer.status, answer.body, headers)
-    if answer.content_length is not None and not answer.body:
-        response.headers["Content-Length"] = str(answer.content_length)  # a HEAD answer
+    if answer.content_length is not None and not answer.body:  # a HEAD answer: the GET's length
+        del response.headers["Content-Length"]  # (the name keeps the case it was first set with)
+        response.headers["Content-Length"] = str(answer.content_length)
     return response
 
 
@@ -230,9 +246,7 @@ class RegistryCache:
             flow.response = make_response(decision)
         elif isinstance(decision, LocalStream):
             await runtime.started()
-            flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", runtime.blob_server.port
-            flow.request.path = decision.path
-            flow.metadata[STREAMED] = True
+            send_to_blob_server(flow, runtime, decision)
         else:
             retarget(flow, self.settings)
             flow.metadata[STREAMED] = True

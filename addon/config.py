@@ -92,6 +92,10 @@ class Settings:
     offline: bool = False
     max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
     credentials: Mapping[str, Credential] = field(default_factory=dict)
+    # Blob bytes: a 307 to regcache's own blob endpoint (see bloburls.py), or through the proxy.
+    blob_redirect: bool = True
+    blob_listen: tuple[str, int] = ("127.0.0.1", 0)
+    blob_url: str | None = None
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -217,6 +221,31 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
     raise ConfigError(key, f"expected a list of hosts or a map host → namespace, got {value!r}")
 
 
+def parse_listen(key: str, value: object) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`); port 0 picks a free one."""
+    parts = urlsplit(f"//{value}") if isinstance(value, str) else None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:
+        port = None
+    if parts is None or parts.hostname is None or port is None or parts.path or parts.username:
+        raise ConfigError(key, f"expected host:port such as 127.0.0.1:5080 (port 0: any free port), got {value!r}")
+    return parts.hostname, port
+
+
+def parse_blob_url(key: str, value: object) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(key, f"expected a base URL such as http://cache.example:5080, got {value!r}")
+    return str(value).rstrip("/")
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
 def _positive_number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(key, f"expected a number of seconds larger than zero, got {value!r}")
@@ -233,6 +262,9 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "offline",
         "max_age",
         "credentials",
+        "blob_redirect",
+        "blob_listen",
+        "blob_url",
     }
     for key in raw:
         if key not in known:
@@ -266,9 +298,13 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
     if "max_age" in raw:
         values["max_age"] = parse_duration("max_age", raw["max_age"])
     if "offline" in raw:
-        if not isinstance(raw["offline"], bool):
-            raise ConfigError("offline", f"expected true or false, got {raw['offline']!r}")
-        values["offline"] = raw["offline"]
+        values["offline"] = _bool("offline", raw["offline"])
+    if "blob_redirect" in raw:
+        values["blob_redirect"] = _bool("blob_redirect", raw["blob_redirect"])
+    if "blob_listen" in raw:
+        values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"])
+    if raw.get("blob_url") is not None:
+        values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
     return Settings(**values)  # type: ignore[arg-type]
 
 

@@ -55,9 +55,14 @@ upstreams:
   registry-1.docker.io: http://127.0.0.1:5000
   auth.docker.io: https://mirror.internal:8443/auth
 upstream_timeout: 5
+blob_listen: 0.0.0.0:5080
+blob_url: http://cache.internal:5080/
 """,
         )
     )
+    assert settings.blob_redirect
+    assert settings.blob_listen == ("0.0.0.0", 5080)
+    assert settings.blob_url == "http://cache.internal:5080"
     assert settings.cache_dir == Path("/srv/regcache")
     assert settings.size_limit == 2 * 1024**3
     assert settings.registries == {"registry-1.docker.io": "docker.io", "registry.example.com": "registry.example.com"}
@@ -83,6 +88,11 @@ upstream_timeout: 5
         ("max_age: forever", "max_age"),
         ("max_age: -1", "max_age"),
         ("offline: yes please", "offline"),
+        ("blob_redirect: 1", "blob_redirect"),
+        ("blob_listen: 127.0.0.1", "blob_listen"),
+        ("blob_listen: '0.0.0.0:http'", "blob_listen"),
+        ("blob_url: cache.example:5080", "blob_url"),
+        ("blob_url: http://cache.example/?x=1", "blob_url"),
         ("[1, 2]", "regcache_config"),
         ("a: [", "regcache_config"),
     ],
