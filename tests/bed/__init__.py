@@ -11,6 +11,8 @@ Owns nothing itself; it ties the pieces together and names Docker Hub's hosts:
 * :mod:`bed.mitm` / :mod:`bed.hostmap_addon` — mitmdump runner and the addon that
   routes Docker Hub host names to the local servers
 * :mod:`bed.fixtures` — session-scoped pytest fixtures over all of the above
+* :mod:`bed.setup_scripts` — ``scripts/setup-*`` run against a temporary root, and
+  the systemd drop-ins they write
 * :mod:`bed._process` / :mod:`bed._http` — what the subprocess servers and the
   in-process servers above share (lifecycle, logs, proxy environments)
 
