@@ -82,6 +82,9 @@ class UpstreamClient:
                 # No per-host cap: every Docker Hub fill goes to one CDN host, and a wait for a
                 # pooled connection would count against the connect time-out.
                 connector=aiohttp.TCPConnector(limit=0),
+                # Fill chunks of up to 512 KiB rather than 64 KiB: each chunk costs a thread hop
+                # to the staging file and a wake-up of the clients that follow it.
+                read_bufsize=512 * 1024,
             )
         return self._session
 
