@@ -48,17 +48,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import hashlib
 import os
-import platform
-import re
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -66,162 +58,56 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
-# --snapshot re-executes this script with a frozen copy of addon/ and tests/ named here.
-SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
-SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
-# The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py,
-# whose `addon.cli` names the addon script mitmdump loads: SRC/addon/cache.py.
-sys.path[:0] = [str(SRC / "tests"), str(SRC)]
+from bench_common import (
+    MIB,
+    SNAPSHOT_HELP,
+    SRC,
+    CpuAccount,
+    RssSampler,
+    UpstreamTraffic,
+    code_facts,
+    enter_workdir,
+    load_average,
+    log,
+    machine_facts,
+    median,
+    num,
+    prepare_process,
+    source_digest,
+    sources_under_test,
+    terminate_children,
+    wait_stored,
+)
 
-import bed  # noqa: E402
-import mitmproxy.version  # noqa: E402
-from bed.cdn import Cdn, CdnRequest, _parse_range  # noqa: E402
-from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push  # noqa: E402
-from bed.mitm import MitmDump, passthrough  # noqa: E402
-from bed.registry import REGISTRY_BIN, AccessRecord, Registry  # noqa: E402
-from bed.skopeo import Skopeo  # noqa: E402
-from bed.tokens import TokenServer  # noqa: E402
-from e2e.mitm import Mitmdump  # noqa: E402
+# isort: split
+import bed
+from bed.cdn import Cdn
+from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push
+from bed.mitm import MitmDump, passthrough
+from bed.registry import REGISTRY_BIN, Registry
+from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
+from e2e.mitm import Mitmdump
 
-import addon.cli  # noqa: E402
-
-MIB = 1024 * 1024
 REPO = "library/bench"
 TAG = "1"
 PASS, COLD, WARM = "pass-through mitmdump", "regcache cold", "regcache warm"
 SCENARIOS = (PASS, COLD, WARM)
-_STORED = re.compile(r"STORED blob (sha256:[0-9a-f]{64}) ")
-
-
-def source_digest(directory: Path) -> str:
-    """sha256 over the names and contents of ``directory``'s ``*.py`` files (first 12 hex digits)."""
-    sha = hashlib.sha256()
-    for path in sorted(directory.glob("*.py")):
-        with contextlib.suppress(OSError):
-            sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return sha.hexdigest()[:12]
-
-
-def log(message: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
-# -- memory ----------------------------------------------------------------------
-
-
-def _status_kib(pid: int, key: str) -> int | None:
-    """``key`` (VmRSS, VmHWM) from /proc/PID/status in KiB; None once the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match[1]) if match else None
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
-def _own_seconds() -> float:
-    """CPU seconds of this process, its reaped children, and its live descendants (mitmdump, registry)."""
-    t = os.times()
-    total = t.user + t.system + t.children_user + t.children_system
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            rest = text[text.rindex(")") + 2 :].split()
-            pid = int(stat.parent.name)
-            parents[pid] = int(rest[1])
-            # utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 after the command name.
-            ticks[pid] = sum(int(v) for v in rest[11:15])
-    me = os.getpid()
-    for pid in ticks:
-        ancestor = parents.get(pid, 0)
-        while ancestor > 1 and ancestor != me:
-            ancestor = parents.get(ancestor, 0)
-        if ancestor == me:
-            total += ticks[pid] / _TICK
-    return total
-
-
-class CpuAccount:
-    """Machine-wide busy CPU seconds during the ``with`` block, and how many were not this bench's."""
-
-    def __enter__(self) -> CpuAccount:
-        self._busy, self._own = _machine_busy_seconds(), _own_seconds()
-        self.busy = self.own = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.busy = _machine_busy_seconds() - self._busy
-        self.own = _own_seconds() - self._own
-
-    @property
-    def foreign(self) -> float:
-        """CPU seconds other processes (e.g. someone's test run) took from the machine meanwhile."""
-        return max(0.0, self.busy - self.own)
-
-
-class RssSampler:
-    """Highest VmRSS of ``pid`` seen while the ``with`` block runs, sampled every ``interval`` s."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0  # bytes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
-
-    def _sample(self) -> None:
-        kib = _status_kib(self.pid, "VmRSS")
-        if kib is not None:
-            self.peak = max(self.peak, kib * 1024)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
 
 # -- one measured phase ----------------------------------------------------------------
 
 
 @dataclass
-class Phase:
-    """What one scenario's concurrent pull took, in one run."""
+class Phase(UpstreamTraffic):
+    """What one scenario's concurrent pull took, in one run (upstream traffic: the base class)."""
 
     scenario: str
     run: int
     clients: int
     wall: float  # common start → last client done, seconds
     client_seconds: list[float]
-    registry: list[AccessRecord]  # upstream registry access log lines of the phase
-    cdn: list[CdnRequest]
-    blob_sizes: dict[str, int]
-    tokens: int  # token server requests
     rss_peak: int  # bytes, sampled VmRSS maximum during the phase
     hwm: int  # bytes, VmHWM right after the phase (whole process life)
     results: Counter[str] = field(default_factory=Counter)  # regcache log: "RESULT METHOD kind"
@@ -229,60 +115,6 @@ class Phase:
     source_changed: bool = False  # addon/ or tests/bed/ changed while the phase ran
     own_cpu: float = 0.0  # CPU seconds of the bench's processes (clients, proxy, bed) during the phase
     foreign_cpu: float = 0.0  # CPU seconds every other process on the machine took meanwhile
-
-    def _count(self, method: str, kind: str) -> int:
-        return sum(1 for r in self.registry if r.method == method and r.kind == kind)
-
-    @property
-    def manifest_gets(self) -> int:
-        return self._count("GET", "manifest")
-
-    @property
-    def manifest_heads(self) -> int:
-        return self._count("HEAD", "manifest")
-
-    @property
-    def blob_gets(self) -> int:
-        return self._count("GET", "blob")
-
-    @property
-    def blob_heads(self) -> int:
-        return self._count("HEAD", "blob")
-
-    @property
-    def pings(self) -> int:
-        return sum(1 for r in self.registry if r.kind == "base")
-
-    @property
-    def other(self) -> int:
-        return sum(1 for r in self.registry if r.kind == "other")
-
-    @property
-    def cdn_requests(self) -> int:
-        return len(self.cdn)
-
-    @property
-    def cdn_bytes(self) -> int:
-        """Body bytes the CDN sent: whole blobs for 200, the range for 206, nothing for HEAD."""
-        total = 0
-        for r in self.cdn:
-            size = self.blob_sizes.get(r.digest or "")
-            if r.method != "GET" or size is None:
-                continue
-            if r.status == 200:
-                total += size
-            elif r.status == 206 and r.range:
-                parsed = _parse_range(r.range, size)
-                total += parsed[1] - parsed[0] + 1 if parsed else 0
-        return total
-
-    @property
-    def upstream_bytes(self) -> int:
-        return sum(r.size for r in self.registry) + self.cdn_bytes
-
-    def blob_fetches(self) -> dict[str, int]:
-        """CDN GETs per blob digest (each a transfer of that blob, or part of it, from upstream)."""
-        return dict(Counter(r.digest for r in self.cdn if r.method == "GET" and r.digest))
 
 
 # -- the bench -------------------------------------------------------------------------
@@ -417,10 +249,10 @@ class Bench:
         label = f"run{run}-{scenario.replace(' ', '-')}"
         reg_mark, cdn_mark, tok_mark, log_mark = self.registry.mark(), self.cdn.mark(), self.tokens.mark(), proxy.mark()
         # mitmdump re-loads an -s script whose file changes, dropping what the old one was doing.
-        sources = (source_digest(SRC / "addon"), source_digest(SRC / "tests" / "bed"))
+        sources = sources_under_test()
         with CpuAccount() as cpu, RssSampler(proxy.pid) as rss:
             wall, seconds = self.pull_all(proxy, label)
-        changed = sources != (source_digest(SRC / "addon"), source_digest(SRC / "tests" / "bed"))
+        changed = sources != sources_under_test()
         image = self.pushed
         phase = Phase(
             scenario=scenario,
@@ -452,87 +284,21 @@ class Bench:
         )
         return phase
 
-    def wait_stored(self, proxy: Mitmdump, since: int, timeout: float = 120.0) -> float | None:
+    def wait_stored(self, proxy: Mitmdump, since: int) -> float | None:
         """Seconds until regcache logged ``STORED blob`` for every blob of the image (None: not all)."""
-        wanted = {b.digest for b in self.pushed.blobs}
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if wanted <= set(_STORED.findall(proxy.log()[since:])):
-                return time.monotonic() - start
-            time.sleep(0.1)
-        return None
+        return wait_stored(proxy, (b.digest for b in self.pushed.blobs), since)
 
 
 # -- report ----------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:.1f}"
-
-
-def _command_version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-    except OSError as e:
-        return f"unknown ({e})"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
-
-
-def load_average() -> str:
-    """1-minute load average: other work on this machine skews every number."""
-    return f"{os.getloadavg()[0]:.2f}"
-
-
-def code_facts() -> str:
-    """Which regcache was measured: the addon script mitmdump loads, its digest, the git state."""
-
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
-            return out.stdout.strip()
-        return ""
-
-    dirty = "uncommitted changes in addon/" if git("status", "--porcelain", "--", "addon") else "addon/ clean"
-    frozen = f"a copy of {ROOT} made at start (--snapshot)" if SRC != ROOT else "the working tree"
-    return (
-        f"code: {addon.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
-        f"{ROOT} at start: git HEAD {git('rev-parse', '--short', 'HEAD') or '?'}, {dirty}"
-    )
-
-
-def machine_facts() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = found[1] if found else cpu
-    mem = _status_meminfo()
-    return [
-        f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
-        f"machine: nproc {len(os.sched_getaffinity(0))}, {cpu}, {mem}, Linux {platform.release()}",
-        f"python {platform.python_version()} ({sys.executable}), mitmproxy {mitmproxy.version.VERSION}",
-        f"clients: {_command_version([SKOPEO, '--version'])}; upstream: "
-        f"{_command_version([REGISTRY_BIN, '--version'])}",
-    ]
-
-
-def _status_meminfo() -> str:
-    with contextlib.suppress(OSError):
-        found = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-        if found:
-            return f"{int(found[1]) / MIB:.1f} GiB RAM"
-    return "RAM unknown"
-
-
 def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, load_before: str, code: str) -> str:
     by: dict[str, list[Phase]] = {s: [p for p in phases if p.scenario == s] for s in SCENARIOS}
-    base_wall = _median([p.wall for p in by[PASS]])
+    base_wall = median([p.wall for p in by[PASS]])
     layers = " + ".join(f"{b.size / MIB:.1f} MiB" if b.size >= MIB else f"{b.size} B" for b in image.layers)
     lines = ["# regcache: concurrent pulls", ""]
-    lines += [f"- {fact}" for fact in machine_facts()]
+    tools = {"clients": [SKOPEO, "--version"], "upstream": [REGISTRY_BIN, "--version"]}
+    lines += [f"- {fact}" for fact in machine_facts(tools)]
     lines.append(f"- {code}")
     lines.append(f"- load average (1 min): {load_before} before the bench, {load_average()} at its end")
     lines += [
@@ -552,13 +318,13 @@ def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, lo
         ps = by[scenario]
         if not ps:
             continue
-        wall = _median([p.wall for p in ps])
+        wall = median([p.wall for p in ps])
         lines.append(
             f"| {scenario} | {args.clients} | {wall:.1f} | {wall / base_wall:.2f} "
-            f"| {_num(_median([p.manifest_gets for p in ps]))} | {_num(_median([p.blob_gets for p in ps]))} "
-            f"| {_num(_median([p.cdn_requests for p in ps]))} "
-            f"| {_median([p.upstream_bytes for p in ps]) / MIB:.1f} MiB "
-            f"| {_median([p.rss_peak for p in ps]) / MIB:.0f} |"
+            f"| {num(median([p.manifest_gets for p in ps]))} | {num(median([p.blob_gets for p in ps]))} "
+            f"| {num(median([p.cdn_requests for p in ps]))} "
+            f"| {median([p.upstream_bytes for p in ps]) / MIB:.1f} MiB "
+            f"| {median([p.rss_peak for p in ps]) / MIB:.0f} |"
         )
     lines += [
         "",
@@ -641,50 +407,13 @@ def findings(phases: list[Phase], image: PushedImage) -> list[str]:
                 out.append(f"{where}: upstream saw {', '.join(extra)} (warm expects only manifest HEADs and /v2/)")
     by = {s: [p for p in phases if p.scenario == s] for s in SCENARIOS}
     if by[PASS] and by[WARM]:
-        ratio = _median([p.wall for p in by[WARM]]) / _median([p.wall for p in by[PASS]])
+        ratio = median([p.wall for p in by[WARM]]) / median([p.wall for p in by[PASS]])
         if ratio > 1.1:
             out.append(f"warm regcache is {ratio:.2f}x the pass-through wall time although nothing goes upstream")
     return out
 
 
 # -- main ------------------------------------------------------------------------------------
-
-
-def _terminate_children(name: str) -> None:
-    """SIGTERM our own child processes called ``name`` (skopeo clients left by an interrupt), by PID."""
-    me = os.getpid()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            comm = text[text.index("(") + 1 : text.rindex(")")]
-            ppid = int(text[text.rindex(")") + 2 :].split()[1])
-            if ppid == me and comm == name:
-                os.kill(int(stat.parent.name), signal.SIGTERM)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-def snapshot_and_reexec(argv: list[str]) -> NoReturn:
-    """Copy addon/ and tests/ to a temporary directory and run this script again on that copy.
-
-    The new process finds the copy in ``$REGCACHE_BENCH_SRC`` and removes it when it exits.
-    """
-    src = Path(tempfile.mkdtemp(prefix="regcache-bench-src-"))
-    try:
-        ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache")
-        for part in ("addon", "tests"):
-            shutil.copytree(ROOT / part, src / part, ignore=ignore)
-        log(f"measuring a copy of addon/ and tests/ in {src}")
-        os.execve(
-            sys.executable,
-            [sys.executable, str(Path(__file__).resolve()), *argv],
-            {**os.environ, SNAPSHOT_ENV: str(src)},
-        )
-    except BaseException:
-        shutil.rmtree(src, ignore_errors=True)
-        raise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -696,12 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer-mib", type=int, default=1024, help="size of the big layer in MiB (default 1024)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every scenario (default 3)")
     parser.add_argument("--workdir", type=Path, help="keep logs, layout and registry storage here (default: temp)")
-    parser.add_argument(
-        "--snapshot",
-        action="store_true",
-        help="measure a copy of addon/ and tests/ taken at start, so edits made during the run "
-        "(mitmdump reloads addon/cache.py when it changes) neither change nor break the code under test",
-    )
+    parser.add_argument("--snapshot", action="store_true", help=SNAPSHOT_HELP)
     args = parser.parse_args(argv)
     for name in ("clients", "layer_mib", "runs"):
         if getattr(args, name) < 1:
@@ -712,27 +436,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.snapshot and SNAPSHOT_ENV not in os.environ:
-        snapshot_and_reexec(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    prepare_process(__file__, argv, args.snapshot)
     started = time.monotonic()
     load_before = load_average()
     code = code_facts()
     with contextlib.ExitStack() as stack:
-        if SRC != ROOT:
-            stack.callback(shutil.rmtree, SRC, ignore_errors=True)
-        if args.workdir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        else:
-            workdir = args.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
-            stack.callback(shutil.rmtree, workdir / "pulls", ignore_errors=True)
-        log(f"workdir {workdir}")
+        workdir = enter_workdir(stack, args.workdir, scratch=("pulls",))
         bench = Bench(workdir, args.clients, args.layer_mib, stack)
         # Registered last, so it runs first: clients go before the servers they talk to.
-        stack.callback(_terminate_children, "skopeo")
+        stack.callback(terminate_children, "skopeo")
         try:
             image = bench.start_bed()
             baseline = bench.start_passthrough()

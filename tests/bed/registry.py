@@ -102,6 +102,34 @@ def parse_access_line(line: str) -> AccessRecord | None:
     )
 
 
+def base_config(storage_root: Path, port: int) -> dict[str, object]:
+    """A ``docker-registry`` configuration: filesystem storage at ``storage_root``, 127.0.0.1:``port``,
+    every request in the access log; no auth, no middleware, no proxy (callers add those)."""
+    return {
+        "version": 0.1,
+        "log": {
+            "level": "info",
+            "formatter": "json",
+            # The combined-format access log (stdout) lists every request;
+            # the JSON "response completed" lines skip 4xx answers.
+            "accesslog": {"disabled": False},
+        },
+        "storage": {
+            "filesystem": {"rootdirectory": str(storage_root)},
+            "delete": {"enabled": True},
+            # No background upload purging in the middle of a test.
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        },
+        "http": {
+            "addr": f"127.0.0.1:{port}",
+            # Same secret for both instances and across restarts, so upload
+            # state stays valid.
+            "secret": "bed-registry-secret",
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
+    }
+
+
 class RegistryError(RuntimeError):
     pass
 
@@ -166,13 +194,18 @@ class Registry(ProcessOwner):
         realm: str = DOCKER_HUB_REALM,
         service: str = DEFAULT_SERVICE,
         htpasswd: Path | None = None,
+        storage_root: Path | None = None,
     ) -> None:
-        """`htpasswd`: basic auth against that file (bcrypt) instead of token auth."""
+        """`htpasswd`: basic auth against that file (bcrypt) instead of token auth.
+
+        `storage_root`: another registry's storage to serve (default: its own, `workdir/storage`),
+        e.g. the same images under other auth and redirect host names.
+        """
         self.htpasswd = htpasswd
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.token_server = token_server
-        self.storage_root = self.workdir / "storage"
+        self.storage_root = storage_root or self.workdir / "storage"
         self.storage_root.mkdir(exist_ok=True)
         self.realm = realm
         self.service = service
@@ -207,29 +240,7 @@ class Registry(ProcessOwner):
         return f"127.0.0.1:{self._admin.port}"
 
     def _base_config(self, port: int) -> dict[str, object]:
-        return {
-            "version": 0.1,
-            "log": {
-                "level": "info",
-                "formatter": "json",
-                # The combined-format access log (stdout) lists every request;
-                # the JSON "response completed" lines skip 4xx answers.
-                "accesslog": {"disabled": False},
-            },
-            "storage": {
-                "filesystem": {"rootdirectory": str(self.storage_root)},
-                "delete": {"enabled": True},
-                # No background upload purging in the middle of a test.
-                "maintenance": {"uploadpurging": {"enabled": False}},
-            },
-            "http": {
-                "addr": f"127.0.0.1:{port}",
-                # Same secret for both instances and across restarts, so upload
-                # state stays valid.
-                "secret": "bed-registry-secret",
-                "headers": {"X-Content-Type-Options": ["nosniff"]},
-            },
-        }
+        return base_config(self.storage_root, port)
 
     def config(self) -> dict[str, object]:
         """The public instance's configuration."""
