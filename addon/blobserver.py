@@ -17,6 +17,7 @@ import secrets
 from aiohttp import web
 
 from .blobs import BlobPaths, Fill, Fills
+from .metrics import METRICS
 from .routes import API_VERSION_HEADER, error_body
 from .store import Store
 
@@ -34,6 +35,7 @@ class BlobServer:
         self.paths = BlobPaths(secrets.token_hex(16))
         self.port = 0
         app = web.Application()
+        app.on_response_prepare.append(METRICS.count_stored_blob_response)
         app.router.add_get(f"/{self.paths.secret}/blobs/{{digest}}", self._stored_blob)
         app.router.add_get(f"/{self.paths.secret}/fills/{{digest}}", self._filling_blob, allow_head=False)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -50,6 +50,7 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?")
+_LISTEN_HOST_RE = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,8 @@ class Settings:
     offline: bool = False
     max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
     credentials: Mapping[str, Credential] = field(default_factory=dict)
+    # Where the Prometheus endpoint listens (host, port); None: no endpoint.
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -217,6 +220,20 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
     raise ConfigError(key, f"expected a list of hosts or a map host → namespace, got {value!r}")
 
 
+def parse_listen(key: str, value: object) -> tuple[str, int] | None:
+    """`127.0.0.1:9464`, `[::1]:9464` (port 0: any free port); empty, `off` or false: disabled."""
+    if value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    expected = f"expected HOST:PORT such as 127.0.0.1:9464, or off, got {value!r}"
+    if not isinstance(value, str):
+        raise ConfigError(key, expected)
+    host, _, port = value.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or int(port) > 65535 or not _LISTEN_HOST_RE.fullmatch(host):
+        raise ConfigError(key, expected)
+    return host, int(port)
+
+
 def _positive_number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(key, f"expected a number of seconds larger than zero, got {value!r}")
@@ -233,6 +250,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "offline",
         "max_age",
         "credentials",
+        "metrics_listen",
     }
     for key in raw:
         if key not in known:
@@ -265,6 +283,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         }
     if "max_age" in raw:
         values["max_age"] = parse_duration("max_age", raw["max_age"])
+    if "metrics_listen" in raw:
+        values["metrics_listen"] = parse_listen("metrics_listen", raw["metrics_listen"])
     if "offline" in raw:
         if not isinstance(raw["offline"], bool):
             raise ConfigError("offline", f"expected true or false, got {raw['offline']!r}")
