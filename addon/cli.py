@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -181,6 +180,15 @@ def pins(options: argparse.Namespace) -> int:
     return 0
 
 
+def _size(count: float) -> str:
+    """Binary units, as `size_limit` is usually written (50GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 def _when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
 
@@ -216,12 +224,12 @@ def stats(options: argparse.Namespace) -> int:
     summary.add_column(style="bold")
     summary.add_column()
     stored = sum(size for _, size in totals.values())
-    summary.add_row("size", f"{decimal(stored)} of {decimal(store.size_limit)} (size_limit)")
+    summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
     summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
     summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
     summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")
-    summary.add_row("bytes", f"{decimal(usage.bytes_cache)} from cache, {decimal(usage.bytes_upstream)} from upstream")
-    console = Console()
+    summary.add_row("bytes", f"{_size(usage.bytes_cache)} from cache, {_size(usage.bytes_upstream)} from upstream")
+    console = _console()
     console.print(summary)
     if usage.repositories:
         top = Table(title=f"top repositories (of {len(usage.repositories)})")
@@ -245,12 +253,17 @@ def ls(options: argparse.Namespace) -> int:
     for column in ("image", "digest", "size", "last used", "pinned"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for row in rows:
-        table.add_row(row.ref, _short(row.digest), decimal(row.size), _when(row.last_used), "yes" if row.pinned else "")
-    Console().print(table)
+        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), "yes" if row.pinned else "")
+    _console().print(table)
     return 0
 
 
-def _print_plan(plan: Plan, verb: str, dry_run: bool) -> None:
+def _console() -> Console:
+    """On a terminal, its width; into a pipe or file, wide enough that digests and names never fold."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _print_plan(plan: Plan, what: str, dry_run: bool) -> None:
     if dry_run:
         for key in plan.keys:
             size = plan.sizes.get(key)
@@ -262,7 +275,7 @@ def _print_plan(plan: Plan, verb: str, dry_run: bool) -> None:
         for kind, label in (("tag", "tags"), ("manifest", "manifests"), ("blob", "blobs"), ("seen", "access records"))
     )
     staging = f", {len(plan.staging_files)} staging files" if plan.staging_files else ""
-    print(f"{'would ' + verb if dry_run else verb.capitalize() + 'd'}: {counts}{staging}, {decimal(plan.bytes)}")
+    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(plan.bytes)}")
 
 
 def purge(options: argparse.Namespace) -> int:
@@ -294,7 +307,7 @@ def verify(options: argparse.Namespace) -> int:
     outcome = ", kept (--dry-run)" if options.dry_run else ", removed (pulls fetch them again)"
     outcome = outcome if verification.corrupt else ""
     print(
-        f"verified {verification.manifests} manifests and {verification.blobs} blobs, {decimal(verification.bytes)}: "
+        f"verified {verification.manifests} manifests and {verification.blobs} blobs, {_size(verification.bytes)}: "
         f"{len(verification.corrupt)} corrupt{outcome}"
     )
     return 1 if verification.corrupt else 0
@@ -307,21 +320,21 @@ def gc(options: argparse.Namespace) -> int:
     if settings.max_age:
         if options.dry_run:
             unused = store.unused(settings.max_age)
-            print(f"would expire (unused for max_age): {len(unused)} entries, {decimal(sum(s for _, s in unused))}")
+            print(f"would expire (unused for max_age): {len(unused)} entries, {_size(sum(s for _, s in unused))}")
         else:
             removed, freed = store.expire_unused(settings.max_age)
-            print(f"expired (unused for max_age): {removed} entries, {decimal(freed)}")
+            print(f"expired (unused for max_age): {removed} entries, {_size(freed)}")
     plan = plan_gc(store, min_age)
     if not options.dry_run:
         carry_out(store, plan)
-    _print_plan(plan, "remove orphans and leftovers", options.dry_run)
+    _print_plan(plan, "orphans and leftovers", options.dry_run)
     stored = sum(size for _, size in store.entry_totals().values())
     if options.dry_run:
         over = max(0, stored - store.size_limit)
-        print(f"store: {decimal(stored)} of size_limit {decimal(store.size_limit)}; over by {decimal(over)}")
+        print(f"store: {_size(stored)} of size_limit {_size(store.size_limit)}; over by {_size(over)}")
     else:
         removed, freed = store.evict()
-        print(f"evicted (size_limit): {removed} entries, {decimal(freed)}")
+        print(f"evicted (size_limit): {removed} entries, {_size(freed)}")
     return 0
 
 

@@ -255,9 +255,12 @@ class Metrics:
             self.usage.add("bytes cache", count)
 
     async def count_stored_blob_response(self, request: web.Request, response: web.StreamResponse) -> None:
-        """aiohttp `on_response_prepare` signal of the blob server: a stored blob (a `FileResponse`;
-        a fill is a plain stream) is about to be sent, whole or the requested range."""
-        if isinstance(response, web.FileResponse) and request.method != "HEAD" and response.status in (200, 206):
+        """aiohttp `on_response_prepare` signal of the blob server: a stored blob (a `FileResponse`)
+        is about to be sent, whole or the requested range. Not a blob fetched for this very client
+        (a `/fills/` path, streamed, or served from the file once its fill was committed): those
+        bytes count once, as upstream bytes."""
+        stored = isinstance(response, web.FileResponse) and "/fills/" not in request.path
+        if stored and request.method != "HEAD" and response.status in (200, 206):
             self.cache_bytes_sent(response.content_length or 0)
 
 
