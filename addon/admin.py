@@ -53,13 +53,14 @@ class RefPattern:
 
 
 def parse_ref_pattern(text: str, aliases: Mapping[str, str] | None = None) -> RefPattern:
-    """`docker.io`, `ghcr.io`, `localhost:5000/` (a registry: a dot, `localhost`, or a trailing
-    `/`); `docker.io/library/alpine`, `library/alpine`, `alpine` (a repository); any of those with
-    `:TAG`. `aliases` maps registry hosts to their cache namespace (`registry-1.docker.io` →
-    `docker.io`, and the `registries` configuration)."""
+    """`docker.io`, `ghcr.io`, `localhost:5000`, `myhost:5000/` (a registry: a dot or `localhost`
+    in the host, or a trailing `/`); `docker.io/library/alpine`, `library/alpine`, `alpine` (a
+    repository); any of those with `:TAG`. `aliases` maps registry hosts to their cache namespace
+    (`registry-1.docker.io` → `docker.io`, and the `registries` configuration)."""
     aliases = aliases or {}
     text = text.strip()
-    only_registry = text.endswith("/") or ("/" not in text and ("." in text or text.split(":")[0] == "localhost"))
+    host = text.split(":")[0]
+    only_registry = text.endswith("/") or ("/" not in text and ("." in host or host == "localhost"))
     if only_registry:
         namespace, _ = split_registry(text.rstrip("/") + "/x")
         return RefPattern(aliases.get(namespace, namespace))
@@ -136,7 +137,14 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
     covered = [key for key in tags if pattern.covers(tag_ref_of(key))]
     plan = Plan(kept_pinned=sorted(key[4:] for key in covered if key[4:] in pins))
     purged_tags = sorted(key for key in covered if key[4:] not in pins)
-    seen = store.seen_pairs()
+    # A pinned image stays readable through its repository.
+    still_readable = {
+        (f"{tag_ref_of(key).namespace}/{tag_ref_of(key).name}", needed.partition(":")[2])
+        for key in covered
+        if key[4:] in pins
+        for needed in reachable([key], store.needs)
+    }
+    seen = [pair for pair in store.seen_pairs() if pair not in still_readable]
     if pattern.tag:  # a tag of a repository that stays: its own pulls are no reason to keep
         own_repository = f"{pattern.registry}/{pattern.repository}"
         purged_seen: list[tuple[str, str]] = []
