@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from .access import Access, repository
 from .answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
 from .manifests import not_in_offline_cache, unavailable
+from .metrics import METRICS
 from .routes import RegistryRequest
 from .store import BlobStaging, DigestMismatch, Store
 from .upstream import (
@@ -137,6 +138,7 @@ class Fills:
             fill.error = fill.error or f"fill stopped: {describe_error(err)}"
             raise
         finally:
+            METRICS.fill_ended(repository, fill.written, failed=fill.error is not None)
             if staging is not None:
                 staging.discard()
             if response is not None:

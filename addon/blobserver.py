@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from .blobs import Fill, Fills
 from .bloburls import BlobUrls
+from .metrics import METRICS
 from .routes import API_VERSION_HEADER, error_body
 from .store import Store
 
@@ -44,6 +45,7 @@ class BlobServer:
         self.urls = BlobUrls()
         self.host, self.port = listen
         app = web.Application(middlewares=[self._signed_only])
+        app.on_response_prepare.append(METRICS.count_stored_blob_response)
         app.router.add_get("/blobs/{digest}", self._stored_blob)
         app.router.add_get("/fills/{digest}", self._filling_blob, allow_head=False)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -51,8 +51,9 @@ class BundleError(Exception):
     """A bundle or reference that cannot be used; the message says what and where."""
 
 
-def parse_image_ref(text: str) -> TagRef:
-    """`alpine`, `library/alpine:3.20`, `docker.io/library/alpine:3.20`, `ghcr.io/org/app:1`."""
+def split_registry(text: str) -> tuple[str, str]:
+    """(registry namespace, repository[:tag]) of a reference as users write it: a first component
+    with a dot or a port, or `localhost`, names the registry; anything else is Docker Hub's."""
     first, _, rest = text.partition("/")
     if rest and ("." in first or ":" in first or first == "localhost"):
         namespace, remainder = first.lower(), rest
@@ -60,9 +61,19 @@ def parse_image_ref(text: str) -> TagRef:
         namespace, remainder = DOCKER_HUB, text
     if namespace in ("index.docker.io", "registry-1.docker.io"):
         namespace = DOCKER_HUB
+    return namespace, remainder
+
+
+def repository_name(namespace: str, name: str) -> str:
+    """Docker Hub's official images live under `library/`: `alpine` → `library/alpine`."""
+    return f"library/{name}" if namespace == DOCKER_HUB and "/" not in name else name
+
+
+def parse_image_ref(text: str) -> TagRef:
+    """`alpine`, `library/alpine:3.20`, `docker.io/library/alpine:3.20`, `ghcr.io/org/app:1`."""
+    namespace, remainder = split_registry(text)
     name, _, tag = remainder.rpartition(":") if ":" in remainder else (remainder, "", "latest")
-    if namespace == DOCKER_HUB and "/" not in name:
-        name = f"library/{name}"
+    name = repository_name(namespace, name)
     if not NAME_RE.fullmatch(name) or not TAG_RE.fullmatch(tag):
         raise BundleError(f"{text!r} is not an image reference like docker.io/library/alpine:3.20")
     return TagRef(namespace, name, tag)

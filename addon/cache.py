@@ -35,6 +35,7 @@ from addon.blobserver import BlobServer
 from addon.bloburls import reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.manifests import ManifestService, upstream_failed
+from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage, flush_usage_periodically
 from addon.routes import (
     API_VERSION_HEADER,
     INVALID_MESSAGES,
@@ -68,12 +69,14 @@ class Runtime:
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Future[None] | None = None
+        self._usage_flusher: asyncio.Future[None] | None = None
 
     async def started(self) -> None:
         if self._started is None:
             self._started = asyncio.ensure_future(self.blob_server.start())
             if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
                 self._sweeper = asyncio.ensure_future(self._expire_unused())
+            self._usage_flusher = asyncio.ensure_future(flush_usage_periodically(self.store))
         await asyncio.shield(self._started)
 
     async def _expire_unused(self) -> None:
@@ -96,12 +99,16 @@ class Runtime:
         await self.upstream.close()
         if self._started is not None:
             await self.blob_server.stop()
+        if self._usage_flusher is not None:
+            self._usage_flusher.cancel()
+        await asyncio.to_thread(flush_usage, self.store)
         self.store.close()
 
 
 def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
     """Send the flow where `upstreams` says this host really is (no-op for other hosts)."""
     target = settings.upstream_for(flow.request.host, flow.request.port)
+    METRICS.mark_relayed(flow, settings)
     if target is None:
         return
     flow.request.scheme = target.scheme
@@ -145,6 +152,7 @@ class RegistryCache:
     def __init__(self) -> None:
         self.settings = Settings()
         self.runtime: Runtime | None = None
+        self.metrics_endpoint = MetricsEndpoint(METRICS)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -187,6 +195,8 @@ class RegistryCache:
             log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)
             return
         old, self.runtime, self.settings = self.runtime, runtime, settings
+        METRICS.store.store, METRICS.store.size_limit = runtime.store, settings.size_limit
+        self.metrics_endpoint.serve(settings.metrics_listen)
         if old is not None:
             _close_soon(old)
         log.info(
@@ -204,7 +214,11 @@ class RegistryCache:
             _background(self.runtime.started())
 
     def done(self) -> None:
+        self.metrics_endpoint.stop()
+        METRICS.store.store = None
         if self.runtime is not None:
+            # Now: at shutdown the loop may stop before a background close gets to it.
+            flush_usage(self.runtime.store)
             _close_soon(self.runtime)
             self.runtime = None
 
@@ -242,6 +256,7 @@ class RegistryCache:
             log.exception("regcache: %s %s failed", req.method, req.describe())
             decision = error_answer(503, "UNAVAILABLE", "regcache failed on this request; retry", note=repr(err))
         flow.metadata[META] = (decision.result, req.describe(), decision.note)
+        flow.metadata[FLOW_REQUEST] = req
         if isinstance(decision, Answer):
             flow.response = make_response(decision)
         elif isinstance(decision, LocalStream):
@@ -302,10 +317,12 @@ class RegistryCache:
             if flow.response.raw_content:
                 size = str(len(flow.response.raw_content))
             _log_request(flow, f"{flow.response.status_code} {size} B")
+        METRICS.record_flow(flow, flow.metadata[META][0] if META in flow.metadata else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
+        METRICS.record_flow(flow, flow.metadata[META][0] if META in flow.metadata else None)
 
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}

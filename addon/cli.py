@@ -1,6 +1,8 @@
 """The `regcache` command: `run` (mitmdump with the addon and sane defaults), `export` and
 `import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`),
-`pin` / `unpin` / `pins` (images that eviction never removes).
+`pin` / `unpin` / `pins` (images that eviction never removes), and looking after a cache:
+`stats`, `ls`, `purge`, `verify`, `gc` (the store walks are `admin`'s; here they are shown as
+rich tables and progress bars).
 
 The mitmdump argument list lives here (`mitmdump_args`) so that the README's command, the tests and
 any service unit start the proxy the same way.
@@ -10,13 +12,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .admin import (
+    Plan,
+    carry_out,
+    find_corrupt,
+    list_images,
+    parse_ref_pattern,
+    plan_gc,
+    plan_purge,
+    summarize_usage,
+    verify_total,
+)
 from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings, parse_duration
 from .store import DiskStore
 from .warm import warm_all
 
@@ -86,8 +106,8 @@ def run(options: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def open_store(options: argparse.Namespace) -> DiskStore:
-    settings = load_settings(options.config)
+def open_store(options: argparse.Namespace, settings: Settings | None = None) -> DiskStore:
+    settings = settings or load_settings(options.config)
     cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else settings.cache_dir
     # Not the owner: a running regcache may be using the same store (and its staging area).
     return DiskStore(cache_dir, settings.size_limit, owner=False)
@@ -160,6 +180,164 @@ def pins(options: argparse.Namespace) -> int:
     return 0
 
 
+def _size(count: float) -> str:
+    """Binary units, as `size_limit` is usually written (50GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
+
+
+def _short(digest: str) -> str:
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"{algorithm}:{hex_digest[:12]}"
+
+
+def stats(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings)
+    totals = store.entry_totals()
+    usage = summarize_usage(store.counters())
+    if options.json:
+        document = {
+            "store": {
+                "bytes": sum(size for _, size in totals.values()),
+                "size_limit": store.size_limit,
+                "entries": {kind: count for kind, (count, _) in totals.items()},
+            },
+            **asdict(usage),
+            "repositories": [asdict(r) for r in usage.repositories[: options.top]],
+            "hit_ratio": usage.hit_ratio,
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    ratio = "no requests yet" if usage.hit_ratio is None else f"{usage.hit_ratio:.1%}"
+    results = ", ".join(f"{result} {count}" for result, count in sorted(usage.requests.items()))
+    saved = sum(usage.pulls_saved.values())
+    by_registry = ", ".join(f"{registry} {count}" for registry, count in sorted(usage.pulls_saved.items()))
+    summary = Table(title=f"regcache {store.cache_dir}", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    stored = sum(size for _, size in totals.values())
+    summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
+    summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
+    summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
+    summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")
+    summary.add_row("bytes", f"{_size(usage.bytes_cache)} from cache, {_size(usage.bytes_upstream)} from upstream")
+    console = _console()
+    console.print(summary)
+    if usage.repositories:
+        top = Table(title=f"top repositories (of {len(usage.repositories)})")
+        for column in ("repository", "pulls", "pulls saved", "requests", "from cache"):
+            top.add_column(column, justify="left" if column == "repository" else "right")
+        for repo in usage.repositories[: options.top]:
+            share = f"{repo.from_store / repo.requests:.0%}" if repo.requests else "-"
+            top.add_row(repo.repository, str(repo.pulls), str(repo.pulls_saved), str(repo.requests), share)
+        console.print(top)
+    return 0
+
+
+def ls(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    pattern = parse_ref_pattern(options.ref, settings.registries) if options.ref else None
+    rows = list_images(open_store(options, settings), pattern)
+    if options.json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+        return 0
+    table = Table(title=f"cached images{f' in {pattern}' if pattern else ''}: {len(rows)}")
+    for column in ("image", "digest", "size", "last used", "pinned"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for row in rows:
+        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), "yes" if row.pinned else "")
+    _console().print(table)
+    return 0
+
+
+def _console() -> Console:
+    """On a terminal, its width; into a pipe or file, wide enough that digests and names never fold."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _print_plan(plan: Plan, what: str, dry_run: bool) -> None:
+    if dry_run:
+        for key in plan.keys:
+            size = plan.sizes.get(key)
+            print(f"  {key}{f' ({size} B)' if size else ''}")
+        for path in plan.staging_files:
+            print(f"  staging file {path}")
+    counts = ", ".join(
+        f"{plan.count(kind)} {label}"
+        for kind, label in (("tag", "tags"), ("manifest", "manifests"), ("blob", "blobs"), ("seen", "access records"))
+    )
+    staging = f", {len(plan.staging_files)} staging files" if plan.staging_files else ""
+    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(plan.bytes)}")
+
+
+def purge(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings)
+    pattern = parse_ref_pattern(options.ref, settings.registries)
+    plan = plan_purge(store, pattern)
+    for ref in plan.kept_pinned:
+        print(f"kept {ref}: pinned (regcache unpin {ref} first)")
+    if not plan.keys:
+        print(f"nothing in the cache to purge for {pattern}")
+        return 0
+    if not options.dry_run:
+        carry_out(store, plan)
+    _print_plan(plan, f"purge {pattern}", options.dry_run)
+    return 0
+
+
+def verify(options: argparse.Namespace) -> int:
+    store = open_store(options)
+    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("verify", total=verify_total(store))
+        verification = find_corrupt(store, lambda count: progress.advance(task, count))
+    for found in verification.corrupt:
+        print(f"CORRUPT {found.key}: {found.problem}{'' if options.dry_run else ' (removed)'}")
+    if verification.corrupt and not options.dry_run:
+        store.remove(found.key for found in verification.corrupt)
+    outcome = ", kept (--dry-run)" if options.dry_run else ", removed (pulls fetch them again)"
+    outcome = outcome if verification.corrupt else ""
+    print(
+        f"verified {verification.manifests} manifests and {verification.blobs} blobs, {_size(verification.bytes)}: "
+        f"{len(verification.corrupt)} corrupt{outcome}"
+    )
+    return 1 if verification.corrupt else 0
+
+
+def gc(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings)
+    min_age = parse_duration("--min-age", options.min_age)
+    if settings.max_age:
+        if options.dry_run:
+            unused = store.unused(settings.max_age)
+            print(f"would expire (unused for max_age): {len(unused)} entries, {_size(sum(s for _, s in unused))}")
+        else:
+            removed, freed = store.expire_unused(settings.max_age)
+            print(f"expired (unused for max_age): {removed} entries, {_size(freed)}")
+    plan = plan_gc(store, min_age)
+    if not options.dry_run:
+        carry_out(store, plan)
+    _print_plan(plan, "orphans and leftovers", options.dry_run)
+    stored = sum(size for _, size in store.entry_totals().values())
+    if options.dry_run:
+        over = max(0, stored - store.size_limit)
+        print(f"store: {_size(stored)} of size_limit {_size(store.size_limit)}; over by {_size(over)}")
+    else:
+        removed, freed = store.evict()
+        print(f"evicted (size_limit): {removed} entries, {_size(freed)}")
+    return 0
+
+
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML configuration whose cache_dir to use")
     parser.add_argument("--cache-dir", help="the cache directory (default: cache_dir of --config, or the default)")
@@ -215,6 +393,48 @@ def main(argv: list[str] | None = None) -> int:
         "--platform", action="append", help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable)"
     )
     warm_parser.set_defaults(handler=warm)
+
+    stats_parser = commands.add_parser("stats", help="store size, hit ratio, pulls saved, top repositories")
+    _store_options(stats_parser)
+    stats_parser.add_argument("--top", type=int, default=10, help="how many repositories to show (default 10)")
+    stats_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    stats_parser.set_defaults(handler=stats)
+
+    ls_parser = commands.add_parser("ls", help="list cached images: tag, digest, size, last use")
+    _store_options(ls_parser)
+    ls_parser.add_argument("ref", nargs="?", help="only this registry, repository or tag, e.g. docker.io/library")
+    ls_parser.add_argument("--json", action="store_true", help="print JSON (full digests, sizes in bytes)")
+    ls_parser.set_defaults(handler=ls)
+
+    purge_parser = commands.add_parser(
+        "purge", help="remove a tag, repository or registry, and the content only it needed (pins are kept)"
+    )
+    _store_options(purge_parser)
+    purge_parser.add_argument(
+        "ref",
+        help="docker.io/library/alpine:3.20 (a tag), docker.io/library/alpine (a repository), ghcr.io (a registry)",
+    )
+    purge_parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    purge_parser.set_defaults(handler=purge)
+
+    verify_parser = commands.add_parser(
+        "verify", help="rehash every stored manifest and blob; remove corrupt ones (exit 1 if any)"
+    )
+    _store_options(verify_parser)
+    verify_parser.add_argument("--dry-run", "--keep", dest="dry_run", action="store_true", help="only report them")
+    verify_parser.set_defaults(handler=verify)
+
+    gc_parser = commands.add_parser(
+        "gc", help="expire unused content (max_age), remove orphans and staging leftovers, trim to size_limit"
+    )
+    _store_options(gc_parser)
+    gc_parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc_parser.add_argument(
+        "--min-age",
+        default="1h",
+        help="leave orphans and staging files younger than this alone: pulls in progress (default 1h; 0 = all)",
+    )
+    gc_parser.set_defaults(handler=gc)
 
     options = parser.parse_args(argv)
     if options.command == "run" and options.mitmdump_args[:1] == ["--"]:

@@ -7,6 +7,7 @@ key, wrong type, unparsable size or URL, unreadable file) raises `ConfigError` n
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?")
+_LISTEN_HOST_RE = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,8 @@ class Settings:
     blob_redirect: bool = True
     blob_listen: tuple[str, int] = ("127.0.0.1", 0)
     blob_url: str | None = None
+    # Where the Prometheus endpoint listens (host, port); None: no endpoint.
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -221,16 +225,22 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
     raise ConfigError(key, f"expected a list of hosts or a map host → namespace, got {value!r}")
 
 
-def parse_listen(key: str, value: object) -> tuple[str, int]:
-    """`host:port` (`[v6]:port`); port 0 picks a free one."""
-    parts = urlsplit(f"//{value}") if isinstance(value, str) else None
-    try:
-        port = parts.port if parts is not None else None
-    except ValueError:
-        port = None
-    if parts is None or parts.hostname is None or port is None or parts.path or parts.username:
-        raise ConfigError(key, f"expected host:port such as 127.0.0.1:5080 (port 0: any free port), got {value!r}")
-    return parts.hostname, port
+def parse_listen(key: str, value: object, example: str, can_be_off: bool = False) -> tuple[str, int] | None:
+    """`host:port` (`[v6]:port`); port 0 picks a free one. With `can_be_off`: empty, `off` or
+    false disable it (None)."""
+    off = value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off"))
+    if can_be_off and off:
+        return None
+    host, port = None, None
+    if isinstance(value, str):
+        parts = urlsplit(f"//{value.strip()}")
+        with contextlib.suppress(ValueError):  # a port that is not a number, or out of range
+            port = parts.port
+        host = None if parts.path or parts.username else parts.hostname
+    if host is None or port is None or not _LISTEN_HOST_RE.fullmatch(host):
+        expected = f"expected HOST:PORT such as {example}{', or off' if can_be_off else ''} (port 0: any free port)"
+        raise ConfigError(key, f"{expected}, got {value!r}")
+    return host, port
 
 
 def parse_blob_url(key: str, value: object) -> str:
@@ -265,6 +275,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "blob_redirect",
         "blob_listen",
         "blob_url",
+        "metrics_listen",
     }
     for key in raw:
         if key not in known:
@@ -297,12 +308,14 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         }
     if "max_age" in raw:
         values["max_age"] = parse_duration("max_age", raw["max_age"])
+    if "metrics_listen" in raw:
+        values["metrics_listen"] = parse_listen("metrics_listen", raw["metrics_listen"], "127.0.0.1:9464", True)
     if "offline" in raw:
         values["offline"] = _bool("offline", raw["offline"])
     if "blob_redirect" in raw:
         values["blob_redirect"] = _bool("blob_redirect", raw["blob_redirect"])
     if "blob_listen" in raw:
-        values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"])
+        values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080") or ("", 0)
     if raw.get("blob_url") is not None:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
     return Settings(**values)  # type: ignore[arg-type]

@@ -13,6 +13,9 @@ Consistency rules:
 - a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
 - leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
   served.
+
+Besides content, the store keeps small bookkeeping entries that are never evicted: `pins`,
+`realm-hosts` and `usage-counters` (the totals `regcache stats` shows, added to in batches).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -73,6 +77,13 @@ class TagRef:
         return f"{self.namespace}/{self.name}:{self.tag}"
 
 
+def tag_ref_of(key: str) -> TagRef:
+    """The tag of a `tag:<namespace>/<name>:<tag>` store key."""
+    namespace, _, rest = key.removeprefix("tag:").partition("/")
+    name, _, tag = rest.rpartition(":")
+    return TagRef(namespace, name, tag)
+
+
 def accept_key(accepted: tuple[str, ...]) -> str:
     """Tags resolve per registry, repository, tag *and* accepted media types."""
     return ",".join(accepted)
@@ -97,6 +108,33 @@ def referenced_digests(manifest: Manifest) -> list[str]:
     except ValueError:
         return []
     return [d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
+
+
+def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[str]:
+    """Every store key reachable from `roots` (tag records, manifests) through `needs`: a tag
+    record needs its manifests, an index its platform manifests, an image manifest its blobs."""
+    found: set[str] = set()
+    pending = list(roots)
+    while pending:
+        key = pending.pop()
+        if key not in found:
+            found.add(key)
+            pending += needs(key)
+    return found
+
+
+# The entry kinds in the store, by key prefix (`blob:<digest>`, `tag:<ref>`, ...).
+ENTRY_TYPES = ("blob", "manifest", "tag", "seen")
+# Bookkeeping entries: never evicted, expired or purged.
+BOOKKEEPING_KEYS = ("pins", "realm-hosts", "usage-counters")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A store entry as the admin tools see it: its size in bytes and its last use (epoch seconds)."""
+
+    size: int
+    last_use: float
 
 
 class BlobStaging:
@@ -135,6 +173,8 @@ class BlobStaging:
 
 
 class Store(Protocol):
+    staging_dir: Path  # fills and imports in progress
+
     def has_blob(self, digest: str) -> bool: ...
     def blob_size(self, digest: str) -> int | None: ...
     def blob_path(self, digest: str) -> str | None: ...
@@ -155,6 +195,18 @@ class Store(Protocol):
     def unpin(self, ref: TagRef) -> bool: ...
     def evict(self) -> tuple[int, int]: ...
     def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]: ...
+    def unused(self, max_age: float, now: float | None = None) -> list[tuple[str, int]]: ...
+    # usage counters and size, for metrics and `regcache stats`
+    def add_counters(self, deltas: Mapping[str, int]) -> None: ...
+    def counters(self) -> dict[str, int]: ...
+    def entry_totals(self) -> dict[str, tuple[int, int]]: ...
+    # what the admin tools (`regcache ls/purge/verify/gc`) walk and remove; none of it counts as a use
+    def entries(self) -> dict[str, Entry]: ...
+    def needs(self, key: str) -> list[str]: ...
+    def peek_manifest(self, digest: str) -> Manifest | None: ...
+    def blob_file(self, digest: str) -> Path | None: ...
+    def seen_pairs(self) -> list[tuple[str, str]]: ...
+    def remove(self, keys: Iterable[str]) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
 
@@ -254,13 +306,7 @@ class DiskStore:
 
     # tags ----------------------------------------------------------------------------------
     def tag_refs(self) -> list[TagRef]:
-        refs = []
-        for key in self._cache.iterkeys():
-            if isinstance(key, str) and key.startswith("tag:"):
-                namespace, _, rest = key[4:].partition("/")
-                name, _, tag = rest.rpartition(":")
-                refs.append(TagRef(namespace, name, tag))
-        return refs
+        return [tag_ref_of(key) for key in self._cache.iterkeys() if isinstance(key, str) and key.startswith("tag:")]
 
     # One entry per tag, holding what it resolved to for each set of accepted media types, so a
     # replay can fall back to another client's record of the same tag.
@@ -316,17 +362,8 @@ class DiskStore:
 
     def protected_digests(self) -> set[str]:
         """Every manifest and blob a pinned image needs."""
-        protected: set[str] = set()
-        pending = list(self.pins().values())
-        while pending:
-            digest = pending.pop()
-            if digest in protected:
-                continue
-            protected.add(digest)
-            manifest = self.get_manifest(digest)
-            if manifest is not None:
-                pending += referenced_digests(manifest)
-        return protected
+        pinned = reachable((f"manifest:{digest}" for digest in self.pins().values()), self.needs)
+        return {key.partition(":")[2] for key in pinned}
 
     def evict(self) -> tuple[int, int]:
         """Bring the store under `size_limit` (to 90 % of it, so that not every commit evicts):
@@ -346,12 +383,16 @@ class DiskStore:
     def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]:
         """Remove blobs, manifests and tag records unused for `max_age` seconds, pinned content
         never. Returns (entries, bytes) removed."""
-        cutoff = (time.time() if now is None else now) - max_age
         removed = freed = 0
-        for key, size, last_use in self._evictable():
-            if last_use < cutoff and self._cache.delete(key):
+        for key, size in self.unused(max_age, now):
+            if self._cache.delete(key):
                 removed, freed = removed + 1, freed + size
         return removed, freed
+
+    def unused(self, max_age: float, now: float | None = None) -> list[tuple[str, int]]:
+        """(key, size) of what `expire_unused` would remove."""
+        cutoff = (time.time() if now is None else now) - max_age
+        return [(key, size) for key, size, last_use in self._evictable() if last_use < cutoff]
 
     def _evictable(self) -> list[tuple[str, int, float]]:
         """(key, size, last use) of every entry that may go. An entry's last use is the latest
@@ -363,7 +404,7 @@ class DiskStore:
         rows = self._cache._sql("SELECT key, size, access_time FROM Cache WHERE raw = 1").fetchall()
         sizes = {key: size for key, size, _ in rows if isinstance(key, str)}
         last_use = {key: access for key, _, access in rows if isinstance(key, str)}
-        needs = {key: self._needs(key) for key in sizes if key.startswith(("tag:", "manifest:"))}
+        needs = {key: self.needs(key) for key in sizes if key.startswith(("tag:", "manifest:"))}
         for _ in range(3):  # tag → index → platform manifest → blobs
             for key, needed in needs.items():
                 for other in needed:
@@ -374,10 +415,10 @@ class DiskStore:
         return [
             (key, sizes[key], last_use[key])
             for key in sizes
-            if key not in ("pins", "realm-hosts") and key not in pinned_tags and key.partition(":")[2] not in protected
+            if key not in BOOKKEEPING_KEYS and key not in pinned_tags and key.partition(":")[2] not in protected
         ]
 
-    def _needs(self, key: str) -> list[str]:
+    def needs(self, key: str) -> list[str]:
         """The entries a tag record or manifest refers to (read without counting as a use)."""
         raw = self._peek(key)
         try:
@@ -402,6 +443,71 @@ class DiskStore:
             return self._cache._disk.fetch(row[0], row[1], row[2], False)
         except OSError:
             return None
+
+    # usage counters ------------------------------------------------------------------------
+    # One entry of running totals (name → count). The proxy adds its deltas every few seconds,
+    # never once per request.
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        with self._cache.transact():
+            totals = self.counters()
+            for name, delta in deltas.items():
+                totals[name] = totals.get(name, 0) + delta
+            self._cache.set("usage-counters", json.dumps(totals, sort_keys=True))
+
+    def counters(self) -> dict[str, int]:
+        raw = self._peek("usage-counters")
+        return dict(json.loads(raw)) if isinstance(raw, str) else {}
+
+    # size and contents, read without counting as a use ---------------------------------------
+    # Inline values (small manifests, tag records) have size 0 in diskcache's table: count their length.
+    _ENTRY_SIZE = "CASE WHEN filename IS NULL THEN coalesce(length(value), 0) ELSE size END"
+
+    def entry_totals(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) per entry type (`ENTRY_TYPES`, plus `other`), from one aggregate query."""
+        kind = "substr(key, 1, instr(key, ':') - 1)"
+        rows = self._cache._sql(
+            f"SELECT {kind}, count(*), sum({self._ENTRY_SIZE}) FROM Cache WHERE raw = 1 GROUP BY {kind}"
+        ).fetchall()
+        totals = dict.fromkeys((*ENTRY_TYPES, "other"), (0, 0))
+        for prefix, count, size in rows:
+            entry_type = prefix if prefix in ENTRY_TYPES else "other"
+            before = totals[entry_type]
+            totals[entry_type] = (before[0] + count, before[1] + (size or 0))
+        return totals
+
+    def entries(self) -> dict[str, Entry]:
+        """Every blob, manifest and tag record: key → size and last use."""
+        rows = self._cache._sql(
+            f"SELECT key, {self._ENTRY_SIZE}, access_time FROM Cache WHERE raw = 1 "
+            "AND (key LIKE 'blob:%' OR key LIKE 'manifest:%' OR key LIKE 'tag:%')"
+        ).fetchall()
+        return {key: Entry(size, access) for key, size, access in rows}
+
+    def peek_manifest(self, digest: str) -> Manifest | None:
+        raw = self._peek(f"manifest:{digest}")
+        if not isinstance(raw, bytes):
+            return None
+        media_type, _, body = raw.partition(b"\n")
+        return Manifest(media_type.decode(), body)
+
+    def blob_file(self, digest: str) -> Path | None:
+        """Where a stored blob's bytes are (the file itself may be gone from a damaged store)."""
+        row = self._cache._sql("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (f"blob:{digest}",)).fetchone()
+        return Path(self._cache.directory) / row[0] if row and row[0] else None
+
+    def seen_pairs(self) -> list[tuple[str, str]]:
+        """(repository, digest) of every object known to belong to a repository (access checks)."""
+        rows = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'seen:%'").fetchall()
+        return [(key[5:].rpartition("@")[0], key.rpartition("@")[2]) for (key,) in rows if "@" in key]
+
+    def remove(self, keys: Iterable[str]) -> tuple[int, int]:
+        """Delete these entries (bookkeeping entries never); (entries, bytes) removed."""
+        removed = freed = 0
+        for key in keys:
+            row = self._cache._sql(f"SELECT {self._ENTRY_SIZE} FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+            if key not in BOOKKEEPING_KEYS and row is not None and self._cache.delete(key):
+                removed, freed = removed + 1, freed + row[0]
+        return removed, freed
 
     def close(self) -> None:
         self._cache.close()

@@ -28,6 +28,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Credential, Settings
+from .metrics import METRICS, registry_label
 from .routes import HOP_BY_HOP, parse_path
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class UpstreamClient:
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
                 raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+            METRICS.upstream_answered(registry_label(self._settings, *origin_of(url)), method, response.headers)
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
@@ -186,6 +188,7 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
         finally:
             response.release()
+        METRICS.upstream_bytes(len(body))
         return UpstreamAnswer(response.status, response.headers, body)
 
     def blob_timeout(self) -> aiohttp.ClientTimeout:
@@ -207,6 +210,12 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         body += chunk
     return bytes(body)
+
+
+def origin_of(url: str) -> tuple[str, int | None]:
+    """The host and port a URL names (before `upstreams` re-targeting)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port
 
 
 def scope_of(url: str) -> str:

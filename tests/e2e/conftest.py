@@ -35,7 +35,13 @@ def regcache_with(
 
     def start(options: dict[str, str] | None = None, **settings: object) -> Mitmdump:
         workdir = tmp_path / (f"regcache{len(started)}" if started else "")
-        config = {"cache_dir": str(workdir / "cache"), "upstreams": bed_hostmap, "upstream_timeout": 10, **settings}
+        config = {
+            "cache_dir": str(workdir / "cache"),
+            "upstreams": bed_hostmap,
+            "upstream_timeout": 10,
+            "metrics_listen": "127.0.0.1:0",  # a free port: see Mitmdump.metrics_url
+            **settings,
+        }
         proxy = Mitmdump(workdir, config, proxy_confdir, options=options)
         started.append(proxy)
         proxy.start()

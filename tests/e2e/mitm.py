@@ -18,6 +18,7 @@ from bed.mitm import MitmDump
 from addon.cli import mitmdump_args
 
 RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD) (\S+)")
+METRICS_LINE = re.compile(r"regcache: metrics at (http://\S+/metrics)")
 
 
 class Mitmdump(MitmDump):
@@ -42,6 +43,12 @@ class Mitmdump(MitmDump):
             confdir=confdir,
             port=port,
         )
+
+    def metrics_url(self) -> str:
+        """Where this regcache serves its Prometheus metrics (the latest start's port)."""
+        found = METRICS_LINE.findall(self.log())
+        assert found, "regcache logged no metrics endpoint"
+        return str(found[-1])
 
     def results(self, since: int = 0) -> list[tuple[str, str, str]]:
         """(result, method, what) for every registry request logged since `since` (a :meth:`mark`)."""

@@ -27,6 +27,7 @@ def write_config(tmp_path: Path, upstream_port: int, timeout: float) -> str:
         "cache_dir": str(tmp_path / "cache"),
         "upstreams": {"registry-1.docker.io": f"http://127.0.0.1:{upstream_port}"},
         "upstream_timeout": timeout,
+        "metrics_listen": "off",  # tests that need the endpoint pick a free port
     }
     path.write_text(yaml.safe_dump(config))
     return str(path)

@@ -177,3 +177,28 @@ def test_bad_credentials_name_the_key(tmp_path: Path, text: str, key: str) -> No
 )
 def test_registrable_domain(host: str, domain: str) -> None:
     assert registrable_domain(host) == domain
+
+
+@pytest.mark.parametrize(
+    ("text", "listen"),
+    [
+        ("metrics_listen: 127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("metrics_listen: '[::1]:0'", ("::1", 0)),
+        ("metrics_listen: localhost:9464", ("localhost", 9464)),
+        ("metrics_listen: off", None),  # YAML's boolean false
+        ("metrics_listen: 'off'", None),
+        ("metrics_listen: ''", None),
+    ],
+)
+def test_metrics_listen(tmp_path: Path, text: str, listen: tuple[str, int] | None) -> None:
+    assert load_settings(write(tmp_path, text)).metrics_listen == listen
+
+
+def test_metrics_listen_defaults_to_loopback() -> None:
+    assert load_settings(None).metrics_listen == ("127.0.0.1", 9464)
+
+
+@pytest.mark.parametrize("value", ["9464", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "a b:1", "true"])
+def test_bad_metrics_listen_names_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics_listen: expected HOST:PORT such as 127\.0\.0\.1:9464, or off"):
+        load_settings(write(tmp_path, f"metrics_listen: {value}"))
