@@ -1,11 +1,11 @@
-"""The `regcache` command: `run` (mitmdump with the addon and sane defaults), `export` and
+"""The `regcache` command: `run` (the proxy with the addon and sane defaults), `export` and
 `import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`),
 `pin` / `unpin` / `pins` (images that eviction never removes), and looking after a cache:
 `stats`, `ls`, `purge`, `verify`, `gc` (the store walks are `admin`'s; here they are shown as
 rich tables and progress bars).
 
-The mitmdump argument list lives here (`mitmdump_args`) so that the README's command, the tests and
-any service unit start the proxy the same way.
+The proxy's argument list lives here (`proxy_args`; `mitmdump_args` for plain mitmdump) so that the
+README's commands, the tests and any service unit start the proxy the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -37,6 +36,7 @@ from .admin import (
 )
 from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
 from .config import ConfigError, Settings, load_settings, parse_duration
+from .server import serve
 from .store import DiskStore
 from .warm import warm_all
 
@@ -44,10 +44,9 @@ ADDON = Path(__file__).resolve().parent / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
 
 
-def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
+def proxy_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
+    """The proxy options of `regcache run` (mitmdump's command line syntax)."""
     args = [
-        "-s",
-        str(ADDON),
         "--listen-host",
         host,
         "--listen-port",
@@ -61,13 +60,16 @@ def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> li
         # Stream anything large that is not ours (our own blob flows are streamed per flow).
         "--set",
         "stream_large_bodies=1m",
-        # Our own one line per registry request replaces mitmdump's flow dump.
-        "--set",
-        "flow_detail=0",
     ]
     if config:
         args += ["--set", f"regcache_config={Path(config).resolve()}"]
     return args
+
+
+def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
+    """The same proxy with mitmdump itself: `mitmdump ARGS` (all of mitmdump's addons loaded)."""
+    # Our own one line per registry request replaces mitmdump's flow dump.
+    return ["-s", str(ADDON), *proxy_args(config, host, port, confdir), "--set", "flow_detail=0"]
 
 
 def dockerd_instructions(proxy: str, ca_cert: Path) -> str:
@@ -93,17 +95,13 @@ def run(options: argparse.Namespace) -> int:
         return 2
     confdir = Path(options.confdir).resolve()
     confdir.mkdir(parents=True, exist_ok=True)
-    mitmdump = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or shutil.which("mitmdump")
-    if mitmdump is None:
-        print("regcache: mitmdump not found; install regcache's dependencies first", file=sys.stderr)
-        return 2
     proxy = f"http://{options.listen_host}:{options.port}"
     print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
     print(dockerd_instructions(proxy, confdir / CA_CERT), flush=True)
-    args = mitmdump_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args
     os.environ.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach a redirected log file at once
-    os.execv(mitmdump, [mitmdump, *args])
-    return 0  # not reached
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    serve(proxy_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args)
+    return 0
 
 
 def open_store(options: argparse.Namespace, settings: Settings | None = None) -> DiskStore:
@@ -346,12 +344,16 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regcache", description="Docker/OCI registry pull-through cache")
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="start the cache (mitmdump with the regcache addon)")
+    run_parser = commands.add_parser("run", help="start the cache (mitmproxy with the regcache addon)")
     run_parser.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     run_parser.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     run_parser.add_argument("--port", type=int, default=3128, help="port to listen on (default 3128)")
     run_parser.add_argument("--confdir", default="certs", help="mitmproxy confdir holding the CA (default ./certs)")
-    run_parser.add_argument("mitmdump_args", nargs=argparse.REMAINDER, help="further mitmdump arguments after --")
+    run_parser.add_argument(
+        "mitmdump_args",
+        nargs=argparse.REMAINDER,
+        help="further mitmproxy arguments after -- (as for mitmdump: --set KEY=VALUE, --mode, -s SCRIPT)",
+    )
     run_parser.set_defaults(handler=run)
 
     export_parser = commands.add_parser(

@@ -25,7 +25,7 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
 * ``reference``: a second ``docker-registry`` in proxy mode (``proxy: {remoteurl: <direct upstream>}``,
   no credentials: the bed's token server grants anonymous pulls), clients pull from it over plain
   HTTP on 127.0.0.1.
-* ``regcache``: ``mitmdump -s addon/cache.py`` started as ``regcache run`` starts it
+* ``regcache``: ``regcache run`` (mitmproxy with the regcache addon), as ``scripts/run`` starts it
   (``tests/e2e/mitm.py``), its ``upstreams`` mapping Docker Hub's names to a second instance of the
   same upstream registry (same storage, token server and CDN) that uses Docker Hub's realm and CDN
   names; clients pull ``registry-1.docker.io/library/…`` with ``HTTPS_PROXY`` and the proxy CA
@@ -670,7 +670,7 @@ class ReferenceCache:
 
 
 class RegcacheCache:
-    """``mitmdump -s addon/cache.py`` with an empty cache dir, on the port dockerd's environment names."""
+    """``regcache run`` with an empty cache dir, on the port dockerd's environment names."""
 
     path = REGCACHE
     registry = None

@@ -63,7 +63,10 @@ class MitmDump(ProcessOwner):
         confdir: str | Path | None = None,
         port: int = 0,
         env: dict[str, str] | None = None,
+        program: Callable[[], str] | None = None,
     ) -> None:
+        """``program``: what to run instead of mitmdump (a command taking mitmdump's arguments)."""
+        self.program = program or mitmdump_bin
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.confdir = Path(confdir) if confdir else self.workdir / "conf"
@@ -89,7 +92,7 @@ class MitmDump(ProcessOwner):
             return
         # Without it the "listening at" line sits in a pipe buffer.
         env = {**without_proxies(), "PYTHONUNBUFFERED": "1", **self.extra_env}
-        cmd = [mitmdump_bin(), *self.args(self.port)]
+        cmd = [self.program(), *self.args(self.port)]
         self._process.start(cmd, env, self._listening, timeout=timeout, error=MitmError)
 
     def _listening(self) -> bool:

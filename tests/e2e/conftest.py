@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests: a real regcache (mitmdump -s addon/cache.py) in front of the bed."""
+"""Fixtures for end-to-end tests: a real regcache (`regcache run`) in front of the bed."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def proxy_confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def regcache_with(
     tmp_path: Path, proxy_confdir: Path, bed_hostmap: dict[str, str]
 ) -> Iterator[Callable[..., Mitmdump]]:
-    """``start(options=None, **settings)``: a regcache with an empty store in front of the bed, plus
-    YAML `settings` and mitmproxy `options`."""
+    """``start(options=None, mitmdump=False, **settings)``: a regcache with an empty store in front of
+    the bed, plus YAML `settings` and mitmproxy `options`; `mitmdump`: as `mitmdump -s addon/cache.py`."""
     started: list[Mitmdump] = []
 
-    def start(options: dict[str, str] | None = None, **settings: object) -> Mitmdump:
+    def start(options: dict[str, str] | None = None, mitmdump: bool = False, **settings: object) -> Mitmdump:
         workdir = tmp_path / (f"regcache{len(started)}" if started else "")
         config = {
             "cache_dir": str(workdir / "cache"),
@@ -42,7 +42,7 @@ def regcache_with(
             "metrics_listen": "127.0.0.1:0",  # a free port: see Mitmdump.metrics_url
             **settings,
         }
-        proxy = Mitmdump(workdir, config, proxy_confdir, options=options)
+        proxy = Mitmdump(workdir, config, proxy_confdir, options=options, mitmdump=mitmdump)
         started.append(proxy)
         proxy.start()
         return proxy

@@ -1,15 +1,16 @@
-"""regcache under test: a real ``mitmdump -s addon/cache.py``, started like ``regcache run``.
+"""regcache under test: a real ``regcache run`` (or ``mitmdump -s addon/cache.py``).
 
-Owns: writing regcache's YAML config, starting mitmdump with exactly the
-arguments ``regcache run`` uses (:func:`addon.cli.mitmdump_args`), and
-reading regcache's one-line-per-request results from its log. Running the
-process (port kept across restarts, readiness, stop, log, peak memory) is
-:class:`bed.mitm.MitmDump`'s.
+Owns: writing regcache's YAML config, starting the venv's ``regcache run``
+(by default) or mitmdump with the arguments the README gives for it
+(:func:`addon.cli.mitmdump_args`), and reading regcache's one-line-per-request
+results from its log. Running the process (port kept across restarts,
+readiness, stop, log, peak memory) is :class:`bed.mitm.MitmDump`'s.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -31,17 +32,26 @@ class Mitmdump(MitmDump):
         confdir: Path,
         port: int = 0,
         options: dict[str, str] | None = None,
+        mitmdump: bool = False,
     ) -> None:
-        """`options`: further mitmproxy options (`--set KEY=VALUE`), e.g. proxyauth."""
+        """`options`: further mitmproxy options (`--set KEY=VALUE`), e.g. proxyauth.
+        `mitmdump`: run `mitmdump -s addon/cache.py` rather than `regcache run`."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "regcache.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         extra = [arg for key, value in (options or {}).items() for arg in ("--set", f"{key}={value}")]
+        config_path = str(self.config_path)
+
+        def run_args(port: int) -> list[str]:
+            where = ["--listen-host", "127.0.0.1", "--port", str(port), "--confdir", str(confdir)]
+            return ["run", "--config", config_path, *where, "--", *extra]
+
         super().__init__(
             workdir,
-            lambda port: mitmdump_args(str(self.config_path), "127.0.0.1", port, confdir) + extra,
+            (lambda port: mitmdump_args(config_path, "127.0.0.1", port, confdir) + extra) if mitmdump else run_args,
             confdir=confdir,
             port=port,
+            program=None if mitmdump else lambda: str(Path(sys.executable).with_name("regcache")),
         )
 
     def metrics_url(self) -> str:

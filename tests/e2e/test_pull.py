@@ -12,6 +12,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,26 @@ def test_dockerd_cold_then_warm(
     assert revalidation_only(upstream_registry, registry_mark) == []
     assert upstream_registry.manifest_heads(registry_mark) >= 1  # the tag was revalidated
     assert cdn.count(since=cdn_mark) == 0
+
+
+def test_plain_mitmdump_with_the_addon_script_caches_too(
+    images: ImageSet,
+    regcache_with: Callable[..., Mitmdump],
+    skopeo_factory: Callable[..., Skopeo],
+    upstream_registry: Registry,
+    cdn: Cdn,
+    tmp_path: Path,
+) -> None:
+    """`mitmdump -s addon/cache.py` (README) is the same cache as `regcache run`."""
+    proxy = regcache_with(mitmdump=True)
+    skopeo = skopeo_factory(proxy.url, proxy.ca_cert)
+    image = images.oci_multi
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "cold", all_platforms=True) == image.digest
+    registry_mark, cdn_mark = upstream_registry.mark(), cdn.mark()
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "warm", all_platforms=True) == image.digest
+    assert revalidation_only(upstream_registry, registry_mark) == []
+    assert cdn.count(since=cdn_mark) == 0
+    assert "Loading script" in proxy.log()
 
 
 def test_skopeo_warm_pull_with_upstream_stopped(
