@@ -54,6 +54,10 @@ class CdnRequest:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # Headers and a small body go out as separate writes: without TCP_NODELAY, Nagle holds the
+    # body until the client's delayed ACK (40 ms), a stall no real server adds.
+    disable_nagle_algorithm = True
+
     protocol_version = "HTTP/1.1"
     server_version = "bed-cdn/1"
 
