@@ -125,6 +125,7 @@ class Fills:
             committing, staging = staging, None
             await asyncio.to_thread(self._store.commit_blob, committing, fill.expected_size)
             fill.committed = True
+            fill._notify()  # followers may send the last byte now, not after the bookkeeping below
             await asyncio.to_thread(self._store.mark_seen, repository, [fill.digest])
         except (UpstreamUnavailable, DigestMismatch) as err:
             fill.error = str(err)

@@ -118,14 +118,14 @@ class BlobServer:
         a client complete)."""
         offset = 0
         while True:
-            finished = fill.finished  # read before `written`: a fill ends only after its last write
-            sendable = fill.written if finished and fill.committed else fill.written - 1
+            committed, finished = fill.committed, fill.finished  # a fill commits after its last write
+            sendable = fill.written if committed else fill.written - 1
             if sendable > offset:
                 chunk = await asyncio.to_thread(os.pread, fd, min(sendable - offset, READ_CHUNK), offset)
                 await response.write(chunk)
                 offset += len(chunk)
-            elif finished:
-                return fill.committed
+            elif committed or finished:
+                return committed
             else:
                 await fill.wait_beyond(offset + 1)
 

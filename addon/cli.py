@@ -75,6 +75,8 @@ def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> li
 def dockerd_instructions(proxy: str, ca_cert: Path) -> str:
     return f"""\
 Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
+  sudo scripts/setup-dockerd --proxy {proxy} --ca {ca_cert}
+does it all (--dry-run shows the changes, --undo takes them back); by hand:
   1. Trust the proxy CA (created on first start): {ca_cert}
        cp {ca_cert} /usr/local/share/ca-certificates/regcache.crt && update-ca-certificates
      or start dockerd with SSL_CERT_FILE=<a bundle of the system roots plus that certificate>.
@@ -83,7 +85,7 @@ Point dockerd at regcache (the proxy goes in dockerd's environment, not the dock
        Environment="HTTPS_PROXY={proxy}"
      or in /etc/docker/daemon.json (Docker 23+): {{"proxies": {{"https-proxy": "{proxy}"}}}}
   3. systemctl daemon-reload && systemctl restart docker
-Other clients (skopeo, podman, containerd, crane): HTTPS_PROXY={proxy} plus the same CA.
+containerd and podman/skopeo/buildah: scripts/setup-containerd, scripts/setup-podman (README).
 """
 
 
