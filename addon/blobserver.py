@@ -45,7 +45,6 @@ class BlobServer:
         self.urls = BlobUrls()
         self.host, self.port = listen
         app = web.Application(middlewares=[self._signed_only])
-        app.on_response_prepare.append(METRICS.count_stored_blob_response)
         app.router.add_get("/blobs/{digest}", self._stored_blob)
         app.router.add_get("/fills/{digest}", self._filling_blob, allow_head=False)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -131,7 +130,7 @@ class BlobServer:
 
 
 class _LoggedFileResponse(web.FileResponse):
-    """aiohttp's sendfile response, logged once the whole body is out."""
+    """aiohttp's sendfile response, logged and counted once the whole body is out."""
 
     def __init__(self, digest: str, path: str, headers: dict[str, str]) -> None:
         super().__init__(path, headers=headers)
@@ -140,13 +139,15 @@ class _LoggedFileResponse(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         started = time.monotonic()
         writer = await super().prepare(request)  # sends the body (sendfile) before it returns
-        _log_delivery(request, self._digest, self.content_length or 0, started)
+        if request.method == "GET" and self.status in (200, 206):
+            _log_delivery(request, self._digest, self.content_length or 0, started)
+            # A client sent here from its own fill got those bytes from upstream: counted once, there.
+            if not request.path.startswith("/fills/"):
+                METRICS.cache_bytes_sent(self.content_length or 0)
         return writer
 
 
 def _log_delivery(request: web.BaseRequest, digest: str, size: int, started: float) -> None:
-    if request.method != "GET":
-        return
     seconds = max(time.monotonic() - started, 1e-6)
     peer = request.remote or "?"
     log.info("SENT blob %s %d B to %s in %.0f ms (%.0f MB/s)", digest, size, peer, seconds * 1000, size / seconds / 1e6)

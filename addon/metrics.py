@@ -34,7 +34,6 @@ from wsgiref.simple_server import WSGIServer
 
 import diskcache
 import prometheus_client
-from aiohttp import web
 from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -253,15 +252,6 @@ class Metrics:
         if count > 0:
             self.bytes.labels("cache").inc(count)
             self.usage.add("bytes cache", count)
-
-    async def count_stored_blob_response(self, request: web.Request, response: web.StreamResponse) -> None:
-        """aiohttp `on_response_prepare` signal of the blob server: a stored blob (a `FileResponse`)
-        is about to be sent, whole or the requested range. Not a blob fetched for this very client
-        (a `/fills/` path, streamed, or served from the file once its fill was committed): those
-        bytes count once, as upstream bytes."""
-        stored = isinstance(response, web.FileResponse) and "/fills/" not in request.path
-        if stored and request.method != "HEAD" and response.status in (200, 206):
-            self.cache_bytes_sent(response.content_length or 0)
 
 
 def relayed_body_size(response: http.Response) -> int:
