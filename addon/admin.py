@@ -13,6 +13,7 @@ pulled while a purge runs may lose a blob it needs, which the proxy then fetches
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -87,6 +88,7 @@ class ImageRow:
 
 
 def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRow]:
+    needs = functools.cache(store.needs)  # images share manifests and blobs: read each once
     entries = store.entries()
     pins = store.pins()
     rows = []
@@ -94,8 +96,8 @@ def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRo
         ref = tag_ref_of(key)
         if pattern is not None and not pattern.covers(ref):
             continue
-        for manifest_key in dict.fromkeys(store.needs(key)):  # one row per digest, in record order
-            needed = reachable([manifest_key], store.needs)
+        for manifest_key in dict.fromkeys(needs(key)):  # one row per digest, in record order
+            needed = reachable([manifest_key], needs)
             digest = manifest_key.partition(":")[2]
             size = sum(entries[k].size for k in needed if k in entries)
             rows.append(ImageRow(str(ref), digest, size, entries[key].last_use, pins.get(str(ref)) == digest))
@@ -131,6 +133,7 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
     need that nothing else needs: no other tag record, no pin, and — for a registry or repository
     pattern — no repository outside it they were pulled through. For a registry or repository, also
     its digest-only pulls and its access records (`seen:`)."""
+    needs = functools.cache(store.needs)  # three walks over the same manifests: read each once
     entries = store.entries()
     pins = store.pins()
     tags = [key for key in entries if key.startswith("tag:")]
@@ -142,7 +145,7 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
         (f"{tag_ref_of(key).namespace}/{tag_ref_of(key).name}", needed.partition(":")[2])
         for key in covered
         if key[4:] in pins
-        for needed in reachable([key], store.needs)
+        for needed in reachable([key], needs)
     }
     seen = [pair for pair in store.seen_pairs() if pair not in still_readable]
     if pattern.tag:  # a tag of a repository that stays: its own pulls are no reason to keep
@@ -153,8 +156,8 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
         purged_seen = [(repository, digest) for repository, digest in seen if pattern.covers_repository(repository)]
         kept_seen = {digest for repository, digest in seen if not pattern.covers_repository(repository)}
     remaining_tags = set(tags) - set(purged_tags)
-    keep = reachable([*remaining_tags, *_pinned_roots(store)], store.needs)
-    candidates = reachable(purged_tags, store.needs) | {
+    keep = reachable([*remaining_tags, *_pinned_roots(store)], needs)
+    candidates = reachable(purged_tags, needs) | {
         f"{kind}:{digest}" for _, digest in purged_seen for kind in ("manifest", "blob")
     }
     content = sorted(

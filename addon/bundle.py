@@ -18,7 +18,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from .store import (
     TagRef,
     accept_key,
     manifest_references,
+    reachable,
     verify_digest,
 )
 
@@ -348,18 +349,16 @@ def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[Blo
     return staged
 
 
-def reachable(digest: str, manifests: dict[str, Manifest]) -> list[str]:
-    """`digest` and everything its manifest needs that the bundle has, transitively."""
-    found, pending = [], [digest]
-    while pending:
-        current = pending.pop()
-        if current in found:
-            continue
-        found.append(current)
-        if current in manifests:
-            child_manifests, blobs = children(manifests[current])
-            pending += [descriptor_digest(d) for d in child_manifests + blobs]
-    return found
+def bundled_needs(manifests: dict[str, Manifest]) -> Callable[[str], list[str]]:
+    """For `store.reachable`: the digests a bundled manifest refers to (nothing for a blob)."""
+
+    def needs(digest: str) -> list[str]:
+        if digest not in manifests:
+            return []
+        child_manifests, blobs = children(manifests[digest])
+        return [descriptor_digest(d) for d in child_manifests + blobs]
+
+    return needs
 
 
 def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bool = False) -> Contents:
@@ -380,7 +379,8 @@ def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bo
         store.put_manifest(digest, manifest)
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
-        store.mark_seen(f"{ref.namespace}/{ref.name}", reachable(record.digest, contents.manifests))
+        needed = reachable([record.digest], bundled_needs(contents.manifests))
+        store.mark_seen(f"{ref.namespace}/{ref.name}", sorted(needed))
         if pin:
             store.pin(ref, record.digest)
     store.evict()

@@ -32,7 +32,7 @@ from addon.access import Access
 from addon.answers import Answer, Decision, LocalStream, error_answer, redirect_answer, relay
 from addon.blobs import BlobService, Fills
 from addon.blobserver import BlobServer
-from addon.bloburls import reachable_host, redirect_base
+from addon.bloburls import is_loopback, reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.manifests import ManifestService, upstream_failed
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage, flush_usage_periodically
@@ -317,19 +317,21 @@ class RegistryCache:
             if flow.response.raw_content:
                 size = str(len(flow.response.raw_content))
             _log_request(flow, f"{flow.response.status_code} {size} B")
-        METRICS.record_flow(flow, flow.metadata[META][0] if META in flow.metadata else None)
+        METRICS.record_flow(flow, cache_result(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
-        METRICS.record_flow(flow, flow.metadata[META][0] if META in flow.metadata else None)
+        METRICS.record_flow(flow, cache_result(flow))
 
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+def cache_result(flow: http.HTTPFlow) -> str | None:
+    """HIT, MISS, … for a registry request regcache decided on; None for anything only relayed."""
+    return flow.metadata[META][0] if META in flow.metadata else None
 
 
 def warn_if_exposed(listen_host: str, proxyauth: str | None) -> None:
-    if listen_host in LOOPBACK or proxyauth:
+    if is_loopback(listen_host) or proxyauth:
         return
     where = listen_host or "all interfaces"
     log.warning(

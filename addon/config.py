@@ -225,12 +225,8 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
     raise ConfigError(key, f"expected a list of hosts or a map host → namespace, got {value!r}")
 
 
-def parse_listen(key: str, value: object, example: str, can_be_off: bool = False) -> tuple[str, int] | None:
-    """`host:port` (`[v6]:port`); port 0 picks a free one. With `can_be_off`: empty, `off` or
-    false disable it (None)."""
-    off = value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off"))
-    if can_be_off and off:
-        return None
+def parse_listen(key: str, value: object, example: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`); port 0 picks a free one."""
     host, port = None, None
     if isinstance(value, str):
         parts = urlsplit(f"//{value.strip()}")
@@ -238,9 +234,15 @@ def parse_listen(key: str, value: object, example: str, can_be_off: bool = False
             port = parts.port
         host = None if parts.path or parts.username else parts.hostname
     if host is None or port is None or not _LISTEN_HOST_RE.fullmatch(host):
-        expected = f"expected HOST:PORT such as {example}{', or off' if can_be_off else ''} (port 0: any free port)"
-        raise ConfigError(key, f"{expected}, got {value!r}")
+        raise ConfigError(key, f"expected HOST:PORT such as {example} (port 0: any free port), got {value!r}")
     return host, port
+
+
+def parse_optional_listen(key: str, value: object, example: str) -> tuple[str, int] | None:
+    """As `parse_listen`; empty, `off` or false: disabled (None)."""
+    if value is False or value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    return parse_listen(key, value, f"{example}, or off")
 
 
 def parse_blob_url(key: str, value: object) -> str:
@@ -309,13 +311,13 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
     if "max_age" in raw:
         values["max_age"] = parse_duration("max_age", raw["max_age"])
     if "metrics_listen" in raw:
-        values["metrics_listen"] = parse_listen("metrics_listen", raw["metrics_listen"], "127.0.0.1:9464", True)
+        values["metrics_listen"] = parse_optional_listen("metrics_listen", raw["metrics_listen"], "127.0.0.1:9464")
     if "offline" in raw:
         values["offline"] = _bool("offline", raw["offline"])
     if "blob_redirect" in raw:
         values["blob_redirect"] = _bool("blob_redirect", raw["blob_redirect"])
     if "blob_listen" in raw:
-        values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080") or ("", 0)
+        values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080")
     if raw.get("blob_url") is not None:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
     return Settings(**values)  # type: ignore[arg-type]

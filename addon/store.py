@@ -110,6 +110,14 @@ def referenced_digests(manifest: Manifest) -> list[str]:
     return [d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
 
 
+def _manifest_of(raw: object) -> Manifest | None:
+    """A stored manifest value (media type, newline, the manifest's bytes) as a Manifest."""
+    if not isinstance(raw, bytes):
+        return None
+    media_type, _, body = raw.partition(b"\n")
+    return Manifest(media_type.decode(), body)
+
+
 def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[str]:
     """Every store key reachable from `roots` (tag records, manifests) through `needs`: a tag
     record needs its manifests, an index its platform manifests, an image manifest its blobs."""
@@ -294,11 +302,7 @@ class DiskStore:
 
     # manifests -----------------------------------------------------------------------------
     def get_manifest(self, digest: str) -> Manifest | None:
-        raw = self._cache.get(f"manifest:{digest}")
-        if not isinstance(raw, bytes):
-            return None
-        media_type, _, body = raw.partition(b"\n")
-        return Manifest(media_type.decode(), body)
+        return _manifest_of(self._cache.get(f"manifest:{digest}"))
 
     def put_manifest(self, digest: str, manifest: Manifest) -> None:
         verify_digest(digest, manifest.body)
@@ -360,9 +364,9 @@ class DiskStore:
             self._cache.set("pins", json.dumps(pins, sort_keys=True))
         return found
 
-    def protected_digests(self) -> set[str]:
-        """Every manifest and blob a pinned image needs."""
-        pinned = reachable((f"manifest:{digest}" for digest in self.pins().values()), self.needs)
+    def protected_digests(self, needs: Callable[[str], list[str]] | None = None) -> set[str]:
+        """Every manifest and blob a pinned image needs (`needs`: a walker already at hand)."""
+        pinned = reachable((f"manifest:{digest}" for digest in self.pins().values()), needs or self.needs)
         return {key.partition(":")[2] for key in pinned}
 
     def evict(self) -> tuple[int, int]:
@@ -410,7 +414,7 @@ class DiskStore:
                 for other in needed:
                     if other in last_use and last_use[other] < last_use[key]:
                         last_use[other] = last_use[key]
-        protected = self.protected_digests()
+        protected = self.protected_digests(lambda key: needs.get(key, []))
         pinned_tags = {f"tag:{ref}" for ref in self.pins()}
         return [
             (key, sizes[key], last_use[key])
@@ -419,14 +423,13 @@ class DiskStore:
         ]
 
     def needs(self, key: str) -> list[str]:
-        """The entries a tag record or manifest refers to (read without counting as a use)."""
-        raw = self._peek(key)
+        """The entries a tag record or manifest refers to (read without counting as a use).
+        Anything else needs nothing and is not read at all (a blob's value is its whole file)."""
         try:
-            if key.startswith("tag:") and isinstance(raw, str):
+            if key.startswith("tag:") and isinstance(raw := self._peek(key), str):
                 return [f"manifest:{record['digest']}" for record in json.loads(raw).values()]
-            if isinstance(raw, bytes):
-                media_type, _, body = raw.partition(b"\n")
-                child_manifests, blobs = manifest_references(Manifest(media_type.decode(), body))
+            if key.startswith("manifest:") and (manifest := _manifest_of(self._peek(key))) is not None:
+                child_manifests, blobs = manifest_references(manifest)
                 return [f"manifest:{d.get('digest')}" for d in child_manifests] + [
                     f"blob:{d.get('digest')}" for d in blobs
                 ]
@@ -484,11 +487,7 @@ class DiskStore:
         return {key: Entry(size, access) for key, size, access in rows}
 
     def peek_manifest(self, digest: str) -> Manifest | None:
-        raw = self._peek(f"manifest:{digest}")
-        if not isinstance(raw, bytes):
-            return None
-        media_type, _, body = raw.partition(b"\n")
-        return Manifest(media_type.decode(), body)
+        return _manifest_of(self._peek(f"manifest:{digest}"))
 
     def blob_file(self, digest: str) -> Path | None:
         """Where a stored blob's bytes are (the file itself may be gone from a damaged store)."""

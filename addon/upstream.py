@@ -97,7 +97,7 @@ class UpstreamClient:
         A request without the client's own `Authorization` to a registry that has `credentials`
         configured is authorised with them (Basic, or a token from a realm on the registry's own
         registrable domain; tokens are kept until they expire)."""
-        host, port = urlsplit(url).hostname or "", urlsplit(url).port
+        host, port = origin_of(url)
         credential = None if "Authorization" in headers else self._settings.credential_for(host, port)
         if credential is None:
             return await self._send(method, url, headers, timeout)

@@ -597,7 +597,6 @@ class Bed:
 class Cache(Protocol):
     """A pull-through cache on one path, started fresh (empty store) for each cold pull."""
 
-    path: str
     registry: str | None  # where clients address images: "127.0.0.1:PORT", or None for Docker Hub's name
     via_proxy: bool
 
@@ -618,11 +617,9 @@ class Cache(Protocol):
 class ReferenceCache:
     """Debian's ``docker-registry`` in proxy mode in front of the loopback upstream; own storage."""
 
-    path = REFERENCE
     via_proxy = False
 
     def __init__(self, workdir: Path, remote_url: str) -> None:
-        self.workdir = workdir
         self.storage = workdir / "storage"
         self.remote_url = remote_url
         self.process = RegistryProcess(workdir, "reference", 0, ready_status=200)
@@ -672,12 +669,10 @@ class ReferenceCache:
 class RegcacheCache:
     """``regcache run`` with an empty cache dir, on the port dockerd's environment names."""
 
-    path = REGCACHE
     registry = None
     via_proxy = True
 
     def __init__(self, workdir: Path, hostmap: dict[str, str], confdir: Path, port: int) -> None:
-        self.workdir = workdir
         config = {"cache_dir": str(workdir / "cache"), "upstreams": hostmap}
         self.proxy = Mitmdump(workdir, config, confdir, port=port)
 

@@ -65,6 +65,7 @@ from bench_common import (
     SRC,
     CpuAccount,
     RssSampler,
+    UpstreamLogs,
     UpstreamTraffic,
     code_facts,
     enter_workdir,
@@ -146,6 +147,7 @@ class Bench:
         self.cdn.start()
         self.stack.callback(self.cdn.stop)
         self.hostmap = bed.hostmap(self.registry, self.tokens, self.cdn)
+        self.upstream = UpstreamLogs([self.registry], self.cdn, self.tokens)
         spec = ImageSpec(
             REPO,
             ("linux/amd64",),
@@ -247,23 +249,21 @@ class Bench:
         if proxy.pid is None:
             raise RuntimeError(f"{scenario}: proxy is not running")
         label = f"run{run}-{scenario.replace(' ', '-')}"
-        reg_mark, cdn_mark, tok_mark, log_mark = self.registry.mark(), self.cdn.mark(), self.tokens.mark(), proxy.mark()
+        upstream_mark, log_mark = self.upstream.mark(), proxy.mark()
         # mitmdump re-loads an -s script whose file changes, dropping what the old one was doing.
         sources = sources_under_test()
         with CpuAccount() as cpu, RssSampler(proxy.pid) as rss:
             wall, seconds = self.pull_all(proxy, label)
         changed = sources != sources_under_test()
         image = self.pushed
+        traffic = self.upstream.since(upstream_mark, {b.digest: b.size for b in image.blobs})
         phase = Phase(
+            **vars(traffic),
             scenario=scenario,
             run=run,
             clients=self.clients,
             wall=wall,
             client_seconds=seconds,
-            registry=self.registry.requests(since=reg_mark),
-            cdn=self.cdn.requests(since=cdn_mark),
-            blob_sizes={b.digest: b.size for b in image.blobs},
-            tokens=len(self.tokens.requests(since=tok_mark)),
             rss_peak=rss.peak,
             hwm=proxy.peak_rss(),
             pulled_bytes=self.clients * (image.total_size + len(image.manifest)),

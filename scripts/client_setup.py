@@ -488,7 +488,7 @@ def main(tool_name: str, argv: list[str] | None = None) -> int:
         state = read_state(root)
         wanted = [] if options.undo else tool.wanted(options, trust)
         current = read_current(root, list(dict.fromkeys([*(spec.path for spec in wanted), *state["files"]])))
-        state_dirs = () if in_root(root, STATE_PATH).exists() else missing_ancestors(root, STATE_PATH)
+        state_dirs = missing_ancestors(root, STATE_PATH)  # none once the record exists
         changes = plan(tool.name, wanted, current, state, state_dirs)
     except SetupError as err:
         print(f"setup-{tool.name}: error: {err}", file=sys.stderr)

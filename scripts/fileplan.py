@@ -183,7 +183,7 @@ def plan(
     state_after: dict[str, object] = {"version": STATE_VERSION, "files": files, "state_dirs": []}
     state_dirs: tuple[str, ...] = ()
     if files:
-        state_dirs = tuple(state_missing_dirs)
+        state_dirs = state_missing_dirs
         state_after["state_dirs"] = sorted({*state.get("state_dirs", []), *state_dirs})
     else:
         remove_dirs += state.get("state_dirs", [])

@@ -239,12 +239,9 @@ class Registry(ProcessOwner):
         """``127.0.0.1:PORT`` of the admin instance (push here)."""
         return f"127.0.0.1:{self._admin.port}"
 
-    def _base_config(self, port: int) -> dict[str, object]:
-        return base_config(self.storage_root, port)
-
     def config(self) -> dict[str, object]:
         """The public instance's configuration."""
-        cfg = self._base_config(self.port)
+        cfg = base_config(self.storage_root, self.port)
         if self.htpasswd is not None:
             cfg["auth"] = {"htpasswd": {"realm": "bed-registry", "path": str(self.htpasswd)}}
         else:
@@ -270,7 +267,7 @@ class Registry(ProcessOwner):
         self.start_admin(timeout)
 
     def start_admin(self, timeout: float = 10.0) -> None:
-        self._admin.start(self._base_config(self._admin.port), timeout)
+        self._admin.start(base_config(self.storage_root, self._admin.port), timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the public instance (SIGTERM by PID); the admin one keeps running."""
