@@ -15,12 +15,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from .blobs import Fill, Fills
-from .bloburls import BlobUrls
+from .bloburls import BlobSource, BlobUrls
 from .metrics import METRICS
 from .routes import API_VERSION_HEADER, error_body
 from .store import Store
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
 
 
-def _blob_headers(digest: str) -> dict[str, str]:
-    return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest, **API_VERSION_HEADER}
+def _blob_headers(digest: str, extra: Mapping[str, str]) -> dict[str, str]:
+    return {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest, **API_VERSION_HEADER, **extra}
 
 
 def _error(status: int, code: str, message: str, digest: str) -> web.Response:
@@ -45,8 +46,8 @@ class BlobServer:
         self.urls = BlobUrls()
         self.host, self.port = listen
         app = web.Application(middlewares=[self._signed_only])
-        app.router.add_get("/blobs/{digest}", self._stored_blob)
-        app.router.add_get("/fills/{digest}", self._filling_blob, allow_head=False)
+        app.router.add_get("/blobs/{digest}", self._signed_blob)
+        app.router.add_get("/fills/{digest}", self._signed_blob, allow_head=False)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
@@ -69,29 +70,42 @@ class BlobServer:
             return _error(403, "DENIED", "blob URL is not signed by this cache, or has expired", digest)
         return await handler(request)
 
-    async def _stored_blob(self, request: web.Request, retryable: bool = False) -> web.StreamResponse:
+    async def respond(
+        self, request: web.Request, source: BlobSource, digest: str, headers: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        """`digest`'s bytes from `source`, with extra `headers`. The caller has checked the request
+        (the signature here; regcache's services for the registry mirror)."""
+        if source == "fills":
+            return await self._filling_blob(request, digest, headers or {})
+        return await self._stored_blob(digest, headers or {})
+
+    async def _signed_blob(self, request: web.Request) -> web.StreamResponse:
+        source: BlobSource = "fills" if request.path.startswith("/fills/") else "blobs"
+        return await self.respond(request, source, request.match_info["digest"])
+
+    async def _stored_blob(
+        self, digest: str, headers: Mapping[str, str], from_fill: bool = False
+    ) -> web.StreamResponse:
         """A stored blob. Gone (evicted, or a fill that failed meanwhile): 503 where the client was
         sent to a fill, since a 404 would tell it the blob does not exist at all."""
-        digest = request.match_info["digest"]
         path = await asyncio.to_thread(self._store.blob_path, digest)
         if path is None:
-            status, code = (503, "UNAVAILABLE") if retryable else (404, "BLOB_UNKNOWN")
+            status, code = (503, "UNAVAILABLE") if from_fill else (404, "BLOB_UNKNOWN")
             return _error(status, code, "blob not available from the cache, retry", digest)
-        return _LoggedFileResponse(digest, path, headers=_blob_headers(digest))
+        return _LoggedFileResponse(digest, path, _blob_headers(digest, headers), from_cache=not from_fill)
 
-    async def _filling_blob(self, request: web.Request) -> web.StreamResponse:
-        digest = request.match_info["digest"]
+    async def _filling_blob(self, request: web.Request, digest: str, headers: Mapping[str, str]) -> web.StreamResponse:
         fill = self._fills.get(digest)
         if fill is None or fill.committed or fill.staging_path is None:
-            return await self._stored_blob(request, retryable=True)
+            return await self._stored_blob(digest, headers, from_fill=True)
         try:
             source = open(fill.staging_path, "rb")  # noqa: SIM115 - closed below, after streaming
         except FileNotFoundError:  # committed (moved) or discarded meanwhile
             await fill.wait_beyond(2**62)
-            return await self._stored_blob(request, retryable=True)
+            return await self._stored_blob(digest, headers, from_fill=True)
         started = time.monotonic()
         with source:
-            response = web.StreamResponse(headers=_blob_headers(digest))
+            response = web.StreamResponse(headers=_blob_headers(digest, headers))
             if fill.expected_size is not None:
                 response.content_length = fill.expected_size
             await response.prepare(request)
@@ -132,9 +146,10 @@ class BlobServer:
 class _LoggedFileResponse(web.FileResponse):
     """aiohttp's sendfile response, logged and counted once the whole body is out."""
 
-    def __init__(self, digest: str, path: str, headers: dict[str, str]) -> None:
+    def __init__(self, digest: str, path: str, headers: dict[str, str], from_cache: bool) -> None:
         super().__init__(path, headers=headers)
         self._digest = digest
+        self._from_cache = from_cache
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         started = time.monotonic()
@@ -142,7 +157,7 @@ class _LoggedFileResponse(web.FileResponse):
         if request.method == "GET" and self.status in (200, 206):
             _log_delivery(request, self._digest, self.content_length or 0, started)
             # A client sent here from its own fill got those bytes from upstream: counted once, there.
-            if not request.path.startswith("/fills/"):
+            if self._from_cache:
                 METRICS.cache_bytes_sent(self.content_length or 0)
         return writer
 

@@ -9,100 +9,32 @@ Everything else lives in the package: routes (parsing), manifests, blobs, store,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
 from collections.abc import Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import diskcache
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
-from multidict import CIMultiDict
 
 if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by path (`mitmdump -s addon/cache.py`): make the package importable even when it was
     # not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from addon.access import Access
-from addon.answers import Answer, Decision, LocalStream, error_answer, redirect_answer, relay
-from addon.blobs import BlobService, Fills
-from addon.blobserver import BlobServer
+from addon.answers import Answer, LocalStream, log_request, offline_token, redirect_answer
 from addon.bloburls import is_loopback, reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
-from addon.manifests import ManifestService, upstream_failed
-from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage, flush_usage_periodically
-from addon.routes import (
-    API_VERSION_HEADER,
-    INVALID_MESSAGES,
-    Kind,
-    RegistryRequest,
-    accepted_media_types,
-    parse_path,
-)
-from addon.store import DiskStore
-from addon.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge, forwardable_headers
+from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
+from addon.routes import Kind, RegistryRequest, accepted_media_types, parse_path
+from addon.runtime import Runtime
+from addon.upstream import forwardable_headers
 
 log = logging.getLogger("regcache")
 
 META = "regcache"  # flow.metadata key: (result, what, note)
 STREAMED = "regcache_streamed"
-
-
-class Runtime:
-    """Everything built from one configuration: store, upstream client, services, blob server."""
-
-    def __init__(self, settings: Settings, offline: bool) -> None:
-        self.settings = settings
-        self.offline = offline
-        self.store = DiskStore(settings.cache_dir, settings.size_limit)
-        self.realm_hosts = self.store.realm_hosts()
-        self.upstream = UpstreamClient(settings)
-        self.fills = Fills(self.store, self.upstream)
-        self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen)
-        self.access = Access(self.store, self.upstream, offline)
-        self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
-        self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
-        self._started: asyncio.Future[None] | None = None
-        self._sweeper: asyncio.Future[None] | None = None
-        self._usage_flusher: asyncio.Future[None] | None = None
-
-    async def started(self) -> None:
-        if self._started is None:
-            self._started = asyncio.ensure_future(self.blob_server.start())
-            if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
-                self._sweeper = asyncio.ensure_future(self._expire_unused())
-            self._usage_flusher = asyncio.ensure_future(flush_usage_periodically(self.store))
-        await asyncio.shield(self._started)
-
-    async def _expire_unused(self) -> None:
-        """Every max_age/10 (at most hourly): drop what nobody used for max_age."""
-        max_age = self.settings.max_age
-        while True:
-            try:
-                removed, freed = await asyncio.to_thread(self.store.expire_unused, max_age)
-            except (OSError, diskcache.Timeout) as err:
-                log.warning("expiry skipped: %s", err)
-            else:
-                if removed:
-                    log.info("EXPIRED %d entries, %d B, unused for %.0f s (max_age)", removed, freed, max_age)
-            await asyncio.sleep(min(3600.0, max(1.0, max_age / 10)))
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        await self.fills.close()
-        await self.upstream.close()
-        if self._started is not None:
-            await self.blob_server.stop()
-        if self._usage_flusher is not None:
-            self._usage_flusher.cancel()
-        await asyncio.to_thread(flush_usage, self.store)
-        self.store.close()
 
 
 def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
@@ -225,7 +157,8 @@ class RegistryCache:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address or ("", None)
         host = (data.client_hello.sni or address[0]).lower()
-        if host and not self.settings.intercepts(host, address[1]) and not self._answers_tokens(host):
+        answers_tokens = self.runtime is not None and self.runtime.answers_tokens(host)
+        if host and not self.settings.intercepts(host, address[1]) and not answers_tokens:
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
 
@@ -235,7 +168,7 @@ class RegistryCache:
             return
         namespace = self.settings.namespace_for(flow.request.host, flow.request.port)
         route = parse_path(flow.request.path)
-        if namespace is None and self._answers_tokens(flow.request.host.lower()):
+        if namespace is None and runtime.answers_tokens(flow.request.host.lower()):
             flow.response = make_response(offline_token())
             flow.metadata[META] = ("HIT", f"token {flow.request.host}", "offline")
             return
@@ -250,11 +183,7 @@ class RegistryCache:
             headers=forwardable_headers(flow.request.headers.items(multi=True)),
             accepted=accepted_media_types(flow.request.headers.get_all("accept")),
         )
-        try:
-            decision = await self._decide(runtime, req, ranged="range" in flow.request.headers)
-        except Exception as err:  # a bug or a broken store must not send the flow on unhandled
-            log.exception("regcache: %s %s failed", req.method, req.describe())
-            decision = error_answer(503, "UNAVAILABLE", "regcache failed on this request; retry", note=repr(err))
+        decision = await runtime.decide(req, ranged="range" in flow.request.headers)
         flow.metadata[META] = (decision.result, req.describe(), decision.note)
         flow.metadata[FLOW_REQUEST] = req
         if isinstance(decision, Answer):
@@ -265,44 +194,6 @@ class RegistryCache:
         else:
             retarget(flow, self.settings)
             flow.metadata[STREAMED] = True
-
-    async def _decide(self, runtime: Runtime, req: RegistryRequest, ranged: bool) -> Decision:
-        match req.route.kind:
-            case Kind.INVALID:
-                return error_answer(400, req.route.error_code, INVALID_MESSAGES[req.route.error_code])
-            case Kind.MANIFEST:
-                return await runtime.manifests.serve(req)
-            case Kind.BLOB:
-                return await runtime.blobs.serve(req, ranged)
-            case _:
-                return await self._ping(runtime, req)
-
-    def _answers_tokens(self, host: str) -> bool:
-        """Offline, regcache is the token service of every auth realm it has seen."""
-        return self.runtime is not None and self.runtime.offline and host in self.runtime.realm_hosts
-
-    @staticmethod
-    async def _ping(runtime: Runtime, req: RegistryRequest) -> Answer:
-        """`/v2/` is always asked upstream (never cached); if the upstream cannot answer, or we
-        are offline, say "no auth needed" so clients go on to stored content."""
-        no_auth_needed = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
-        if runtime.offline:
-            return Answer(200, no_auth_needed, b"{}", "HIT", note="offline")
-        url = urlsplit(req.url)
-        if "Authorization" not in req.headers and runtime.settings.credential_for(url.hostname or "", url.port):
-            # regcache authenticates to this registry itself: clients need not.
-            return Answer(200, no_auth_needed, b"{}", "PASS", note="regcache's own credentials")
-        try:
-            answer = await runtime.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
-        except UpstreamUnavailable as err:
-            return Answer(200, no_auth_needed, b"{}", "STALE", note=str(err))
-        if upstream_failed(answer):
-            return Answer(200, no_auth_needed, b"{}", "STALE", note=f"upstream answered {answer.status}")
-        realm_host = bearer_realm_host(answer.headers.get("WWW-Authenticate", ""))
-        if realm_host and realm_host not in runtime.realm_hosts:
-            runtime.realm_hosts.add(realm_host)
-            await asyncio.to_thread(runtime.store.add_realm_host, realm_host)
-        return relay(answer, "PASS")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if META not in flow.metadata or flow.response is None:
@@ -342,29 +233,10 @@ def warn_if_exposed(listen_host: str, proxyauth: str | None) -> None:
     )
 
 
-def bearer_realm_host(header: str) -> str | None:
-    """The host of a `WWW-Authenticate: Bearer realm="https://auth.docker.io/token",...` realm."""
-    realm = (bearer_challenge(header) or {}).get("realm")
-    return (urlsplit(realm).hostname or None) if realm else None
-
-
-def offline_token() -> Answer:
-    """A token for clients that ask for one offline; the offline cache does not check it."""
-    body = json.dumps(
-        {"token": "regcache-offline", "access_token": "regcache-offline", "expires_in": 3600, "issued_at": utc_now()}
-    ).encode()
-    return Answer(200, [("Content-Type", "application/json")], body, "HIT", note="offline")
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -> None:
     result, what, note = flow.metadata[META]
     ms = (time.time() - flow.request.timestamp_start) * 1000
-    method = flow.request.method
-    log.log(level, "%s %s %s %s %.0f ms%s", result, method, what, outcome, ms, f" ({note})" if note else "")
+    log_request(result, flow.request.method, what, outcome, ms, note, level)
 
 
 _background_tasks: set[asyncio.Future[None]] = set()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +73,20 @@ def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> li
     return ["-s", str(ADDON), *proxy_args(config, host, port, confdir), "--set", "flow_detail=0"]
 
 
+def mirror_instructions(mirrors: Mapping[str, tuple[str, int]]) -> str:
+    """How to use the registry mirrors instead of the proxy (Docker Hub: dockerd's registry-mirrors)."""
+    lines = []
+    for host, (listen_host, port) in mirrors.items():
+        url = f"http://[{listen_host}]:{port}" if ":" in listen_host else f"http://{listen_host}:{port}"
+        lines.append(f"  {host}: {url}")
+        if host == "registry-1.docker.io":
+            lines.append(f'    dockerd (Docker Hub only): /etc/docker/daemon.json {{"registry-mirrors": ["{url}"]}}')
+    if not lines:
+        return ""
+    heading = 'Or, with no proxy and no CA, regcache\'s plain-HTTP registry mirrors (README, "Registry mirror"):'
+    return "\n".join([heading, *lines]) + "\n"
+
+
 def dockerd_instructions(proxy: str, ca_cert: Path) -> str:
     return f"""\
 Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
@@ -99,7 +114,7 @@ def run(options: argparse.Namespace) -> int:
     confdir.mkdir(parents=True, exist_ok=True)
     proxy = f"http://{options.listen_host}:{options.port}"
     print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
-    print(dockerd_instructions(proxy, confdir / CA_CERT), flush=True)
+    print(dockerd_instructions(proxy, confdir / CA_CERT) + mirror_instructions(settings.mirrors), flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach a redirected log file at once
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     serve(proxy_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args)

@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -32,6 +32,10 @@ DEFAULT_REGISTRIES: dict[str, str] = {
     "public.ecr.aws": "public.ecr.aws",
     "mcr.microsoft.com": "mcr.microsoft.com",
 }
+
+# The registry mirror (mirror.py) that serves Docker Hub by default: dockerd's `registry-mirrors`
+# mirror Docker Hub only.
+DEFAULT_MIRRORS: dict[str, tuple[str, int]] = {"registry-1.docker.io": ("127.0.0.1", 5055)}
 
 _SIZE_UNITS = {
     "": 1,
@@ -100,6 +104,8 @@ class Settings:
     blob_url: str | None = None
     # Where the Prometheus endpoint listens (host, port); None: no endpoint.
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+    # Registry host → where its plain-HTTP registry mirror listens (mirror.py).
+    mirrors: Mapping[str, tuple[str, int]] = field(default_factory=lambda: dict(DEFAULT_MIRRORS))
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -111,6 +117,14 @@ class Settings:
 
     def credential_for(self, host: str, port: int | None = None) -> Credential | None:
         return _lookup(self.credentials, host, port)
+
+    def registry_host(self, name: str) -> str | None:
+        """The registry host a name stands for: a cached host itself, or the first host of a cache
+        namespace (`docker.io` → `registry-1.docker.io`); None if regcache does not cache it."""
+        name = name.lower()
+        if name in self.registries:
+            return name
+        return next((host for host, namespace in self.registries.items() if namespace == name), None)
 
     def intercepts(self, host: str, port: int | None = None) -> bool:
         """Should TLS to this host be opened at all? Registries and re-targeted hosts only."""
@@ -245,6 +259,26 @@ def parse_optional_listen(key: str, value: object, example: str) -> tuple[str, i
     return parse_listen(key, value, f"{example}, or off")
 
 
+def parse_mirrors(key: str, value: object, settings: Settings) -> dict[str, tuple[str, int]]:
+    """A map registry (host or namespace, e.g. `docker.io`) → `HOST:PORT` (or `off`)."""
+    if not isinstance(value, dict):
+        example = "{docker.io: 127.0.0.1:5055}"
+        raise ConfigError(key, f"expected a map registry → HOST:PORT such as {example}, got {value!r}")
+    mirrors: dict[str, tuple[str, int]] = {}
+    for name, listen in value.items():
+        entry = f"{key}.{name}"
+        host = settings.registry_host(str(name))
+        if host is None:
+            raise ConfigError(entry, "not a registry regcache caches (add it to registries)")
+        address = parse_optional_listen(entry, listen, "127.0.0.1:5055")
+        if address is None:
+            continue
+        if address[1] != 0 and address in mirrors.values():
+            raise ConfigError(entry, f"{address[0]}:{address[1]} is already another mirror's address")
+        mirrors[host] = address
+    return mirrors
+
+
 def parse_blob_url(key: str, value: object) -> str:
     parts = urlsplit(value) if isinstance(value, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -278,6 +312,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "blob_listen",
         "blob_url",
         "metrics_listen",
+        "mirrors",
     }
     for key in raw:
         if key not in known:
@@ -320,7 +355,12 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080")
     if raw.get("blob_url") is not None:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
-    return Settings(**values)  # type: ignore[arg-type]
+    cached = Settings(**values)  # type: ignore[arg-type]
+    if "mirrors" in raw:
+        mirrors = parse_mirrors("mirrors", raw["mirrors"] or {}, cached)
+    else:  # the default mirrors of the registries that are cached
+        mirrors = {host: listen for host, listen in DEFAULT_MIRRORS.items() if host in cached.registries}
+    return replace(cached, mirrors=mirrors)
 
 
 def load_settings(path: str | None) -> Settings:

@@ -90,7 +90,12 @@ class UpstreamClient:
         return self._session
 
     async def open(
-        self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        timeout: aiohttp.ClientTimeout,
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request, following redirects ourselves. The caller must release the response.
 
@@ -100,12 +105,12 @@ class UpstreamClient:
         host, port = origin_of(url)
         credential = None if "Authorization" in headers else self._settings.credential_for(host, port)
         if credential is None:
-            return await self._send(method, url, headers, timeout)
+            return await self._send(method, url, headers, timeout, data)
         headers = CIMultiDict(headers)
         cached = self._tokens.get((host, scope_of(url)))
         if cached and cached[1] > time.monotonic():
             headers["Authorization"] = cached[0]
-        response = await self._send(method, url, headers, timeout)
+        response = await self._send(method, url, headers, timeout, data)
         if response.status != 401:
             return response
         authorization = await self._authorize(url, response.headers.get("WWW-Authenticate", ""), credential)
@@ -113,7 +118,7 @@ class UpstreamClient:
             return response
         response.release()
         headers["Authorization"] = authorization
-        return await self._send(method, url, headers, timeout)
+        return await self._send(method, url, headers, timeout, data)
 
     async def _authorize(self, url: str, challenge: str, credential: Credential) -> str | None:
         if not credential.username:  # a static token
@@ -150,14 +155,19 @@ class UpstreamClient:
         return (f"Bearer {token}", lifetime) if token else None
 
     async def _send(
-        self, method: str, url: str, headers: CIMultiDict[str], timeout: aiohttp.ClientTimeout
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        timeout: aiohttp.ClientTimeout,
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         session = self._session_on_loop()
         origin = urlsplit(url).hostname
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = await session.request(
-                    method, self.resolve(url), headers=headers, allow_redirects=False, timeout=timeout
+                    method, self.resolve(url), headers=headers, data=data, allow_redirects=False, timeout=timeout
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
                 raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
@@ -173,15 +183,20 @@ class UpstreamClient:
                 headers = CIMultiDict(headers)
                 del headers["Authorization"]
             if response.status == 303 and method != "HEAD":  # a HEAD stays a HEAD (RFC 9110 15.4.4)
-                method = "GET"
+                method, data = "GET", None
         raise UpstreamUnavailable(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
 
     async def fetch(
-        self, method: str, url: str, headers: CIMultiDict[str], max_body: int = MAX_ERROR_BODY
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        max_body: int = MAX_ERROR_BODY,
+        data: bytes | None = None,
     ) -> UpstreamAnswer:
-        """A whole small answer: manifests, pings, errors. Longer bodies are cut at `max_body`."""
+        """A whole small answer: manifests, pings, tokens, errors. Longer bodies are cut at `max_body`."""
         timeout = aiohttp.ClientTimeout(total=self._settings.upstream_timeout)
-        response = await self.open(method, url, headers, timeout)
+        response = await self.open(method, url, headers, timeout, data)
         try:
             body = await read_limited(response, max_body) if method != "HEAD" else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
@@ -243,6 +258,12 @@ def bearer_challenge(header: str) -> dict[str, str] | None:
     if not header.lower().startswith("bearer "):
         return None
     return dict(re.findall(r'(\w+)="([^"]*)"', header))
+
+
+def bearer_realm_host(header: str) -> str | None:
+    """The host of a `WWW-Authenticate: Bearer realm="https://auth.docker.io/token",...` realm."""
+    realm = (bearer_challenge(header) or {}).get("realm")
+    return (urlsplit(realm).hostname or None) if realm else None
 
 
 def describe_error(err: BaseException) -> str:

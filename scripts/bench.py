@@ -31,11 +31,16 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
   names; clients pull ``registry-1.docker.io/library/…`` with ``HTTPS_PROXY`` and the proxy CA
   (dockerd: in its environment, ``SSL_CERT_FILE`` bundle). dockerd keeps that environment for the
   other paths too: Go never sends loopback requests through a proxy.
+* ``mirror``: the same regcache (same configuration, one process), used as a registry mirror: its
+  plain-HTTP mirror of Docker Hub on a fixed loopback port. dockerd has it in ``registry-mirrors``
+  (``--registry-mirror``) and pulls ``docker.io/library/…``: no proxy, no CA, tokens through the
+  mirror's relay; skopeo pulls ``127.0.0.1:PORT/library/…`` (plain HTTP, as from the reference).
+  Every pull is checked to have gone the way its path says (regcache's log: mirror or proxy lines).
 
 ``cold``: a new reference / regcache process with an empty store, then one pull; ``warm``: the same
 process once every blob is stored (regcache's ``STORED blob`` log lines; the reference's storage
 files), client-side image removed, a second pull. Per run, per image and client, the order is
-direct, reference cold, reference warm, regcache cold, regcache warm; ``--runs`` runs.
+direct, then cold and warm for reference, regcache, mirror; ``--runs`` runs.
 
 Per pull: wall time of the client command (medians, min-max over runs, ratio to direct); upstream
 requests and bytes from the bed's own logs (both registry instances' access logs, the CDN's log,
@@ -53,7 +58,7 @@ Everything started is stopped, temporary directories removed, on failure and Ctr
 measured before a failure is still written. ``--snapshot`` measures a frozen copy of the code.
 
 Run: ``scripts/bench [--runs 3] [--big-size 1GiB] [--big-layers 4] [--images big,small]
-[--clients dockerd,skopeo] [--paths direct,reference,regcache] [--out DIR] [--workdir DIR] [--snapshot]
+[--clients dockerd,skopeo] [--paths direct,reference,regcache,mirror] [--out DIR] [--workdir DIR] [--snapshot]
 [--profile]``.
 """
 
@@ -109,13 +114,14 @@ from bed.registry import REGISTRY_BIN, Registry, base_config, free_port
 from bed.registry import _Instance as RegistryProcess
 from bed.skopeo import Skopeo, docker_ref
 from bed.tokens import TokenServer
-from e2e.mitm import Mitmdump
+from e2e.mitm import RESULT_LINE, Mitmdump
 
 from addon.config import ConfigError, parse_size
 
 MB = 1_000_000
-DIRECT, REFERENCE, REGCACHE = "direct", "reference", "regcache"
-PATHS = (DIRECT, REFERENCE, REGCACHE)
+DIRECT, REFERENCE, REGCACHE, MIRROR = "direct", "reference", "regcache", "mirror"
+PATHS = (DIRECT, REFERENCE, REGCACHE, MIRROR)
+REGCACHE_PATHS = (REGCACHE, MIRROR)  # one regcache process: through its proxy, or at its mirror port
 DOCKERD_CLIENT, SKOPEO_CLIENT = "dockerd", "skopeo"
 CLIENTS = (DOCKERD_CLIENT, SKOPEO_CLIENT)
 BIG, SMALL = "big", "small"
@@ -333,25 +339,26 @@ def target_checks(summaries: Sequence[CellSummary], hits: Sequence[HitFetch]) ->
             return by.get(Cell(image, client, path, cache))
 
         where = f"{image} image, {client}"
-        for cache in (WARM, COLD):
-            mine, ref = cell(REGCACHE, cache), cell(REFERENCE, cache)
-            target = f"{cache} pull through regcache ≤ 1.0x the reference ({where})"
-            if mine is None or ref is None:
-                checks.append(Check(target, None, "regcache or reference not measured"))
-                continue
-            r = ratio(mine.wall, ref.wall)
-            checks.append(
-                Check(
-                    target,
-                    mine.wall <= ref.wall,
-                    f"{fmt_seconds(mine.wall)} s vs {fmt_seconds(ref.wall)} s = {fmt_ratio(r)}",
+        for path in REGCACHE_PATHS:
+            for cache in (WARM, COLD):
+                mine, ref = cell(path, cache), cell(REFERENCE, cache)
+                target = f"{cache} pull through regcache ({path}) ≤ 1.0x the reference ({where})"
+                if mine is None or ref is None:
+                    checks.append(Check(target, None, f"{path} or reference not measured"))
+                    continue
+                r = ratio(mine.wall, ref.wall)
+                checks.append(
+                    Check(
+                        target,
+                        mine.wall <= ref.wall,
+                        f"{fmt_seconds(mine.wall)} s vs {fmt_seconds(ref.wall)} s = {fmt_ratio(r)}",
+                    )
                 )
-            )
-        cold, ref_cold = cell(REGCACHE, COLD), cell(REFERENCE, COLD)
-        target = f"cold pull: upstream blob bytes = 1.0x the image ({where})"
-        if cold is None:
-            checks.append(Check(target, None, "regcache cold not measured"))
-        else:
+            cold, ref_cold = cell(path, COLD), cell(REFERENCE, COLD)
+            target = f"cold pull ({path}): upstream blob bytes = 1.0x the image ({where})"
+            if cold is None:
+                checks.append(Check(target, None, f"{path} cold not measured"))
+                continue
             blob_ratio = cold.blob_bytes_vs_image
             reference = f"; reference {fmt_ratio(ref_cold.blob_bytes_vs_image)}" if ref_cold else ""
             checks.append(
@@ -362,22 +369,23 @@ def target_checks(summaries: Sequence[CellSummary], hits: Sequence[HitFetch]) ->
                     f"(all upstream bytes {fmt_ratio(cold.bytes_vs_image)}){reference}",
                 )
             )
-    target = f"blob hits through regcache ≥ {HIT_TARGET / MB:.0f} MB/s to a same-host client"
-    mine_hits = [h.rate for h in hits if h.path == REGCACHE]
-    if not mine_hits:
-        checks.append(Check(target, None, "not measured"))
-    else:
+    for path in REGCACHE_PATHS:
+        target = f"blob hits through regcache ({path}) ≥ {HIT_TARGET / MB:.0f} MB/s to a same-host client"
+        mine_hits = [h.rate for h in hits if h.path == path]
+        if not mine_hits:
+            checks.append(Check(target, None, "not measured"))
+            continue
         others = "; ".join(
-            f"{path} {median([h.rate for h in hits if h.path == path]) / MB:.0f} MB/s"
-            for path in (REFERENCE, DIRECT)
-            if any(h.path == path for h in hits)
+            f"{other} {median([h.rate for h in hits if h.path == other]) / MB:.0f} MB/s"
+            for other in (REFERENCE, DIRECT)
+            if any(h.path == other for h in hits)
         )
         rate = median(mine_hits)
         checks.append(
             Check(target, rate >= HIT_TARGET, f"median {rate / MB:.0f} MB/s" + (f" ({others})" if others else ""))
         )
     target = f"regcache peak RSS < {RSS_LIMIT / MB:.0f} MB throughout"
-    peaks = [s.rss_peak for s in summaries if s.cell.path == REGCACHE and s.rss_peak is not None]
+    peaks = [s.rss_peak for s in summaries if s.cell.path in REGCACHE_PATHS and s.rss_peak is not None]
     if not peaks:
         checks.append(Check(target, None, "not measured"))
     else:
@@ -417,7 +425,7 @@ def findings(pulls: Sequence[PullRun], hits: Sequence[HitFetch], notes: Sequence
             out.append(f"{where}: other processes used {p.foreign_cpu:.0f} CPU s meanwhile; wall time inflated")
         if p.source_changed:
             out.append(f"{where}: addon/ or tests/bed/ changed while it ran (mitmdump reloads its scripts): discard")
-        if p.cell.path == REGCACHE and p.cell.cache == WARM and p.upstream_blob_bytes:
+        if p.cell.path in REGCACHE_PATHS and p.cell.cache == WARM and p.upstream_blob_bytes:
             out.append(f"{where}: {fmt_mb(p.upstream_blob_bytes)} MB of blobs fetched upstream by a warm regcache")
         if p.cell.cache == COLD and p.upstream_blob_bytes > p.image_blob_bytes:
             times = p.upstream_blob_bytes / p.image_blob_bytes
@@ -467,6 +475,8 @@ SERIES = (
     (REFERENCE, WARM, "reference warm", "#f5c089", "//"),
     (REGCACHE, COLD, "regcache cold", "#1f5fa8", ""),
     (REGCACHE, WARM, "regcache warm", "#7fb2e5", "//"),
+    (MIRROR, COLD, "regcache mirror cold", "#2e7d32", ""),
+    (MIRROR, WARM, "regcache mirror warm", "#8bc34a", "//"),
 )
 
 
@@ -597,17 +607,22 @@ class Bed:
 class Cache(Protocol):
     """A pull-through cache on one path, started fresh (empty store) for each cold pull."""
 
-    registry: str | None  # where clients address images: "127.0.0.1:PORT", or None for Docker Hub's name
     via_proxy: bool
 
     @property
     def pid(self) -> int | None: ...
+
+    def ref(self, client: str, image_ref: str) -> str:
+        """How ``client`` names ``library/x:1`` to pull it from this cache."""
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
     def mark(self) -> int: ...
+
+    def check(self, since: int) -> None:
+        """Raise if the pull since ``since`` (a :meth:`mark`) did not take this path."""
 
     def wait_stored(self, image: PushedImage, since: int) -> float | None: ...
 
@@ -624,9 +639,8 @@ class ReferenceCache:
         self.remote_url = remote_url
         self.process = RegistryProcess(workdir, "reference", 0, ready_status=200)
 
-    @property
-    def registry(self) -> str:
-        return f"127.0.0.1:{self.process.port}"
+    def ref(self, client: str, image_ref: str) -> str:
+        return f"127.0.0.1:{self.process.port}/{image_ref}"
 
     @property
     def url(self) -> str:
@@ -651,6 +665,9 @@ class ReferenceCache:
     def mark(self) -> int:
         return 0
 
+    def check(self, since: int) -> None:
+        pass
+
     def wait_stored(self, image: PushedImage, since: int, timeout: float = 120.0) -> float | None:
         """Seconds until every blob of the image is in the reference's storage with its full size."""
         files = {self.storage / blob_path(b.digest).lstrip("/"): b.size for b in image.blobs}
@@ -667,14 +684,22 @@ class ReferenceCache:
 
 
 class RegcacheCache:
-    """``regcache run`` with an empty cache dir, on the port dockerd's environment names."""
+    """``regcache run`` with an empty cache dir, on the port dockerd's environment names, its
+    Docker Hub mirror on ``mirror_port``; clients pull Docker Hub names through the proxy."""
 
-    registry = None
     via_proxy = True
 
-    def __init__(self, workdir: Path, hostmap: dict[str, str], confdir: Path, port: int) -> None:
-        config = {"cache_dir": str(workdir / "cache"), "upstreams": hostmap}
+    def __init__(self, workdir: Path, hostmap: dict[str, str], confdir: Path, port: int, mirror_port: int) -> None:
+        self.mirror_port = mirror_port
+        config = {
+            "cache_dir": str(workdir / "cache"),
+            "upstreams": hostmap,
+            "mirrors": {"docker.io": f"127.0.0.1:{mirror_port}"},
+        }
         self.proxy = Mitmdump(workdir, config, confdir, port=port)
+
+    def ref(self, client: str, image_ref: str) -> str:
+        return f"{bed.REGISTRY_HOST}/{image_ref}"
 
     @property
     def pid(self) -> int | None:
@@ -689,6 +714,17 @@ class RegcacheCache:
     def mark(self) -> int:
         return self.proxy.mark()
 
+    def check(self, since: int) -> None:
+        self._check_lines(since, mirror=False)
+
+    def _check_lines(self, since: int, mirror: bool) -> None:
+        lines = [line for line in self.proxy.log()[since:].splitlines() if RESULT_LINE.search(line)]
+        astray = [line for line in lines if ("(mirror" in line) != mirror]
+        if not lines or astray:
+            raise RuntimeError(
+                f"the pull did not go {'to the mirror' if mirror else 'through the proxy'}: {astray[:3]}"
+            )
+
     def wait_stored(self, image: PushedImage, since: int) -> float | None:
         return wait_stored(self.proxy, (b.digest for b in image.blobs), since)
 
@@ -696,6 +732,21 @@ class RegcacheCache:
         if "Traceback" in self.proxy.log():
             return [f"regcache logged a traceback: {self.proxy.log_path}"]
         return []
+
+
+class RegcacheMirror(RegcacheCache):
+    """The same regcache, used as a registry mirror: dockerd through its ``registry-mirrors``
+    (``docker.io/…`` names, no proxy involved), skopeo at the mirror's address (plain HTTP)."""
+
+    via_proxy = False
+
+    def ref(self, client: str, image_ref: str) -> str:
+        if client == DOCKERD_CLIENT:
+            return f"docker.io/{image_ref}"
+        return f"127.0.0.1:{self.mirror_port}/{image_ref}"
+
+    def check(self, since: int) -> None:
+        self._check_lines(since, mirror=True)
 
 
 # -- clients -------------------------------------------------------------------------------------
@@ -851,6 +902,7 @@ class Bench:
         self.clients: dict[str, PullClient] = {}
         self.confdir = workdir / "regcache-conf"
         self.regcache_port = free_port()
+        self.mirror_port = free_port()
         self._bed: Bed | None = None
 
     @property
@@ -870,7 +922,8 @@ class Bench:
         if REGCACHE in self.args.paths:
             proxy_url, ca = f"http://127.0.0.1:{self.regcache_port}", self._regcache_ca()
         if DOCKERD_CLIENT in self.args.clients:
-            daemon = Dockerd(self.workdir / "dockerd", proxy_url, ca)
+            mirror = ("--registry-mirror", f"http://127.0.0.1:{self.mirror_port}") if MIRROR in self.args.paths else ()
+            daemon = Dockerd(self.workdir / "dockerd", proxy_url, ca, extra_args=mirror)
             self.stack.callback(daemon.close)
             daemon.start()
             self.clients[DOCKERD_CLIENT] = DockerdClient(daemon)
@@ -889,7 +942,8 @@ class Bench:
         shutil.rmtree(workdir, ignore_errors=True)
         if path == REFERENCE:
             return ReferenceCache(workdir, self.bed.loopback.url)
-        return RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port)
+        kind = RegcacheMirror if path == MIRROR else RegcacheCache
+        return kind(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
 
     @contextlib.contextmanager
     def running(self, cache: Cache) -> Iterator[Cache]:
@@ -952,7 +1006,7 @@ class Bench:
         image = self.images[name]
         label = f"run{run}-{name}-{client.name}-{path}"
         with self.running(self.new_cache(path, label)) as cache:
-            ref = f"{cache.registry}/{image.ref}" if cache.registry else image.ref
+            ref = cache.ref(client.name, image.ref)
             client.forget(ref)
             mark = cache.mark()
 
@@ -960,17 +1014,20 @@ class Bench:
                 client.pull(ref, image, cache.via_proxy)
 
             self.measure(Cell(name, client.name, path, COLD), run, pull, cache.pid)
+            cache.check(mark)
             waited = cache.wait_stored(image, mark)
             if waited is None:
                 self.notes.append(f"run {run}, {name}/{client.name}/{path}: not every blob stored; warm may not be")
             client.forget(ref)
-            profile = self.args.profile and path == REGCACHE and cache.pid is not None
+            profile = self.args.profile and path in REGCACHE_PATHS and cache.pid is not None
+            mark = cache.mark()
             with (
                 py_spy_record(cache.pid, self.out / f"profile-{label}-warm.svg")
                 if profile
                 else contextlib.nullcontext()
             ):
                 self.measure(Cell(name, client.name, path, WARM), run, pull, cache.pid)
+            cache.check(mark)
             client.forget(ref)
             if self.measures_hits(name, client):
                 self.fetch_hits(path, run, image, self.hit_fetcher(cache, image))
@@ -981,6 +1038,10 @@ class Bench:
 
     def hit_fetcher(self, cache: Cache, image: PushedImage) -> Callable[[], tuple[int, int, float, int]]:
         digest = largest_layer(image)
+        if isinstance(cache, RegcacheMirror):
+            token = self.bed.tokens.mint(image.repo)
+            url = f"http://127.0.0.1:{cache.mirror_port}/v2/{image.repo}/blobs/{digest}"
+            return lambda: curl_fetch(url, {"Authorization": f"Bearer {token}"})
         if isinstance(cache, RegcacheCache):
             # A client's own token, as a client would send; regcache checks it upstream once (a HEAD).
             token = self.bed.tokens.mint(image.repo)
@@ -1038,8 +1099,8 @@ class Bench:
             code,
             f"load average (1 min): {load_before} before the bench, {load_average()} at its end",
             *[describe_image(name, image) for name, image in self.images.items()],
-            f"{a.runs} run(s); per run, image and client: direct, reference cold + warm, regcache cold + warm "
-            "(each cache fresh for its cold pull)",
+            f"{a.runs} run(s); per run, image and client: direct, then cold + warm for each of "
+            f"{', '.join(p for p in a.paths if p != DIRECT)} (each cache fresh for its cold pull)",
             f"command: `{command}`",
         ]
 
@@ -1107,7 +1168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--big-layers", type=int, default=4, help="layers of the big image (default 4)")
     parser.add_argument("--images", type=_choices(IMAGES), default=list(IMAGES), help="big,small (default both)")
     parser.add_argument("--clients", type=_choices(CLIENTS), default=list(CLIENTS), help="dockerd,skopeo (default)")
-    parser.add_argument("--paths", type=_choices(PATHS), default=list(PATHS), help="direct,reference,regcache")
+    parser.add_argument("--paths", type=_choices(PATHS), default=list(PATHS), help="direct,reference,regcache,mirror")
     parser.add_argument(
         "--out", type=Path, help="where table.md, results.json, chart.png go (default bench-results/<time>)"
     )

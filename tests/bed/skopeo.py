@@ -114,13 +114,16 @@ class Skopeo:
         transport: str = "dir",
         arch: str = "amd64",
         creds: str | None = None,
+        tls_verify: bool = True,
+        timeout: float = 300.0,
     ) -> str:
         """Copy an image out through the proxy; return the digest skopeo reports.
 
         ``transport="dir"`` keeps manifests byte for byte, so the returned
         digest equals the registry's (the list's with ``all_platforms``, the
         ``arch`` image's otherwise). ``"oci"`` converts Docker manifests to
-        OCI, so its digest differs for Docker-format images.
+        OCI, so its digest differs for Docker-format images. ``tls_verify=False``:
+        a plain-HTTP registry (``--src-tls-verify=false``).
         """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +133,8 @@ class Skopeo:
             args.append("--all")
         if creds:
             args += ["--src-creds", creds]
+        if not tls_verify:
+            args.append("--src-tls-verify=false")
         args += [docker_ref(ref), f"{transport}:{dest}"]
-        self.run(*args, arch=None if all_platforms else arch)
+        self.run(*args, arch=None if all_platforms else arch, timeout=timeout)
         return digestfile.read_text().strip()

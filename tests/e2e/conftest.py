@@ -40,6 +40,7 @@ def regcache_with(
             "upstreams": bed_hostmap,
             "upstream_timeout": 10,
             "metrics_listen": "127.0.0.1:0",  # a free port: see Mitmdump.metrics_url
+            "mirrors": {"docker.io": "127.0.0.1:0"},  # see Mitmdump.mirror_url
             **settings,
         }
         proxy = Mitmdump(workdir, config, proxy_confdir, options=options, mitmdump=mitmdump)

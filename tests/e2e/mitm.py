@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from addon.cli import mitmdump_args
 
 RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD) (\S+)")
 METRICS_LINE = re.compile(r"regcache: metrics at (http://\S+/metrics)")
+MIRROR_LINE = re.compile(r"regcache: registry mirror of (\S+) at (http://\S+)")
 
 
 class Mitmdump(MitmDump):
@@ -59,6 +61,15 @@ class Mitmdump(MitmDump):
         found = METRICS_LINE.findall(self.log())
         assert found, "regcache logged no metrics endpoint"
         return str(found[-1])
+
+    def mirror_url(self, registry: str = "registry-1.docker.io", timeout: float = 10.0) -> str:
+        """Where this regcache serves its registry mirror of `registry` (the latest start's port).
+        The mirror starts just after the proxy is ready: wait for its line (bounded)."""
+        deadline = time.monotonic() + timeout
+        while not (found := [url for host, url in MIRROR_LINE.findall(self.log()) if host == registry]):
+            assert time.monotonic() < deadline, f"regcache logged no mirror of {registry}"
+            time.sleep(0.05)
+        return found[-1]
 
     def results(self, since: int = 0) -> list[tuple[str, str, str]]:
         """(result, method, what) for every registry request logged since `since` (a :meth:`mark`)."""

@@ -83,16 +83,17 @@ def test_small_formatting_helpers() -> None:
 def test_target_checks_pass_fail_and_skip() -> None:
     hits = [HitFetch(REGCACHE, 1, IMAGE, 2.0, 1), HitFetch(REFERENCE, 1, IMAGE, 0.5, 0)]
     checks = {c.target: c for c in bench.target_checks(bench.summarize(PULLS), hits)}
-    warm = checks["warm pull through regcache ≤ 1.0x the reference (big image, skopeo)"]
+    warm = checks["warm pull through regcache (regcache) ≤ 1.0x the reference (big image, skopeo)"]
     assert warm.passed is True
     assert warm.detail == "6.00 s vs 7.00 s = 0.86x"
-    assert checks["cold pull through regcache ≤ 1.0x the reference (big image, skopeo)"].passed is True
-    upstream = checks["cold pull: upstream blob bytes = 1.0x the image (big image, skopeo)"]
+    assert checks["cold pull through regcache (regcache) ≤ 1.0x the reference (big image, skopeo)"].passed is True
+    upstream = checks["cold pull (regcache): upstream blob bytes = 1.0x the image (big image, skopeo)"]
     assert upstream.passed is True
     assert "reference 2.00x" in upstream.detail
-    hit = checks["blob hits through regcache ≥ 1000 MB/s to a same-host client"]
+    hit = checks["blob hits through regcache (regcache) ≥ 1000 MB/s to a same-host client"]
     assert (hit.passed, hit.detail) == (False, "median 500 MB/s (reference 2000 MB/s)")
     assert checks["regcache peak RSS < 200 MB throughout"].passed is True
+    assert checks["warm pull through regcache (mirror) ≤ 1.0x the reference (big image, skopeo)"].passed is None
     assert hit.line().startswith("- **FAIL** blob hits")
 
     without_reference = [p for p in PULLS if p.cell.path != REFERENCE]
@@ -105,5 +106,5 @@ def test_cold_regcache_fetching_a_blob_twice_fails() -> None:
     twice = [p if p.cell != Cell(BIG, "skopeo", REGCACHE, COLD) else pull(REGCACHE, COLD, p.run, p.wall, up=2 * IMAGE)
              for p in PULLS]  # fmt: skip
     checks = bench.target_checks(bench.summarize(twice), [])
-    assert [c.passed for c in checks if c.target.startswith("cold pull: upstream")] == [False]
+    assert [c.passed for c in checks if c.target.startswith("cold pull (regcache): upstream")] == [False]
     assert any("upstream sent the image's blobs 2.00 times" in f for f in bench.findings(twice, [], []))

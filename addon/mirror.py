@@ -1,0 +1,293 @@
+"""regcache as a registry mirror: the registry API in plain HTTP on a port of its own.
+
+For clients that take a mirror rather than a proxy: dockerd's `registry-mirrors` (Docker Hub
+only), containerd's `hosts.toml` (any registry: containerd adds `?ns=<registry>` to each request)
+and registries.conf `[[registry.mirror]]` (podman, skopeo, buildah). No proxy and no CA to trust,
+and no CONNECT and TLS handshake per request: dockerd and containers/image open a new connection
+for every registry request, which costs more than the answer itself on small images.
+
+Each mirror stands for one cached registry (`mirrors` in the configuration); `?ns=` may name another
+cached registry. Requests go through the same `Runtime.decide` as proxied ones: the same cache,
+revalidation and access rules, with the client's own `Authorization` forwarded upstream.
+
+- Bearer challenges are rewritten so the client asks the mirror for its token (`/_token/…`), and
+  the mirror relays that request to the registry's own auth realm: only to realm hosts a cached
+  registry has named, never anywhere a client says.
+- Blob bytes go out from the store by sendfile, or follow a running fill; no redirect, since this
+  port is plain HTTP already.
+- Read-only: anything but `GET` and `HEAD` (and token `POST`s) is refused.
+
+Plain HTTP: token requests carry the client's credentials. Keep a mirror on loopback, or put TLS
+in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+
+from .answers import Answer, LocalStream, PassThrough, error_answer, log_request, offline_token, relay
+from .bloburls import is_loopback
+from .config import Settings
+from .metrics import METRICS
+from .routes import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
+from .upstream import (
+    UpstreamClient,
+    UpstreamUnavailable,
+    bearer_challenge,
+    bearer_realm_host,
+    describe_error,
+    forwardable_headers,
+)
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("regcache")
+
+TOKEN_PATH = "/_token/"
+MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
+RELAY_CHUNK = 256 * 1024
+_TOKEN_HEADERS = ("Authorization", "Content-Type", "Accept", "User-Agent")
+_HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?")
+_REALM_RE = re.compile(r'realm="([^"]*)"', re.IGNORECASE)
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+
+def target_registry(settings: Settings, mirrored: str, ns: str | None) -> str | None:
+    """The registry host a mirror request is for: `?ns=` (containerd), else the mirror's own."""
+    return settings.registry_host(ns) if ns else mirrored
+
+
+def upstream_url(host: str, raw_path: str, query: MultiDictProxy[str]) -> str:
+    """The logical upstream URL of a mirror request (`ns` is the mirror's, not the registry's)."""
+    kept = [(k, v) for k, v in query.items() if k != "ns"]
+    return f"https://{host}{raw_path}" + (f"?{urlencode(kept)}" if kept else "")
+
+
+def mirror_base(host_header: str | None, listen: tuple[str, int]) -> str:
+    """This mirror's base URL as the client addressed it (its `Host`), else as it listens."""
+    if host_header and _HOST_HEADER_RE.fullmatch(host_header):
+        return f"http://{host_header}"
+    host, port = listen
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def token_path(realm: str) -> str | None:
+    """`https://auth.docker.io/token` → `/_token/https/auth.docker.io/token` (None: not a URL)."""
+    parts = urlsplit(realm)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{TOKEN_PATH}{parts.scheme}/{parts.netloc}{parts.path or '/'}{query}"
+
+
+def realm_of(raw_path: str, query_string: str) -> str | None:
+    """The inverse of `token_path`: the realm URL a `/_token/…` request stands for."""
+    scheme, _, rest = raw_path.removeprefix(TOKEN_PATH).partition("/")
+    netloc, slash, path = rest.partition("/")
+    if scheme not in ("http", "https") or not netloc or not slash:
+        return None
+    return f"{scheme}://{netloc}/{path}" + (f"?{query_string}" if query_string else "")
+
+
+def mirrored_challenge(header: str, base: str) -> str:
+    """A `Bearer` challenge with its realm moved behind this mirror; other schemes unchanged."""
+    realm = (bearer_challenge(header) or {}).get("realm")
+    path = token_path(realm) if realm else None
+    if path is None:
+        return header
+    return _REALM_RE.sub(lambda _: f'realm="{base}{path}"', header, count=1)
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+
+class MirrorServer:
+    """One mirror port, standing for the registry `registry_host`."""
+
+    def __init__(self, runtime: Runtime, registry_host: str, listen: tuple[str, int]) -> None:
+        self._runtime = runtime
+        self.registry_host = registry_host
+        self.host, self.port = listen
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    @property
+    def url(self) -> str:
+        return mirror_base(None, (self.host, self.port))
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as err:
+            # The proxy works without it: say so loudly and go on (as the metrics endpoint does).
+            log.warning(
+                "regcache: mirror of %s not started: cannot listen on %s: %s", self.registry_host, self.url, err
+            )
+            return
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        log.info("regcache: registry mirror of %s at %s", self.registry_host, self.url)
+        if not is_loopback(self.host):
+            log.warning(
+                "regcache: WARNING: the mirror at %s is plain HTTP on a non-loopback address: token requests "
+                "carry clients' credentials in clear text, and anyone who can reach it can pull what "
+                "regcache's own credentials can read (offline: everything cached). Put TLS in front of it.",
+                self.url,
+            )
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        base = mirror_base(request.headers.get("Host"), (self.host, self.port))
+        if request.rel_url.raw_path.startswith(TOKEN_PATH):
+            what, answer = await self._token(request)
+            return await self._send_answer(request, answer, base, what, started)
+        settings = self._runtime.settings
+        ns = request.query.get("ns")
+        host = target_registry(settings, self.registry_host, ns)
+        if host is None:
+            message = f"regcache does not cache the registry {ns!r} (registries)"
+            answer = error_answer(404, "NAME_UNKNOWN", message)
+            return await self._send_answer(request, answer, base, f"{ns}/?", started)
+        route = parse_path(request.rel_url.raw_path)
+        namespace = settings.namespace_for(host) or host
+        req = RegistryRequest(
+            namespace=namespace,
+            url=upstream_url(host, request.rel_url.raw_path, request.query),
+            method=request.method,
+            route=route,
+            headers=forwardable_headers(list(request.headers.items())),
+            accepted=accepted_media_types(request.headers.getall("Accept", [])),
+        )
+        what = req.describe() if route.kind is not Kind.OTHER else f"{namespace}{request.rel_url.raw_path}"
+        if request.method not in ("GET", "HEAD"):
+            answer = error_answer(405, "UNSUPPORTED", "regcache's registry mirror is read-only")
+            return await self._send_answer(request, answer, base, what, started)
+        if route.kind is Kind.OTHER:  # tag lists, catalog, referrers: relayed, never cached
+            return await self._relay(request, req, base, what, started, PassThrough())
+        decision = await self._runtime.decide(req, ranged="Range" in request.headers)
+        _count(req, decision.result)
+        if isinstance(decision, Answer):
+            return await self._send_answer(request, decision, base, what, started)
+        if isinstance(decision, LocalStream):
+            headers = {"X-Cache": decision.result}
+            response = await self._runtime.blob_server.respond(request, decision.source, decision.digest, headers)
+            _log(request, decision.result, what, f"{response.status} from the store", started, decision.note)
+            return response
+        return await self._relay(request, req, base, what, started, decision)
+
+    async def _token(self, request: web.Request) -> tuple[str, Answer]:
+        """Relay a token request to the auth realm it names, if a cached registry named it."""
+        runtime = self._runtime
+        realm = realm_of(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        realm_host = urlsplit(realm).hostname if realm else None
+        what = f"token {realm_host or '?'}"
+        if realm is None or realm_host not in runtime.realm_hosts:
+            return what, error_answer(404, "NAME_UNKNOWN", "not the auth realm of a registry regcache caches")
+        if runtime.offline:
+            return what, offline_token()
+        if request.method not in ("GET", "POST"):
+            return what, error_answer(405, "UNSUPPORTED", "token requests are GET or POST")
+        body = await request.content.read(MAX_TOKEN_REQUEST + 1) if request.method == "POST" else None
+        if body is not None and len(body) > MAX_TOKEN_REQUEST:
+            return what, error_answer(413, "SIZE_INVALID", "token request too large")
+        headers = CIMultiDict((k, request.headers[k]) for k in _TOKEN_HEADERS if k in request.headers)
+        try:
+            answer = await runtime.upstream.fetch(request.method, realm, headers, data=body)
+        except UpstreamUnavailable as err:
+            return what, error_answer(503, "UNAVAILABLE", f"auth realm unavailable: {err}")
+        METRICS.request_answered(realm_host, "token", request.method, "PASS", "")
+        return what, relay(answer, "PASS")
+
+    async def _relay(
+        self, request: web.Request, req: RegistryRequest, base: str, what: str, started: float, why: PassThrough
+    ) -> web.StreamResponse:
+        """Stream an upstream answer through (uncached blobs, ranges, tag lists), bounded memory."""
+        upstream: UpstreamClient = self._runtime.upstream
+        headers = CIMultiDict(req.headers)
+        for name in ("Range", "If-Range"):
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        try:
+            answer = await upstream.open(req.method, req.url, headers, upstream.blob_timeout())
+        except UpstreamUnavailable as err:
+            failed = error_answer(503, "UNAVAILABLE", f"upstream unavailable: {err}")
+            return await self._send_answer(request, failed, base, what, started)
+        sent = 0
+        try:
+            response = web.StreamResponse(status=answer.status, headers=await self._headers(answer.headers, base))
+            response.headers["X-Cache"] = why.result
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            await response.prepare(request)
+            if req.method != "HEAD":
+                async for chunk in answer.content.iter_chunked(RELAY_CHUNK):
+                    await response.write(chunk)
+                    sent += len(chunk)
+            await response.write_eof()
+        except (OSError, TimeoutError, aiohttp.ClientError) as err:  # client or upstream broke off
+            _log(request, why.result, what, f"failed: {describe_error(err)}", started, why.note, logging.WARNING)
+            if request.transport is not None:
+                request.transport.abort()  # never let a short body pass for a whole one
+            return response
+        finally:
+            answer.release()
+            METRICS.upstream_bytes(sent)
+        _log(request, why.result, what, f"{answer.status} {sent} B", started, why.note)
+        return response
+
+    async def _send_answer(
+        self, request: web.Request, answer: Answer, base: str, what: str, started: float
+    ) -> web.Response:
+        response = web.Response(status=answer.status, body=answer.body or None)
+        response.headers.extend(await self._headers(answer.headers, base))
+        response.headers["X-Cache"] = answer.result
+        size = len(answer.body)
+        if request.method == "HEAD" and answer.content_length is not None:
+            response.headers["Content-Length"] = str(size := answer.content_length)
+        _log(request, answer.result, what, f"{answer.status} {size} B", started, answer.note)
+        return response
+
+    async def _headers(self, headers: Iterable[tuple[str, str]] | CIMultiDictProxy[str], base: str) -> CIMultiDict[str]:
+        """Upstream answer headers as the mirror sends them: hop-by-hop ones dropped, challenges
+        pointed at the mirror's token relay (their realms remembered as relayable)."""
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in headers.items() if isinstance(headers, CIMultiDictProxy) else headers:
+            if name.lower() in HOP_BY_HOP:
+                continue
+            if name.lower() == "www-authenticate":
+                await self._runtime.learn_realm(bearer_realm_host(value))
+                value = mirrored_challenge(value, base)
+            out.add(name, value)
+        return out
+
+
+def _count(req: RegistryRequest, result: str) -> None:
+    repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
+    METRICS.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
+
+
+def _log(
+    request: web.Request, result: str, what: str, outcome: str, started: float, note: str, level: int = logging.INFO
+) -> None:
+    ms = (time.monotonic() - started) * 1000
+    log_request(result, request.method, what, outcome, ms, f"mirror; {note}" if note else "mirror", level)
