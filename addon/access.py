@@ -67,13 +67,15 @@ class Access:
         digests: Iterable[str] = [digest, *(referenced_digests(manifest) if manifest is not None else [])]
         await asyncio.to_thread(self._store.mark_seen, repository(req), list(digests))
 
-    async def check(self, req: RegistryRequest, digest: str, kind: str) -> Answer | None:
+    async def check(self, req: RegistryRequest, digest: str, kind: str, known: bool | None = None) -> Answer | None:
         """None if the client may have the cached object; otherwise the answer to send instead.
-        `kind` is "manifests" or "blobs"."""
+        `kind` is "manifests" or "blobs"; `known`: whether it is seen in the repository, if the
+        caller has asked the store already."""
         if self._offline:
             return None
         key = (credential(req), repository(req))
-        known = await asyncio.to_thread(self._store.is_seen, repository(req), digest)
+        if known is None:
+            known = await asyncio.to_thread(self._store.is_seen, repository(req), digest)
         if known and self.granted(req):
             return None
         url = req.url.split("/v2/", 1)[0] + f"/v2/{req.route.name}/{kind}/{digest}"

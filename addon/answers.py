@@ -43,6 +43,7 @@ class LocalStream:
     digest: str
     result: str
     note: str = ""
+    path: str | None = None  # a stored blob's file, when the service has looked it up already
 
 
 @dataclass

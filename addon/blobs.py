@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -58,6 +60,7 @@ class Fill:
         self.staging_path: Path | None = None
         self.written = 0
         self.finished = False
+        self.verified = False  # every byte is in and matches the digest (committed a moment later)
         self.committed = False
         self.pass_through = ""  # why this blob is relayed uncached (disk full, write errors)
         self._changed = asyncio.Event()
@@ -122,10 +125,14 @@ class Fills:
                 await asyncio.to_thread(_append, staging, chunk)
                 fill.written += len(chunk)
                 fill._notify()
+            staging.check(fill.expected_size)
+            # Verified: followers may send the last byte now, not after the fsync and the index.
+            fill.verified = True
+            fill._notify()
             committing, staging = staging, None
             await asyncio.to_thread(self._store.commit_blob, committing, fill.expected_size)
             fill.committed = True
-            fill._notify()  # followers may send the last byte now, not after the bookkeeping below
+            fill._notify()
             await asyncio.to_thread(self._store.mark_seen, repository, [fill.digest])
         except (UpstreamUnavailable, DigestMismatch) as err:
             fill.error = str(err)
@@ -218,8 +225,8 @@ class BlobService:
         digest = req.route.reference
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
-            if await asyncio.to_thread(self._store.has_blob, digest):
-                return await self._access.check(req, digest, "blobs") or await self._hit(req, digest)
+            if stored := await asyncio.to_thread(find_stored, self._store, digest, repository(req)):
+                return await self._access.check(req, digest, "blobs", stored.seen) or self._hit(req, stored)
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
@@ -246,7 +253,27 @@ class BlobService:
             return unavailable(req, fill.error)
         return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
 
-    async def _hit(self, req: RegistryRequest, digest: str) -> Decision:
-        if req.head and (size := await asyncio.to_thread(self._store.blob_size, digest)) is not None:
-            return blob_head_answer(digest, size, "HIT")
-        return LocalStream("blobs", digest, "HIT")
+    @staticmethod
+    def _hit(req: RegistryRequest, stored: StoredBlob) -> Decision:
+        if req.head:
+            return blob_head_answer(stored.digest, stored.size, "HIT")
+        return LocalStream("blobs", stored.digest, "HIT", path=stored.path)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    digest: str
+    path: str
+    size: int
+    seen: bool  # known to belong to the repository it was asked through (access.py)
+
+
+def find_stored(store: Store, digest: str, repository: str) -> StoredBlob | None:
+    """Everything a blob hit needs from the store, in one trip to a worker thread: thread hops
+    wait for the GIL, and concurrent hits made several each."""
+    handle = store.open_blob(digest)
+    if handle is None:
+        return None
+    with handle:
+        path, size = str(handle.name), os.fstat(handle.fileno()).st_size
+    return StoredBlob(digest, path, size, store.is_seen(repository, digest))

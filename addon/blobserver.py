@@ -71,24 +71,31 @@ class BlobServer:
         return await handler(request)
 
     async def respond(
-        self, request: web.Request, source: BlobSource, digest: str, headers: Mapping[str, str] | None = None
+        self,
+        request: web.Request,
+        source: BlobSource,
+        digest: str,
+        headers: Mapping[str, str] | None = None,
+        path: str | None = None,
     ) -> web.StreamResponse:
-        """`digest`'s bytes from `source`, with extra `headers`. The caller has checked the request
-        (the signature here; regcache's services for the registry mirror)."""
+        """`digest`'s bytes from `source`, with extra `headers` (`path`: the stored blob's file, if
+        known). The caller has checked the request (the signature here; regcache's services for the
+        registry mirror)."""
         if source == "fills":
             return await self._filling_blob(request, digest, headers or {})
-        return await self._stored_blob(digest, headers or {})
+        return await self._stored_blob(digest, headers or {}, path=path)
 
     async def _signed_blob(self, request: web.Request) -> web.StreamResponse:
         source: BlobSource = "fills" if request.path.startswith("/fills/") else "blobs"
         return await self.respond(request, source, request.match_info["digest"])
 
     async def _stored_blob(
-        self, digest: str, headers: Mapping[str, str], from_fill: bool = False
+        self, digest: str, headers: Mapping[str, str], from_fill: bool = False, path: str | None = None
     ) -> web.StreamResponse:
         """A stored blob. Gone (evicted, or a fill that failed meanwhile): 503 where the client was
         sent to a fill, since a 404 would tell it the blob does not exist at all."""
-        path = await asyncio.to_thread(self._store.blob_path, digest)
+        if path is None or not os.path.exists(path):  # evicted since it was looked up: ask again
+            path = await asyncio.to_thread(self._store.blob_path, digest)
         if path is None:
             status, code = (503, "UNAVAILABLE") if from_fill else (404, "BLOB_UNKNOWN")
             return _error(status, code, "blob not available from the cache, retry", digest)
@@ -126,19 +133,19 @@ class BlobServer:
     async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> bool:
         """Stream the staging file as the fill writes it; False if the fill failed.
 
-        The last byte is held back until the fill is committed: a client that has the whole blob
-        can count on the cache having it too (and a blob that fails verification never reaches
-        a client complete)."""
+        The last byte is held back until the fill has checked size and digest, so a blob that
+        fails verification never reaches a client complete. (Not until the commit: its fsync and
+        index write would delay every cold blob, and a client with a verified blob is served.)"""
         offset = 0
         while True:
-            committed, finished = fill.committed, fill.finished  # a fill commits after its last write
-            sendable = fill.written if committed else fill.written - 1
+            verified, finished = fill.verified, fill.finished  # a fill verifies after its last write
+            sendable = fill.written if verified else fill.written - 1
             if sendable > offset:
                 chunk = await asyncio.to_thread(os.pread, fd, min(sendable - offset, READ_CHUNK), offset)
                 await response.write(chunk)
                 offset += len(chunk)
-            elif committed or finished:
-                return committed
+            elif verified or finished:
+                return verified
             else:
                 await fill.wait_beyond(offset + 1)
 

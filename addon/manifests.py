@@ -17,7 +17,7 @@ import time
 
 from multidict import CIMultiDict
 
-from .access import Access, credential
+from .access import Access, credential, repository
 from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
 from .routes import DIGEST_RE, RegistryRequest, is_acceptable, normalize_media_type
 from .store import (
@@ -29,6 +29,7 @@ from .store import (
     accept_key,
     digest_of,
     new_tag_record,
+    referenced_digests,
 )
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
 
@@ -112,15 +113,19 @@ class ManifestService:
 
     async def _by_digest(self, req: RegistryRequest) -> Answer:
         digest = req.route.reference
-        stored = await asyncio.to_thread(self._store.get_manifest, digest)
+        stored, seen = await asyncio.to_thread(self._stored_and_seen, req, digest)
         if stored is not None:
-            return await self._access.check(req, digest, "manifests") or manifest_answer(
+            return await self._access.check(req, digest, "manifests", seen) or manifest_answer(
                 stored, digest, req.head, "HIT"
             )
         try:
             return await self._fetch(req, digest)
         except UpstreamUnavailable as err:
             return unavailable(req, str(err))
+
+    def _stored_and_seen(self, req: RegistryRequest, digest: str) -> tuple[Manifest | None, bool]:
+        """The stored manifest and whether it is seen in the request's repository: one thread hop."""
+        return self._store.get_manifest(digest), self._store.is_seen(repository(req), digest)
 
     async def _by_tag(self, req: RegistryRequest) -> Answer:
         try:
@@ -134,18 +139,16 @@ class ManifestService:
         if check.status == 200:
             self._access.grant(req)
         if check.status == 200 and DIGEST_RE.fullmatch(digest):
-            stored = await asyncio.to_thread(self._store.get_manifest, digest)
-            if stored is not None and is_acceptable(stored.media_type, req.accepted):
-                await self._record_tag(req, new_tag_record(stored, digest))
-                await self._access.seen(req, digest, stored)
+            stored = await asyncio.to_thread(self._revalidated, req, digest)
+            if stored is not None:
                 return manifest_answer(stored, digest, req.head, "REVALIDATED")
         if req.head:
             if check.status == 200 and DIGEST_RE.fullmatch(digest):
                 # dockerd HEADs the tag, then GETs the digest: remember what the tag named, so
                 # the same pull can be replayed from the store when the upstream is down.
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
-                await self._record_tag(req, TagRecord(digest, media_type, 0, time.time()))
-                await self._access.seen(req, digest)
+                record = TagRecord(digest, media_type, 0, time.time())
+                await asyncio.to_thread(self._remember, req, digest, None, record)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
             answer = await self._fetch(req, None)
@@ -180,15 +183,13 @@ class ManifestService:
             return relay(answer, "PASS", note=f"not cached: {reason}")
         digest = expected_digest or answer.headers.get("Docker-Content-Digest") or digest_of(answer.body)
         manifest = Manifest(media_type, answer.body)
+        record = None if req.route.is_digest else new_tag_record(manifest, digest)
         try:
-            await asyncio.to_thread(self._store.put_manifest, digest, manifest)
+            await asyncio.to_thread(self._remember, req, digest, manifest, record, True)
         except DigestMismatch:
             return error_answer(
                 502, "MANIFEST_INVALID", f"upstream manifest bytes do not match {digest}", note="not stored"
             )
-        if not req.route.is_digest:
-            await self._record_tag(req, new_tag_record(manifest, digest))
-        await self._access.seen(req, digest, manifest)
         relayed = relay(answer, "MISS")
         if not answer.headers.get("Docker-Content-Digest"):  # optional upstream; clients like it
             relayed.headers.append(("Docker-Content-Digest", digest))
@@ -220,8 +221,34 @@ class ManifestService:
                 return record.digest, stored
         return None
 
-    async def _record_tag(self, req: RegistryRequest, record: TagRecord) -> None:
-        await asyncio.to_thread(self._store.put_tag, tag_ref(req), req.accepted, record)
+    # Store work for one request runs in one worker thread: each hop waits for the GIL, which the
+    # event loop holds while it is busy with other clients.
+
+    def _revalidated(self, req: RegistryRequest, digest: str) -> Manifest | None:
+        """The stored manifest the tag's upstream `HEAD` named, if acceptable to the client: the
+        tag record and what the repository holds are refreshed with it."""
+        stored = self._store.get_manifest(digest)
+        if stored is None or not is_acceptable(stored.media_type, req.accepted):
+            return None
+        self._remember(req, digest, stored, new_tag_record(stored, digest))
+        return stored
+
+    def _remember(
+        self,
+        req: RegistryRequest,
+        digest: str,
+        manifest: Manifest | None,
+        record: TagRecord | None,
+        store_manifest: bool = False,
+    ) -> None:
+        """Store the manifest (`store_manifest`), record the tag (`record`), and note that the
+        digest and what it references belong to the request's repository (access.py)."""
+        if store_manifest and manifest is not None:
+            self._store.put_manifest(digest, manifest)
+        if record is not None:
+            self._store.put_tag(tag_ref(req), req.accepted, record)
+        referenced = referenced_digests(manifest) if manifest is not None else []
+        self._store.mark_seen(repository(req), [digest, *referenced])
 
 
 def tag_ref(req: RegistryRequest) -> TagRef:

@@ -190,7 +190,8 @@ class MirrorServer:
             return await self._send_answer(request, decision, base, what, started)
         if isinstance(decision, LocalStream):
             headers = {"X-Cache": decision.result}
-            response = await self._runtime.blob_server.respond(request, decision.source, decision.digest, headers)
+            blob_server = self._runtime.blob_server
+            response = await blob_server.respond(request, decision.source, decision.digest, headers, decision.path)
             _log(request, decision.result, what, f"{response.status} from the store", started, decision.note)
             return response
         return await self._relay(request, req, base, what, started, decision)

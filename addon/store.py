@@ -164,16 +164,21 @@ class BlobStaging:
     def flush(self) -> None:
         self._file.flush()
 
-    def verify(self, expected_size: int | None) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())  # on disk before the index says it is there
-            self._file.close()
+    def check(self, expected_size: int | None) -> None:
+        """Are the bytes written so far the whole blob (size and digest)? No I/O."""
         if expected_size is not None and self.size != expected_size:
             raise DigestMismatch(f"{self.digest}: got {self.size} bytes, expected {expected_size}")
         actual = f"{self._hash.name}:{self._hash.hexdigest()}"
         if actual != self.digest:
             raise DigestMismatch(f"{self.digest}: bytes hash to {actual}")
+
+    def verify(self, expected_size: int | None) -> None:
+        """`check`, then the file on disk before the index says it is there."""
+        self.check(expected_size)
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def discard(self) -> None:
         self._file.close()

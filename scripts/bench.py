@@ -40,7 +40,8 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
 ``cold``: a new reference / regcache process with an empty store, then one pull; ``warm``: the same
 process once every blob is stored (regcache's ``STORED blob`` log lines; the reference's storage
 files), client-side image removed, a second pull. Per run, per image and client, the order is
-direct, then cold and warm for reference, regcache, mirror; ``--runs`` runs.
+direct, then cold and warm for reference, regcache and mirror, in an order that rotates from run to run
+(``path_order``); ``--runs`` runs.
 
 Per pull: wall time of the client command (medians, min-max over runs, ratio to direct); upstream
 requests and bytes from the bed's own logs (both registry instances' access logs, the CDN's log,
@@ -707,6 +708,7 @@ class RegcacheCache:
 
     def start(self) -> None:
         self.proxy.start()
+        self.proxy.mirror_url()  # the mirror listens a moment after the proxy: wait for its line
 
     def stop(self) -> None:
         self.proxy.stop()
@@ -1072,7 +1074,7 @@ class Bench:
             for name in self.images:
                 for client_name in self.args.clients:
                     client = self.clients[client_name]
-                    for path in self.args.paths:
+                    for path in path_order(self.args.paths, run):
                         if path == DIRECT:
                             self.pull_direct(name, client, run)
                         else:
@@ -1100,7 +1102,8 @@ class Bench:
             f"load average (1 min): {load_before} before the bench, {load_average()} at its end",
             *[describe_image(name, image) for name, image in self.images.items()],
             f"{a.runs} run(s); per run, image and client: direct, then cold + warm for each of "
-            f"{', '.join(p for p in a.paths if p != DIRECT)} (each cache fresh for its cold pull)",
+            f"{', '.join(p for p in a.paths if p != DIRECT)}, the order of those rotating from run to run "
+            "(each cache fresh for its cold pull)",
             f"command: `{command}`",
         ]
 
@@ -1137,6 +1140,15 @@ class Bench:
             write_chart(summaries, self.out / "chart.png", title, panels)
         log(f"wrote {self.out}/table.md, results.json" + (", chart.png" if summaries else ""))
         return sum(1 for c in checks if c.passed is False)
+
+
+def path_order(paths: Sequence[str], run: int) -> list[str]:
+    """Direct first, then the caches in an order that rotates from run to run: whatever a pull
+    leaves behind (dockerd's deletions, the kernel's writeback) slows the next, and with a fixed
+    order it would always slow the same path."""
+    caches = [p for p in paths if p != DIRECT]
+    shift = (run - 1) % len(caches) if caches else 0
+    return [p for p in paths if p == DIRECT] + caches[shift:] + caches[:shift]
 
 
 def largest_layer(image: PushedImage) -> str:

@@ -108,3 +108,11 @@ def test_cold_regcache_fetching_a_blob_twice_fails() -> None:
     checks = bench.target_checks(bench.summarize(twice), [])
     assert [c.passed for c in checks if c.target.startswith("cold pull (regcache): upstream")] == [False]
     assert any("upstream sent the image's blobs 2.00 times" in f for f in bench.findings(twice, [], []))
+
+
+def test_cache_paths_take_turns_going_first() -> None:
+    paths = ["direct", "reference", "regcache", "mirror"]
+    assert bench.path_order(paths, 1) == paths
+    assert bench.path_order(paths, 2) == ["direct", "regcache", "mirror", "reference"]
+    assert bench.path_order(paths, 4) == paths
+    assert bench.path_order(["direct"], 3) == ["direct"]
