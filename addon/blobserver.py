@@ -39,6 +39,13 @@ def _error(status: int, code: str, message: str, digest: str) -> web.Response:
     return web.Response(status=status, body=error_body(code, message, digest), content_type="application/json")
 
 
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (port 0 in the configuration: the one it was given)."""
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    return int(server.sockets[0].getsockname()[1])
+
+
 class BlobServer:
     def __init__(self, store: Store, fills: Fills, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self._store = store
@@ -54,9 +61,7 @@ class BlobServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = bound_port(site)
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -130,7 +130,7 @@ class RegistryCache:
         METRICS.store.store, METRICS.store.size_limit = runtime.store, settings.size_limit
         self.metrics_endpoint.serve(settings.metrics_listen)
         if old is not None:
-            _close_soon(old)
+            _close_soon(old, successor=runtime)
         log.info(
             "regcache: %s %d registries into %s (size limit %d B)",
             "OFFLINE, replaying" if runtime.offline else "caching",
@@ -248,13 +248,21 @@ def _background(work: Coroutine[None, None, None]) -> None:
     task.add_done_callback(_background_tasks.discard)
 
 
-def _close_soon(runtime: Runtime) -> None:
+def _close_soon(runtime: Runtime, successor: Runtime | None = None) -> None:
+    """Close `runtime` in the background; then start `successor` (a new configuration), whose
+    blob endpoint and mirrors can listen only once the old ones have let go of their ports."""
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+    except RuntimeError:  # not running yet: `running` starts the successor
         runtime.store.close()
         return
-    _background(runtime.close())
+
+    async def replace() -> None:
+        await runtime.close()
+        if successor is not None:
+            await successor.started()
+
+    _background(replace())
 
 
 addons = [RegistryCache()]

@@ -77,6 +77,9 @@ def mirror_instructions(mirrors: Mapping[str, tuple[str, int]]) -> str:
     """How to use the registry mirrors instead of the proxy (Docker Hub: dockerd's registry-mirrors)."""
     lines = []
     for host, (listen_host, port) in mirrors.items():
+        if port == 0:
+            lines.append(f"  {host}: on a free port of {listen_host} (logged at start)")
+            continue
         url = f"http://[{listen_host}]:{port}" if ":" in listen_host else f"http://{listen_host}:{port}"
         lines.append(f"  {host}: {url}")
         if host == "registry-1.docker.io":
@@ -278,11 +281,12 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=240)
 
 
-def _print_plan(plan: Plan, what: str, dry_run: bool) -> None:
+def _print_plan(plan: Plan, what: str, dry_run: bool, size: int) -> None:
+    """`size`: what the plan would free (dry run), or what carrying it out freed."""
     if dry_run:
         for key in plan.keys:
-            size = plan.sizes.get(key)
-            print(f"  {key}{f' ({size} B)' if size else ''}")
+            entry_size = plan.sizes.get(key)
+            print(f"  {key}{f' ({entry_size} B)' if entry_size else ''}")
         for path in plan.staging_files:
             print(f"  staging file {path}")
     counts = ", ".join(
@@ -290,7 +294,7 @@ def _print_plan(plan: Plan, what: str, dry_run: bool) -> None:
         for kind, label in (("tag", "tags"), ("manifest", "manifests"), ("blob", "blobs"), ("seen", "access records"))
     )
     staging = f", {len(plan.staging_files)} staging files" if plan.staging_files else ""
-    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(plan.bytes)}")
+    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(size)}")
 
 
 def purge(options: argparse.Namespace) -> int:
@@ -303,9 +307,8 @@ def purge(options: argparse.Namespace) -> int:
     if not plan.keys:
         print(f"nothing in the cache to purge for {pattern}")
         return 0
-    if not options.dry_run:
-        carry_out(store, plan)
-    _print_plan(plan, f"purge {pattern}", options.dry_run)
+    size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
+    _print_plan(plan, f"purge {pattern}", options.dry_run, size)
     return 0
 
 
@@ -340,9 +343,9 @@ def gc(options: argparse.Namespace) -> int:
             removed, freed = store.expire_unused(settings.max_age)
             print(f"expired (unused for max_age): {removed} entries, {_size(freed)}")
     plan = plan_gc(store, min_age)
-    if not options.dry_run:
-        carry_out(store, plan)
-    _print_plan(plan, "orphans and leftovers", options.dry_run)
+    # Staging files are measured before they go: after, they would count as 0 B.
+    size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
+    _print_plan(plan, "orphans and leftovers", options.dry_run, size)
     stored = sum(size for _, size in store.entry_totals().values())
     if options.dry_run:
         over = max(0, stored - store.size_limit)

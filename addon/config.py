@@ -275,6 +275,8 @@ def parse_mirrors(key: str, value: object, settings: Settings) -> dict[str, tupl
             continue
         if address[1] != 0 and address in mirrors.values():
             raise ConfigError(entry, f"{address[0]}:{address[1]} is already another mirror's address")
+        if host in mirrors:
+            raise ConfigError(entry, f"{host} has a mirror already (under another name)")
         mirrors[host] = address
     return mirrors
 

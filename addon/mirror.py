@@ -11,19 +11,19 @@ cached registry. Requests go through the same `Runtime.decide` as proxied ones: 
 revalidation and access rules, with the client's own `Authorization` forwarded upstream.
 
 - Bearer challenges are rewritten so the client asks the mirror for its token (`/_token/…`), and
-  the mirror relays that request to the registry's own auth realm: only to realm hosts a cached
-  registry has named, never anywhere a client says.
+  the mirror relays that request to the registry's own auth realm: only to realms a cached
+  registry's challenge named, never anywhere a client says, and with the client's credentials
+  only. Tag lists and other reads it cannot cache are relayed with the client's rights only, too.
 - Blob bytes go out from the store by sendfile, or follow a running fill; no redirect, since this
   port is plain HTTP already.
 - Read-only: anything but `GET` and `HEAD` (and token `POST`s) is refused.
 
-Plain HTTP: token requests carry the client's credentials. Keep a mirror on loopback, or put TLS
-in front of it.
+Plain HTTP: token requests carry the client's credentials. Keep a mirror on loopback, or put a
+TLS front end before it that keeps `Host` and sets `X-Forwarded-Proto: https`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -36,6 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
 from .answers import Answer, LocalStream, PassThrough, error_answer, log_request, offline_token, relay
+from .blobserver import bound_port
 from .bloburls import is_loopback
 from .config import Settings
 from .metrics import METRICS
@@ -44,7 +45,6 @@ from .upstream import (
     UpstreamClient,
     UpstreamUnavailable,
     bearer_challenge,
-    bearer_realm_host,
     describe_error,
     forwardable_headers,
 )
@@ -56,6 +56,7 @@ log = logging.getLogger("regcache")
 
 TOKEN_PATH = "/_token/"
 MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
+MAX_TOKEN_ANSWER = 1024 * 1024  # a token answer is a small JSON document
 RELAY_CHUNK = 256 * 1024
 _TOKEN_HEADERS = ("Authorization", "Content-Type", "Accept", "User-Agent")
 _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?")
@@ -76,12 +77,26 @@ def upstream_url(host: str, raw_path: str, query: MultiDictProxy[str]) -> str:
     return f"https://{host}{raw_path}" + (f"?{urlencode(kept)}" if kept else "")
 
 
-def mirror_base(host_header: str | None, listen: tuple[str, int]) -> str:
-    """This mirror's base URL as the client addressed it (its `Host`), else as it listens."""
+def mirror_base(host_header: str | None, listen: tuple[str, int], forwarded_proto: str | None = None) -> str:
+    """This mirror's base URL as the client addressed it (its `Host`; `https` when a TLS front
+    end says so in `X-Forwarded-Proto`), else as it listens. Taken from the client's own request,
+    it only shapes that client's challenges."""
+    scheme = "https" if (forwarded_proto or "").strip().lower() == "https" else "http"
     if host_header and _HOST_HEADER_RE.fullmatch(host_header):
-        return f"http://{host_header}"
+        return f"{scheme}://{host_header}"
     host, port = listen
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def realm_key(url: str) -> str:
+    """What identifies a realm the relay may talk to: scheme, host, port and path (no query)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def sendable(value: str) -> str:
+    """An upstream header value as text aiohttp can send (bytes that were not UTF-8 replaced)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def token_path(realm: str) -> str | None:
@@ -121,9 +136,10 @@ class MirrorServer:
         self._runtime = runtime
         self.registry_host = registry_host
         self.host, self.port = listen
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_TOKEN_REQUEST)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._realms: set[str] = set()  # realm_key of every realm a challenge named this run
 
     @property
     def url(self) -> str:
@@ -140,15 +156,14 @@ class MirrorServer:
                 "regcache: mirror of %s not started: cannot listen on %s: %s", self.registry_host, self.url, err
             )
             return
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = bound_port(site)
         log.info("regcache: registry mirror of %s at %s", self.registry_host, self.url)
         if not is_loopback(self.host):
             log.warning(
                 "regcache: WARNING: the mirror at %s is plain HTTP on a non-loopback address: token requests "
                 "carry clients' credentials in clear text, and anyone who can reach it can pull what "
-                "regcache's own credentials can read (offline: everything cached). Put TLS in front of it.",
+                "regcache's own credentials can read (offline: everything cached). Put a TLS front end before it "
+                "(X-Forwarded-Proto: https).",
                 self.url,
             )
 
@@ -157,7 +172,9 @@ class MirrorServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        base = mirror_base(request.headers.get("Host"), (self.host, self.port))
+        base = mirror_base(
+            request.headers.get("Host"), (self.host, self.port), request.headers.get("X-Forwarded-Proto")
+        )
         if request.rel_url.raw_path.startswith(TOKEN_PATH):
             what, answer = await self._token(request)
             return await self._send_answer(request, answer, base, what, started)
@@ -197,26 +214,37 @@ class MirrorServer:
         return await self._relay(request, req, base, what, started, decision)
 
     async def _token(self, request: web.Request) -> tuple[str, Answer]:
-        """Relay a token request to the auth realm it names, if a cached registry named it."""
+        """Relay a token request to the auth realm it names, if a cached registry named it.
+
+        Only the client's own credentials go along (never regcache's `credentials`), only to a
+        realm a challenge named — exactly, this run; or, after a restart, a realm host saved in
+        the store on the https port — and never to a registry API path."""
         runtime = self._runtime
         realm = realm_of(request.rel_url.raw_path, request.rel_url.raw_query_string)
-        realm_host = urlsplit(realm).hostname if realm else None
-        what = f"token {realm_host or '?'}"
-        if realm is None or realm_host not in runtime.realm_hosts:
+        parts = urlsplit(realm or "")
+        what = f"token {parts.hostname or '?'}"
+        saved = parts.scheme == "https" and parts.netloc == parts.hostname and parts.hostname in runtime.realm_hosts
+        known = realm is not None and (realm_key(realm) in self._realms or saved)
+        if not known or parts.path.startswith("/v2/") or parts.path == "/v2":
             return what, error_answer(404, "NAME_UNKNOWN", "not the auth realm of a registry regcache caches")
         if runtime.offline:
             return what, offline_token()
         if request.method not in ("GET", "POST"):
             return what, error_answer(405, "UNSUPPORTED", "token requests are GET or POST")
-        body = await request.content.read(MAX_TOKEN_REQUEST + 1) if request.method == "POST" else None
-        if body is not None and len(body) > MAX_TOKEN_REQUEST:
+        if (request.content_length or 0) > MAX_TOKEN_REQUEST:
             return what, error_answer(413, "SIZE_INVALID", "token request too large")
+        body = await request.read() if request.method == "POST" else None
         headers = CIMultiDict((k, request.headers[k]) for k in _TOKEN_HEADERS if k in request.headers)
+        headers["Accept-Encoding"] = "identity"  # relayed as it comes: no compression to undo
         try:
-            answer = await runtime.upstream.fetch(request.method, realm, headers, data=body)
+            answer = await runtime.upstream.fetch(
+                request.method, realm, headers, MAX_TOKEN_ANSWER, data=body, own_credentials=False
+            )
         except UpstreamUnavailable as err:
             return what, error_answer(503, "UNAVAILABLE", f"auth realm unavailable: {err}")
-        METRICS.request_answered(realm_host, "token", request.method, "PASS", "")
+        if len(answer.body) > MAX_TOKEN_ANSWER:
+            return what, error_answer(502, "UNAVAILABLE", f"auth realm answered more than {MAX_TOKEN_ANSWER} bytes")
+        METRICS.request_answered(parts.hostname or "", "token", request.method, "PASS", "")
         return what, relay(answer, "PASS")
 
     async def _relay(
@@ -229,7 +257,8 @@ class MirrorServer:
             if name in request.headers:
                 headers[name] = request.headers[name]
         try:
-            answer = await upstream.open(req.method, req.url, headers, upstream.blob_timeout())
+            # Relayed for the client: with its own rights only, as mitmproxy relays through the proxy.
+            answer = await upstream.open(req.method, req.url, headers, upstream.blob_timeout(), own_credentials=False)
         except UpstreamUnavailable as err:
             failed = error_answer(503, "UNAVAILABLE", f"upstream unavailable: {err}")
             return await self._send_answer(request, failed, base, what, started)
@@ -239,17 +268,18 @@ class MirrorServer:
             response.headers["X-Cache"] = why.result
             if answer.content_length is not None:
                 response.content_length = answer.content_length
-            await response.prepare(request)
-            if req.method != "HEAD":
-                async for chunk in answer.content.iter_chunked(RELAY_CHUNK):
-                    await response.write(chunk)
-                    sent += len(chunk)
-            await response.write_eof()
-        except (OSError, TimeoutError, aiohttp.ClientError) as err:  # client or upstream broke off
-            _log(request, why.result, what, f"failed: {describe_error(err)}", started, why.note, logging.WARNING)
-            if request.transport is not None:
-                request.transport.abort()  # never let a short body pass for a whole one
-            return response
+            try:
+                await response.prepare(request)
+                if req.method != "HEAD":
+                    async for chunk in answer.content.iter_chunked(RELAY_CHUNK):
+                        await response.write(chunk)
+                        sent += len(chunk)
+                await response.write_eof()
+            except (OSError, TimeoutError, aiohttp.ClientError) as err:  # client or upstream broke off
+                _log(request, why.result, what, f"failed: {describe_error(err)}", started, why.note, logging.WARNING)
+                if request.transport is not None:
+                    request.transport.abort()  # never let a short body pass for a whole one
+                return response
         finally:
             answer.release()
             METRICS.upstream_bytes(sent)
@@ -259,9 +289,9 @@ class MirrorServer:
     async def _send_answer(
         self, request: web.Request, answer: Answer, base: str, what: str, started: float
     ) -> web.Response:
-        response = web.Response(status=answer.status, body=answer.body or None)
-        response.headers.extend(await self._headers(answer.headers, base))
-        response.headers["X-Cache"] = answer.result
+        headers = await self._headers(answer.headers, base)
+        headers["X-Cache"] = answer.result
+        response = web.Response(status=answer.status, body=answer.body or None, headers=headers)
         size = len(answer.body)
         if request.method == "HEAD" and answer.content_length is not None:
             response.headers["Content-Length"] = str(size := answer.content_length)
@@ -276,9 +306,12 @@ class MirrorServer:
             if name.lower() in HOP_BY_HOP:
                 continue
             if name.lower() == "www-authenticate":
-                await self._runtime.learn_realm(bearer_realm_host(value))
+                realm = urlsplit((bearer_challenge(value) or {}).get("realm", ""))
+                if realm.scheme in ("http", "https") and realm.hostname:
+                    self._realms.add(realm_key(realm.geturl()))
+                    await self._runtime.learn_realm(realm.hostname)
                 value = mirrored_challenge(value, base)
-            out.add(name, value)
+            out.add(name, sendable(value))
         return out
 
 

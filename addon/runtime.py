@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from urllib.parse import urlsplit
 
 import diskcache
@@ -78,12 +79,13 @@ class Runtime:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._started is not None:
-            for mirror in self.mirrors:
-                await mirror.stop()
+        # Fills first: a server's cleanup waits for its handlers, and followers of a running
+        # fill would keep it waiting until the fill ends.
         await self.fills.close()
         await self.upstream.close()
         if self._started is not None:
+            for mirror in self.mirrors:
+                await mirror.stop()
             await self.blob_server.stop()
         if self._usage_flusher is not None:
             self._usage_flusher.cancel()
@@ -130,7 +132,10 @@ class Runtime:
         relays token requests to it (and to no other host)."""
         if realm_host and realm_host not in self.realm_hosts:
             self.realm_hosts.add(realm_host)
-            await asyncio.to_thread(self.store.add_realm_host, realm_host)
+            try:
+                await asyncio.to_thread(self.store.add_realm_host, realm_host)
+            except (OSError, sqlite3.Error, diskcache.Timeout) as err:  # known for this run anyway
+                log.warning("auth realm %s not saved in the store: %s", realm_host, err)
 
     def answers_tokens(self, host: str) -> bool:
         """Offline, regcache is the token service of every auth realm it has seen."""

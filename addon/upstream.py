@@ -96,14 +96,17 @@ class UpstreamClient:
         headers: CIMultiDict[str],
         timeout: aiohttp.ClientTimeout,
         data: bytes | None = None,
+        own_credentials: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request, following redirects ourselves. The caller must release the response.
 
         A request without the client's own `Authorization` to a registry that has `credentials`
         configured is authorised with them (Basic, or a token from a realm on the registry's own
-        registrable domain; tokens are kept until they expire)."""
+        registrable domain; tokens are kept until they expire) — unless `own_credentials` is
+        False: what is only relayed for a client must carry only the client's rights."""
         host, port = origin_of(url)
-        credential = None if "Authorization" in headers else self._settings.credential_for(host, port)
+        wants_ours = own_credentials and "Authorization" not in headers
+        credential = self._settings.credential_for(host, port) if wants_ours else None
         if credential is None:
             return await self._send(method, url, headers, timeout, data)
         headers = CIMultiDict(headers)
@@ -145,6 +148,7 @@ class UpstreamClient:
         None): (the Authorization value, its lifetime in seconds), or None if refused."""
         query = urlencode({k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v})
         headers = CIMultiDict(Authorization=authorization) if authorization else CIMultiDict()
+        headers["Accept-Encoding"] = "identity"  # the session does not decompress
         answer = await self.fetch("GET", f"{challenge['realm']}?{query}", headers)
         try:
             document = json.loads(answer.body) if answer.status == 200 else {}
@@ -193,10 +197,12 @@ class UpstreamClient:
         headers: CIMultiDict[str],
         max_body: int = MAX_ERROR_BODY,
         data: bytes | None = None,
+        own_credentials: bool = True,
     ) -> UpstreamAnswer:
-        """A whole small answer: manifests, pings, tokens, errors. Longer bodies are cut at `max_body`."""
+        """A whole small answer: manifests, pings, tokens, errors. Longer bodies are cut at
+        `max_body` (+ 1 byte, so callers can tell)."""
         timeout = aiohttp.ClientTimeout(total=self._settings.upstream_timeout)
-        response = await self.open(method, url, headers, timeout, data)
+        response = await self.open(method, url, headers, timeout, data, own_credentials)
         try:
             body = await read_limited(response, max_body) if method != "HEAD" else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as err:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import hashlib
@@ -311,6 +312,17 @@ def wait_stored(proxy: Mitmdump, digests: Iterable[str], since: int, timeout: fl
 
 
 # -- report facts and formatting ------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def median(values: Sequence[float]) -> float:

@@ -74,6 +74,7 @@ from bench_common import (
     machine_facts,
     median,
     num,
+    positive_int,
     prepare_process,
     source_digest,
     sources_under_test,
@@ -421,15 +422,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="bench-concurrent",
         description="Benchmark regcache (cold, warm) against a pass-through mitmdump under concurrent skopeo pulls.",
     )
-    parser.add_argument("--clients", type=int, default=8, help="concurrent pulls per phase (default 8)")
-    parser.add_argument("--layer-mib", type=int, default=1024, help="size of the big layer in MiB (default 1024)")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions of every scenario (default 3)")
+    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent pulls per phase (default 8)")
+    parser.add_argument(
+        "--layer-mib", type=positive_int, default=1024, help="size of the big layer in MiB (default 1024)"
+    )
+    parser.add_argument("--runs", type=positive_int, default=3, help="repetitions of every scenario (default 3)")
     parser.add_argument("--workdir", type=Path, help="keep logs, layout and registry storage here (default: temp)")
     parser.add_argument("--snapshot", action="store_true", help=SNAPSHOT_HELP)
     args = parser.parse_args(argv)
-    for name in ("clients", "layer_mib", "runs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

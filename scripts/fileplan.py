@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -325,12 +325,7 @@ def apply(plan: Plan, root: Path, printer: Printer) -> None:
     made: set[str] = set()
     for action in plan.actions:
         real = in_root(root, action.path)
-        for directory in action.create_dirs:
-            if directory not in made:
-                made.add(directory)
-                printer.say("create", f"{in_root(root, directory)}/")
-                if not printer.dry_run:
-                    in_root(root, directory).mkdir(mode=0o755, exist_ok=True)
+        make_dirs(action.create_dirs, root, printer, made)
         printer.say(action.verb, str(real), action.detail)
         printer.diff(action)
         if printer.dry_run:
@@ -353,14 +348,21 @@ def write_state(plan: Plan, root: Path, printer: Printer, made: set[str]) -> Non
         if not printer.dry_run:
             real.unlink(missing_ok=True)
         return
-    for directory in plan.state_dirs:
-        if directory not in made:
-            printer.say("create", f"{in_root(root, directory)}/")
-            if not printer.dry_run:
-                in_root(root, directory).mkdir(mode=0o755, exist_ok=True)
+    make_dirs(plan.state_dirs, root, printer, made)
     printer.say("update" if real.exists() else "create", str(real), "undo record")
     if not printer.dry_run:
         write_atomically(real, state_bytes(plan.state_after), 0o600)
+
+
+def make_dirs(directories: Iterable[str], root: Path, printer: Printer, made: set[str]) -> None:
+    """Create the directories not made yet in this run (`made` is updated), outermost first."""
+    for directory in directories:
+        if directory in made:
+            continue
+        made.add(directory)
+        printer.say("create", f"{in_root(root, directory)}/")
+        if not printer.dry_run:
+            in_root(root, directory).mkdir(mode=0o755, exist_ok=True)
 
 
 def remove_if_empty(real: Path, printer: Printer) -> None:

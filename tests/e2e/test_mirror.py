@@ -102,6 +102,20 @@ def test_skopeo_pulls_every_platform_from_the_mirror_then_from_the_store(
         assert (tmp_path / "warm" / blob.digest.partition(":")[2]).stat().st_size == blob.size
 
 
+def test_skopeo_takes_the_mirror_from_registries_conf(
+    images: ImageSet, regcache: Mitmdump, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
+) -> None:
+    """podman, skopeo, buildah: `[[registry.mirror]]`; Docker Hub itself is unreachable here."""
+    skopeo = skopeo_factory(None)
+    mirror = regcache.mirror_url().removeprefix("http://")
+    conf = f'[[registry]]\nlocation = "docker.io"\n[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+    (skopeo.workdir / "registries.conf").write_text(conf)
+    image = images.docker_multi
+    mark = regcache.mark()
+    assert skopeo.copy_to_dir(f"docker.io/{image.ref}", tmp_path / "x") == image.amd64_digest
+    assert (("MISS", "GET", f"docker.io/{image.ref}")) in mirror_lines(regcache, mark)
+
+
 def test_private_image_through_the_mirror_needs_the_owners_credentials(
     secret: PushedImage,  # noqa: F811 - the fixture
     regcache: Mitmdump,
@@ -134,6 +148,9 @@ def test_mirror_protocol_rules(images: ImageSet, regcache: Mitmdump) -> None:
     status, _, body = plain(f"{realm[1]}?service=registry.docker.io&scope=repository:{images.oci_single.repo}:pull")
     assert status == 200
     token = json.loads(body)["token"]
+    # Behind a TLS front end the realm must be https, or clients would send credentials in clear.
+    _, headers, _ = plain(manifest, headers={"X-Forwarded-Proto": "https"})
+    assert 'realm="https://127.0.0.1:' in headers["WWW-Authenticate"]
     accept = images.oci_single.media_type
     status, headers, body = plain(manifest, headers={"Authorization": f"Bearer {token}", "Accept": accept})
     assert status == 200 and headers["Docker-Content-Digest"] == images.oci_single.digest
@@ -145,6 +162,8 @@ def test_mirror_protocol_rules(images: ImageSet, regcache: Mitmdump) -> None:
 
     assert error(manifest + "?ns=registry.example") == (404, "NAME_UNKNOWN")  # not a cached registry
     assert error(f"{mirror}/_token/https/attacker.example/token") == (404, "NAME_UNKNOWN")  # not a realm
+    assert error(f"{mirror}/_token/https/auth.docker.io:8443/token") == (404, "NAME_UNKNOWN")  # another port
+    assert error(f"{mirror}/_token/https/auth.docker.io/v2/x/blobs/uploads/", "POST") == (404, "NAME_UNKNOWN")
     assert error(f"{mirror}/v2/{images.oci_single.repo}/blobs/uploads/", "POST") == (405, "UNSUPPORTED")
     assert error(f"{mirror}/v2/Bad/manifests/1") == (400, "NAME_INVALID")
 

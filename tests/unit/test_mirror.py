@@ -7,7 +7,15 @@ import pytest
 from multidict import MultiDict, MultiDictProxy
 
 from addon.config import ConfigError, Settings, load_settings
-from addon.mirror import mirror_base, mirrored_challenge, realm_of, target_registry, token_path, upstream_url
+from addon.mirror import (
+    mirror_base,
+    mirrored_challenge,
+    realm_key,
+    realm_of,
+    target_registry,
+    token_path,
+    upstream_url,
+)
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -59,6 +67,13 @@ def test_mirror_base_is_what_the_client_addressed() -> None:
     assert mirror_base("cache.lan:5055", ("0.0.0.0", 5055)) == "http://cache.lan:5055"
     assert mirror_base('x" evil="y', ("127.0.0.1", 5055)) == "http://127.0.0.1:5055"  # no header injection
     assert mirror_base(None, ("::1", 5055)) == "http://[::1]:5055"
+    assert mirror_base("cache.lan", ("0.0.0.0", 5055), "https") == "https://cache.lan"
+    assert mirror_base("cache.lan", ("0.0.0.0", 5055), "gopher") == "http://cache.lan"
+
+
+def test_realm_key_is_scheme_host_port_and_path() -> None:
+    assert realm_key("https://auth.docker.io/token?service=x") == "https://auth.docker.io/token"
+    assert realm_key("http://127.0.0.1:8080/auth") != realm_key("http://127.0.0.1:8081/auth")
 
 
 def test_mirrors_config(tmp_path: Path) -> None:
@@ -80,6 +95,7 @@ def test_mirrors_config(tmp_path: Path) -> None:
         ("mirrors: {example.com: 127.0.0.1:5000}", "mirrors.example.com: not a registry regcache caches"),
         ("mirrors: {docker.io: 5000}", "mirrors.docker.io: expected HOST:PORT"),
         ("mirrors: {docker.io: 127.0.0.1:5000, ghcr.io: 127.0.0.1:5000}", "mirrors.ghcr.io: 127.0.0.1:5000 is already"),
+        ("mirrors: {docker.io: 127.0.0.1:5000, registry-1.docker.io: 127.0.0.1:5001}", "mirrors.registry-1.docker.io"),
     ],
 )
 def test_bad_mirrors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
