@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Never fill the disk to the last byte: the store's index and other writers need room too.
 FREE_SPACE_RESERVE = 64 * 1024 * 1024
+# Blobs up to this size are written to their staging file on the event loop (see Fills._run).
+SMALL_BLOB = 1024 * 1024
 # After a write to the store failed (disk full, I/O error), relay blobs uncached for this long.
 DISK_TROUBLE_PAUSE = 60.0
 # A committed fill stays visible this long, so a request that missed the store just before the
@@ -118,11 +120,22 @@ class Fills:
             if skip := self._no_room(fill.expected_size):
                 fill.pass_through = skip
                 return
-            staging = await asyncio.to_thread(self._store.stage_blob, fill.digest)
+            # A small blob is written on the event loop: a page-cache write of it costs less than
+            # the trip to a worker thread (which waits for the GIL). Larger ones, and any blob that
+            # turns out larger than announced, go through threads, so a stalled disk stalls no one.
+            small = fill.expected_size is not None and fill.expected_size <= SMALL_BLOB
+            staging = (
+                self._store.stage_blob(fill.digest)
+                if small
+                else await asyncio.to_thread(self._store.stage_blob, fill.digest)
+            )
             fill.staging_path = staging.path
             fill.started.set()
             async for chunk in response.content.iter_any():
-                await asyncio.to_thread(_append, staging, chunk)
+                if small and fill.written + len(chunk) <= SMALL_BLOB:
+                    _append(staging, chunk)
+                else:
+                    await asyncio.to_thread(_append, staging, chunk)
                 fill.written += len(chunk)
                 fill._notify()
             staging.check(fill.expected_size)
@@ -130,10 +143,9 @@ class Fills:
             fill.verified = True
             fill._notify()
             committing, staging = staging, None
-            await asyncio.to_thread(self._store.commit_blob, committing, fill.expected_size)
+            await asyncio.to_thread(self._commit, committing, fill.expected_size, repository)
             fill.committed = True
             fill._notify()
-            await asyncio.to_thread(self._store.mark_seen, repository, [fill.digest])
         except (UpstreamUnavailable, DigestMismatch) as err:
             fill.error = str(err)
         except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
@@ -158,6 +170,11 @@ class Fills:
             self._log(fill, time.monotonic() - started_at)
         if fill.committed:
             await self._evict()
+
+    def _commit(self, staging: BlobStaging, expected_size: int | None, repository: str) -> None:
+        """Into the store, and known to belong to `repository` (access.py): one thread trip."""
+        self._store.commit_blob(staging, expected_size)
+        self._store.mark_seen(repository, [staging.digest])
 
     async def _evict(self) -> None:
         """One eviction at a time: concurrent ones would each free the whole excess."""

@@ -29,6 +29,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+INLINE_READ = 256 * 1024
 
 
 def _blob_headers(digest: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -146,7 +147,13 @@ class BlobServer:
             verified, finished = fill.verified, fill.finished  # a fill verifies after its last write
             sendable = fill.written if verified else fill.written - 1
             if sendable > offset:
-                chunk = await asyncio.to_thread(os.pread, fd, min(sendable - offset, READ_CHUNK), offset)
+                size = min(sendable - offset, READ_CHUNK)
+                # Small reads from the page cache cost less than a trip to a worker thread.
+                chunk = (
+                    os.pread(fd, size, offset)
+                    if size <= INLINE_READ
+                    else await asyncio.to_thread(os.pread, fd, size, offset)
+                )
                 await response.write(chunk)
                 offset += len(chunk)
             elif verified or finished:

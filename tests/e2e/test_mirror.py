@@ -105,15 +105,30 @@ def test_skopeo_pulls_every_platform_from_the_mirror_then_from_the_store(
 def test_skopeo_takes_the_mirror_from_registries_conf(
     images: ImageSet, regcache: Mitmdump, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
 ) -> None:
-    """podman, skopeo, buildah: `[[registry.mirror]]`; Docker Hub itself is unreachable here."""
+    """podman, skopeo, buildah: `[[registry.mirror]]`; Docker Hub itself is unreachable here.
+    (skopeo 1.9 reads only /etc/containers/registries.conf or `--registries-conf`.)"""
     skopeo = skopeo_factory(None)
     mirror = regcache.mirror_url().removeprefix("http://")
-    conf = f'[[registry]]\nlocation = "docker.io"\n[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
-    (skopeo.workdir / "registries.conf").write_text(conf)
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        f'[[registry]]\nlocation = "docker.io"\n[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+    )
     image = images.docker_multi
     mark = regcache.mark()
-    assert skopeo.copy_to_dir(f"docker.io/{image.ref}", tmp_path / "x") == image.amd64_digest
-    assert (("MISS", "GET", f"docker.io/{image.ref}")) in mirror_lines(regcache, mark)
+    digestfile = tmp_path / "x.digest"
+    skopeo.run(
+        "--registries-conf",
+        str(conf),
+        "copy",
+        "--quiet",
+        "--digestfile",
+        str(digestfile),
+        f"docker://docker.io/{image.ref}",
+        f"dir:{tmp_path / 'x'}",
+        arch="amd64",
+    )
+    assert digestfile.read_text().strip() == image.amd64_digest
+    assert ("MISS", "GET", f"docker.io/{image.ref}") in mirror_lines(regcache, mark)
 
 
 def test_private_image_through_the_mirror_needs_the_owners_credentials(
