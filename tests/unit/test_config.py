@@ -202,3 +202,8 @@ def test_metrics_listen_defaults_to_loopback() -> None:
 def test_bad_metrics_listen_names_the_key(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=r"^metrics_listen: expected HOST:PORT such as 127\.0\.0\.1:9464, or off"):
         load_settings(write(tmp_path, f"metrics_listen: {value}"))
+
+
+def test_the_example_configuration_is_valid_and_says_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "regcache.example.yaml"
+    assert load_settings(str(example)) == load_settings(None)
