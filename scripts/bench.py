@@ -128,7 +128,8 @@ DOCKERD_CLIENT, SKOPEO_CLIENT = "dockerd", "skopeo"
 CLIENTS = (DOCKERD_CLIENT, SKOPEO_CLIENT)
 BIG, SMALL = "big", "small"
 IMAGES = (BIG, SMALL)
-NO_CACHE, COLD, WARM = "-", "cold", "warm"
+NO_CACHE, COLD, WARM, INTERLEAVED = "-", "cold", "warm", "warm, interleaved"
+CACHE_STATES = (NO_CACHE, COLD, WARM, INTERLEAVED)
 TAG = "1"
 REPOS = {BIG: "library/bench-big", SMALL: "library/bench-multi"}
 # Targets of issue #7.
@@ -182,7 +183,7 @@ class Cell:
             IMAGES.index(self.image),
             CLIENTS.index(self.client),
             PATHS.index(self.path),
-            (NO_CACHE, COLD, WARM).index(self.cache),
+            CACHE_STATES.index(self.cache),
         )
 
     @property
@@ -342,9 +343,11 @@ def target_checks(summaries: Sequence[CellSummary], hits: Sequence[HitFetch]) ->
 
         where = f"{image} image, {client}"
         for path in REGCACHE_PATHS:
-            for cache in (WARM, COLD):
+            for cache in (WARM, COLD, INTERLEAVED):
                 mine, ref = cell(path, cache), cell(REFERENCE, cache)
                 target = f"{cache} pull through regcache ({path}) ≤ 1.0x the reference ({where})"
+                if cache == INTERLEAVED and (mine is None or ref is None):
+                    continue  # only with --interleave
                 if mine is None or ref is None:
                     checks.append(Check(target, None, f"{path} or reference not measured"))
                     continue
@@ -456,6 +459,12 @@ def report(
         "blob bytes, `vs image` against the bytes one pull of the image transfers. Proxy peak RSS: VmRSS of "
         "mitmdump resp. the reference `docker-registry`, sampled every 100 ms, max over runs. MB = 10^6 bytes."
     )
+    if any(p.cell.cache == INTERLEAVED for p in pulls):
+        lines.append(
+            "`warm, interleaved` (`--interleave N`): after the runs, per image and client, every cache is started "
+            "and filled, then N rounds of warm pulls take turns across the caches, pull by pull (the order "
+            "rotating per round); `runs` counts rounds. The same process serves `regcache` and `mirror` there."
+        )
     if hits:
         lines += ["", "## Blob hits", "", *hits_table(hits), ""]
         lines.append(
@@ -751,6 +760,13 @@ class RegcacheMirror(RegcacheCache):
     def check(self, since: int) -> None:
         self._check_lines(since, mirror=True)
 
+    @classmethod
+    def of(cls, running: RegcacheCache) -> RegcacheMirror:
+        """The mirror of a regcache already started as ``running`` (one process, both ways in)."""
+        mirror = cls.__new__(cls)
+        mirror.proxy, mirror.mirror_port = running.proxy, running.mirror_port
+        return mirror
+
 
 # -- clients -------------------------------------------------------------------------------------
 
@@ -1022,6 +1038,51 @@ class Bench:
             if self.measures_hits(name, client):
                 self.fetch_hits(path, run, image, self.hit_fetcher(cache, image))
 
+    def interleave(self, name: str, client: PullClient) -> None:
+        """Warm pulls with every cache running at once, taking turns pull by pull (``--interleave``
+        rounds): whatever disturbs the machine for a while disturbs every path alike."""
+        image = self.images[name]
+        label = f"interleaved-{name}-{client.name}"
+        caches: dict[str, Cache] = {}
+        if REFERENCE in self.args.paths:
+            caches[REFERENCE] = self.new_cache(REFERENCE, f"{label}-reference")
+        regcache = RegcacheCache(
+            self.workdir / "caches" / f"{label}-regcache",
+            self.bed.hostmap,
+            self.confdir,
+            self.regcache_port,
+            self.mirror_port,
+        )
+        for path in (REGCACHE, MIRROR):
+            if path in self.args.paths:
+                caches[path] = regcache if path == REGCACHE else RegcacheMirror.of(regcache)
+        starting = [caches[REFERENCE]] if REFERENCE in caches else []
+        starting += [regcache] if {REGCACHE, MIRROR} & caches.keys() else []
+        with contextlib.ExitStack() as running:
+            for cache in starting:
+                running.enter_context(self.running(cache))
+            for path, cache in caches.items():  # fill each cache, then forget the client's copy
+                ref = cache.ref(client.name, image.ref)
+                client.forget(ref)
+                mark = cache.mark()
+                client.pull(ref, image, cache.via_proxy)
+                if cache.wait_stored(image, mark) is None:
+                    self.notes.append(f"interleaved {name}/{client.name}/{path}: not every blob stored")
+                client.forget(ref)
+            for round_ in range(1, self.args.interleave + 1):
+                for path in path_order(list(caches), round_):
+                    cache = caches[path]
+                    ref = cache.ref(client.name, image.ref)
+                    mark = cache.mark()
+                    self.measure(
+                        Cell(name, client.name, path, INTERLEAVED),
+                        round_,
+                        lambda cache=cache, ref=ref: client.pull(ref, image, cache.via_proxy),
+                        cache.pid,
+                    )
+                    cache.check(mark)
+                    client.forget(ref)
+
     def measures_hits(self, name: str, client: PullClient) -> bool:
         """Blob hits are measured once per run and path: with the big image, after the first client's pulls."""
         return name == BIG and client.name == self.args.clients[0]
@@ -1067,6 +1128,10 @@ class Bench:
                             self.pull_direct(name, client, run)
                         else:
                             self.pull_cold_warm(name, client, path, run)
+        if self.args.interleave:
+            for name in self.images:
+                for client_name in self.args.clients:
+                    self.interleave(name, self.clients[client_name])
 
     # reporting
 
@@ -1081,6 +1146,7 @@ class Bench:
         command = (
             f"scripts/bench --runs {a.runs} --big-size {a.big_size_text} --big-layers {a.big_layers} "
             f"--images {','.join(a.images)} --clients {','.join(a.clients)} --paths {','.join(a.paths)}"
+            + (f" --interleave {a.interleave}" if a.interleave else "")
             + (" --snapshot" if a.snapshot else "")
             + (" --profile" if a.profile else "")
         )
@@ -1174,6 +1240,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workdir", type=Path, help="keep the bed (layouts, registry storage, logs) here (default: temp)"
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N rounds of warm pulls with all caches running, taking turns pull by pull (default 0: none)",
     )
     parser.add_argument("--snapshot", action="store_true", help=SNAPSHOT_HELP)
     parser.add_argument("--profile", action="store_true", help="py-spy flame graph of mitmdump per regcache warm pull")
