@@ -63,6 +63,11 @@ def reachable_host(listen_host: str) -> str:
     return "127.0.0.1" if listen_host in ("", "0.0.0.0", "::") else listen_host
 
 
+def base_url(host: str, port: int, scheme: str = "http") -> str:
+    """`http://host:port`, with an IPv6 address in brackets."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def redirect_base(enabled: bool, blob_url: str | None, listen_host: str, port: int, client: str) -> str | None:
     """Where to send a client for blob bytes: `blob_url` (configured for remote clients), the
     endpoint itself for a client on this host, or None to stream through the proxy instead."""
@@ -71,6 +76,5 @@ def redirect_base(enabled: bool, blob_url: str | None, listen_host: str, port: i
     if blob_url:
         return blob_url
     if is_loopback(client):
-        host = reachable_host(listen_host)
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return base_url(reachable_host(listen_host), port)
     return None

@@ -35,6 +35,7 @@ from .admin import (
     summarize_usage,
     verify_total,
 )
+from .bloburls import base_url
 from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
 from .config import ConfigError, Settings, load_settings, parse_duration
 from .server import serve
@@ -80,7 +81,7 @@ def mirror_instructions(mirrors: Mapping[str, tuple[str, int]]) -> str:
         if port == 0:
             lines.append(f"  {host}: on a free port of {listen_host} (logged at start)")
             continue
-        url = f"http://[{listen_host}]:{port}" if ":" in listen_host else f"http://{listen_host}:{port}"
+        url = base_url(listen_host, port)
         lines.append(f"  {host}: {url}")
         if host == "registry-1.docker.io":
             lines.append(f'    dockerd (Docker Hub only): /etc/docker/daemon.json {{"registry-mirrors": ["{url}"]}}')

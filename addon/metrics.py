@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .bloburls import base_url
 from .config import Settings
 from .routes import RegistryRequest
 from .store import Store
@@ -200,8 +201,12 @@ class Metrics:
         if req is None:  # an offline token answer
             self.request_answered(flow.request.host.lower(), "token", flow.request.method, result, "")
         else:
-            repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
-            self.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
+            self.request_decided(req, result)
+
+    def request_decided(self, req: RegistryRequest, result: str) -> None:
+        """A registry read regcache decided on (through the proxy or the mirror) got `result`."""
+        repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
+        self.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
 
     def mark_relayed(self, flow: http.HTTPFlow, settings: Settings) -> None:
         """mitmproxy is about to relay this flow upstream: count it when the answer comes
@@ -306,8 +311,7 @@ class MetricsEndpoint:
             # Metrics are not worth refusing to cache for: say so loudly and go on.
             log.warning("regcache: metrics endpoint not started: cannot listen on %s:%d: %s", host, port, err)
             return
-        where = f"[{host}]" if ":" in host else host
-        log.info("regcache: metrics at http://%s:%d/metrics", where, self._server.server_port)
+        log.info("regcache: metrics at %s/metrics", base_url(host, self._server.server_port))
 
     def stop(self) -> None:
         if self._server is not None:

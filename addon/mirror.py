@@ -37,7 +37,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
 from .answers import Answer, LocalStream, PassThrough, error_answer, log_request, offline_token, relay
 from .blobserver import bound_port
-from .bloburls import is_loopback
+from .bloburls import base_url, is_loopback
 from .config import Settings
 from .metrics import METRICS
 from .routes import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
@@ -84,8 +84,7 @@ def mirror_base(host_header: str | None, listen: tuple[str, int], forwarded_prot
     scheme = "https" if (forwarded_proto or "").strip().lower() == "https" else "http"
     if host_header and _HOST_HEADER_RE.fullmatch(host_header):
         return f"{scheme}://{host_header}"
-    host, port = listen
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    return base_url(*listen, scheme=scheme)
 
 
 def realm_key(url: str) -> str:
@@ -202,7 +201,7 @@ class MirrorServer:
         if route.kind is Kind.OTHER:  # tag lists, catalog, referrers: relayed, never cached
             return await self._relay(request, req, base, what, started, PassThrough())
         decision = await self._runtime.decide(req, ranged="Range" in request.headers)
-        _count(req, decision.result)
+        METRICS.request_decided(req, decision.result)
         if isinstance(decision, Answer):
             return await self._send_answer(request, decision, base, what, started)
         if isinstance(decision, LocalStream):
@@ -313,11 +312,6 @@ class MirrorServer:
                 value = mirrored_challenge(value, base)
             out.add(name, sendable(value))
         return out
-
-
-def _count(req: RegistryRequest, result: str) -> None:
-    repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
-    METRICS.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
 
 
 def _log(

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import json
@@ -696,12 +697,13 @@ class ReferenceCache:
 
 class RegcacheCache:
     """``regcache run`` with an empty cache dir, on the port dockerd's environment names, its
-    Docker Hub mirror on ``mirror_port``; clients pull Docker Hub names through the proxy."""
-
-    via_proxy = True
+    Docker Hub mirror on ``mirror_port``. Clients pull Docker Hub names through the proxy, or, as
+    `through_mirror` says, from the mirror: dockerd through its ``registry-mirrors`` (``docker.io/…``
+    names, no proxy involved), skopeo at the mirror's address (plain HTTP)."""
 
     def __init__(self, workdir: Path, hostmap: dict[str, str], confdir: Path, port: int, mirror_port: int) -> None:
         self.mirror_port = mirror_port
+        self.via_mirror = False
         config = {
             "cache_dir": str(workdir / "cache"),
             "upstreams": hostmap,
@@ -709,8 +711,22 @@ class RegcacheCache:
         }
         self.proxy = Mitmdump(workdir, config, confdir, port=port)
 
+    @property
+    def via_proxy(self) -> bool:
+        return not self.via_mirror
+
+    def through_mirror(self) -> RegcacheCache:
+        """The same regcache process, pulled from at its mirror."""
+        twin = copy.copy(self)
+        twin.via_mirror = True
+        return twin
+
     def ref(self, client: str, image_ref: str) -> str:
-        return f"{bed.REGISTRY_HOST}/{image_ref}"
+        if not self.via_mirror:
+            return f"{bed.REGISTRY_HOST}/{image_ref}"
+        if client == DOCKERD_CLIENT:
+            return f"docker.io/{image_ref}"
+        return f"127.0.0.1:{self.mirror_port}/{image_ref}"
 
     @property
     def pid(self) -> int | None:
@@ -727,15 +743,11 @@ class RegcacheCache:
         return self.proxy.mark()
 
     def check(self, since: int) -> None:
-        self._check_lines(since, mirror=False)
-
-    def _check_lines(self, since: int, mirror: bool) -> None:
         lines = [line for line in self.proxy.log()[since:].splitlines() if RESULT_LINE.search(line)]
-        astray = [line for line in lines if ("(mirror" in line) != mirror]
+        astray = [line for line in lines if ("(mirror" in line) != self.via_mirror]
         if not lines or astray:
-            raise RuntimeError(
-                f"the pull did not go {'to the mirror' if mirror else 'through the proxy'}: {astray[:3]}"
-            )
+            way = "to the mirror" if self.via_mirror else "through the proxy"
+            raise RuntimeError(f"the pull did not go {way}: {astray[:3]}")
 
     def wait_stored(self, image: PushedImage, since: int) -> float | None:
         return wait_stored(self.proxy, (b.digest for b in image.blobs), since)
@@ -744,28 +756,6 @@ class RegcacheCache:
         if "Traceback" in self.proxy.log():
             return [f"regcache logged a traceback: {self.proxy.log_path}"]
         return []
-
-
-class RegcacheMirror(RegcacheCache):
-    """The same regcache, used as a registry mirror: dockerd through its ``registry-mirrors``
-    (``docker.io/…`` names, no proxy involved), skopeo at the mirror's address (plain HTTP)."""
-
-    via_proxy = False
-
-    def ref(self, client: str, image_ref: str) -> str:
-        if client == DOCKERD_CLIENT:
-            return f"docker.io/{image_ref}"
-        return f"127.0.0.1:{self.mirror_port}/{image_ref}"
-
-    def check(self, since: int) -> None:
-        self._check_lines(since, mirror=True)
-
-    @classmethod
-    def of(cls, running: RegcacheCache) -> RegcacheMirror:
-        """The mirror of a regcache already started as ``running`` (one process, both ways in)."""
-        mirror = cls.__new__(cls)
-        mirror.proxy, mirror.mirror_port = running.proxy, running.mirror_port
-        return mirror
 
 
 # -- clients -------------------------------------------------------------------------------------
@@ -948,8 +938,8 @@ class Bench:
         shutil.rmtree(workdir, ignore_errors=True)
         if path == REFERENCE:
             return ReferenceCache(workdir, self.bed.loopback.url)
-        kind = RegcacheMirror if path == MIRROR else RegcacheCache
-        return kind(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
+        regcache = RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
+        return regcache.through_mirror() if path == MIRROR else regcache
 
     @contextlib.contextmanager
     def running(self, cache: Cache) -> Iterator[Cache]:
@@ -1055,7 +1045,7 @@ class Bench:
         )
         for path in (REGCACHE, MIRROR):
             if path in self.args.paths:
-                caches[path] = regcache if path == REGCACHE else RegcacheMirror.of(regcache)
+                caches[path] = regcache if path == REGCACHE else regcache.through_mirror()
         starting = [caches[REFERENCE]] if REFERENCE in caches else []
         starting += [regcache] if {REGCACHE, MIRROR} & caches.keys() else []
         with contextlib.ExitStack() as running:
@@ -1089,7 +1079,7 @@ class Bench:
 
     def hit_fetcher(self, cache: Cache, image: PushedImage) -> Callable[[], tuple[int, int, float, int]]:
         digest = largest_layer(image)
-        if isinstance(cache, RegcacheMirror):
+        if isinstance(cache, RegcacheCache) and cache.via_mirror:
             token = self.bed.tokens.mint(image.repo)
             url = f"http://127.0.0.1:{cache.mirror_port}/v2/{image.repo}/blobs/{digest}"
             return lambda: curl_fetch(url, {"Authorization": f"Bearer {token}"})
