@@ -145,6 +145,11 @@ class MirrorServer:
         return mirror_base(None, (self.host, self.port))
 
     async def start(self) -> None:
+        # Clients given a bare host:port (skopeo, podman, ctr) try TLS first. aiohttp answers the
+        # ClientHello with 400, which makes them fall back to plain HTTP, and logs it at DEBUG
+        # with a traceback; mitmproxy's log handler formats every record, so that traceback took
+        # 10-20 ms of the event loop per connection. Nothing below INFO from aiohttp's server.
+        logging.getLogger("aiohttp.server").setLevel(logging.INFO)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         try:

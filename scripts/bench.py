@@ -642,16 +642,23 @@ class Cache(Protocol):
 
 
 class ReferenceCache:
-    """Debian's ``docker-registry`` in proxy mode in front of the loopback upstream; own storage."""
+    """Debian's ``docker-registry`` in proxy mode in front of the loopback upstream; own storage.
+
+    With ``mirror_port`` it listens there, where dockerd's ``registry-mirrors`` points, and dockerd
+    pulls ``docker.io/…`` from it: as its documentation deploys it, and as dockerd pulls from
+    regcache's mirror. Otherwise (and for skopeo) it is pulled by its address."""
 
     via_proxy = False
 
-    def __init__(self, workdir: Path, remote_url: str) -> None:
+    def __init__(self, workdir: Path, remote_url: str, mirror_port: int | None = None) -> None:
         self.storage = workdir / "storage"
         self.remote_url = remote_url
-        self.process = RegistryProcess(workdir, "reference", 0, ready_status=200)
+        self.as_mirror = mirror_port is not None
+        self.process = RegistryProcess(workdir, "reference", mirror_port or 0, ready_status=200)
 
     def ref(self, client: str, image_ref: str) -> str:
+        if client == DOCKERD_CLIENT and self.as_mirror:
+            return f"docker.io/{image_ref}"
         return f"127.0.0.1:{self.process.port}/{image_ref}"
 
     @property
@@ -699,11 +706,12 @@ class RegcacheCache:
     """``regcache run`` with an empty cache dir, on the port dockerd's environment names, its
     Docker Hub mirror on ``mirror_port``. Clients pull Docker Hub names through the proxy, or, as
     `through_mirror` says, from the mirror: dockerd through its ``registry-mirrors`` (``docker.io/…``
-    names, no proxy involved), skopeo at the mirror's address (plain HTTP)."""
+    names, no proxy involved) unless ``by_address``, skopeo at the mirror's address (plain HTTP)."""
 
     def __init__(self, workdir: Path, hostmap: dict[str, str], confdir: Path, port: int, mirror_port: int) -> None:
         self.mirror_port = mirror_port
         self.via_mirror = False
+        self.by_address = False
         config = {
             "cache_dir": str(workdir / "cache"),
             "upstreams": hostmap,
@@ -715,16 +723,17 @@ class RegcacheCache:
     def via_proxy(self) -> bool:
         return not self.via_mirror
 
-    def through_mirror(self) -> RegcacheCache:
+    def through_mirror(self, by_address: bool = False) -> RegcacheCache:
         """The same regcache process, pulled from at its mirror."""
         twin = copy.copy(self)
         twin.via_mirror = True
+        twin.by_address = by_address
         return twin
 
     def ref(self, client: str, image_ref: str) -> str:
         if not self.via_mirror:
             return f"{bed.REGISTRY_HOST}/{image_ref}"
-        if client == DOCKERD_CLIENT:
+        if client == DOCKERD_CLIENT and not self.by_address:
             return f"docker.io/{image_ref}"
         return f"127.0.0.1:{self.mirror_port}/{image_ref}"
 
@@ -918,7 +927,8 @@ class Bench:
         if REGCACHE in self.args.paths:
             proxy_url, ca = f"http://127.0.0.1:{self.regcache_port}", self._regcache_ca()
         if DOCKERD_CLIENT in self.args.clients:
-            mirror = ("--registry-mirror", f"http://127.0.0.1:{self.mirror_port}") if MIRROR in self.args.paths else ()
+            # Where the reference, or regcache's mirror, listens when its turn comes.
+            mirror = ("--registry-mirror", f"http://127.0.0.1:{self.mirror_port}") if self.mirror_paths() else ()
             daemon = Dockerd(self.workdir / "dockerd", proxy_url, ca, extra_args=mirror)
             self.stack.callback(daemon.close)
             daemon.start()
@@ -933,11 +943,16 @@ class Bench:
         CertStore.from_store(self.confdir, "mitmproxy", 2048)
         return self.confdir / "mitmproxy-ca-cert.pem"
 
+    def mirror_paths(self) -> bool:
+        """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""
+        return bool({REFERENCE, MIRROR} & set(self.args.paths))
+
     def new_cache(self, path: str, label: str) -> Cache:
+        """One cache at a time: the reference listens on the mirror port, as regcache's mirror does."""
         workdir = self.workdir / "caches" / label
         shutil.rmtree(workdir, ignore_errors=True)
         if path == REFERENCE:
-            return ReferenceCache(workdir, self.bed.loopback.url)
+            return ReferenceCache(workdir, self.bed.loopback.url, self.mirror_port)
         regcache = RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
         return regcache.through_mirror() if path == MIRROR else regcache
 
@@ -1030,12 +1045,15 @@ class Bench:
 
     def interleave(self, name: str, client: PullClient) -> None:
         """Warm pulls with every cache running at once, taking turns pull by pull (``--interleave``
-        rounds): whatever disturbs the machine for a while disturbs every path alike."""
+        rounds): whatever disturbs the machine for a while disturbs every path alike. The
+        reference and the mirror cannot both be dockerd's ``registry-mirrors`` at once: here
+        dockerd pulls both by their addresses."""
         image = self.images[name]
         label = f"interleaved-{name}-{client.name}"
         caches: dict[str, Cache] = {}
         if REFERENCE in self.args.paths:
-            caches[REFERENCE] = self.new_cache(REFERENCE, f"{label}-reference")
+            workdir = self.workdir / "caches" / f"{label}-reference"
+            caches[REFERENCE] = ReferenceCache(workdir, self.bed.loopback.url)
         regcache = RegcacheCache(
             self.workdir / "caches" / f"{label}-regcache",
             self.bed.hostmap,
@@ -1045,7 +1063,7 @@ class Bench:
         )
         for path in (REGCACHE, MIRROR):
             if path in self.args.paths:
-                caches[path] = regcache if path == REGCACHE else regcache.through_mirror()
+                caches[path] = regcache if path == REGCACHE else regcache.through_mirror(by_address=True)
         starting = [caches[REFERENCE]] if REFERENCE in caches else []
         starting += [regcache] if {REGCACHE, MIRROR} & caches.keys() else []
         with contextlib.ExitStack() as running:
