@@ -111,7 +111,10 @@ class RegistryCache:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "regcache_connection_log" in updated:
+        # `regcache run` adds this addon to its master directly: unlike a script's, its first
+        # `configure` names only the options set on the command line, so `self.runtime is None`
+        # stands for "first time" too.
+        if "regcache_connection_log" in updated or self.runtime is None:
             level = logging.NOTSET if ctx.options.regcache_connection_log else logging.WARNING
             logging.getLogger("mitmproxy.proxy.server").setLevel(level)
         if self.runtime is not None and not {"regcache_config", "regcache_offline"} & updated:

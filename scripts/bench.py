@@ -23,8 +23,10 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
   proxy (Go clients treat loopback registries as insecure: plain HTTP; skopeo with
   ``--src-tls-verify=false``). One row, no cold/warm.
 * ``reference``: a second ``docker-registry`` in proxy mode (``proxy: {remoteurl: <direct upstream>}``,
-  no credentials: the bed's token server grants anonymous pulls), clients pull from it over plain
-  HTTP on 127.0.0.1.
+  no credentials: the bed's token server grants anonymous pulls), over plain HTTP on 127.0.0.1.
+  It listens on the port regcache's mirror uses when its turn comes (one cache runs at a time), so
+  dockerd pulls ``docker.io/library/…`` from it through ``registry-mirrors``, as distribution's
+  documentation deploys it and as dockerd pulls from regcache's mirror; skopeo pulls it by address.
 * ``regcache``: ``regcache run`` (mitmproxy with the regcache addon), as ``scripts/run`` starts it
   (``tests/e2e/mitm.py``), its ``upstreams`` mapping Docker Hub's names to a second instance of the
   same upstream registry (same storage, token server and CDN) that uses Docker Hub's realm and CDN
@@ -39,7 +41,9 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
 
 ``cold``: a new reference / regcache process with an empty store, then one pull; ``warm``: the same
 process once every blob is stored (regcache's ``STORED blob`` log lines; the reference's storage
-files), client-side image removed, a second pull. Per run, per image and client, the order is
+files), client-side image removed, a second pull. ``--interleave N`` then starts every cache at
+once and N rounds of warm pulls take turns across them (``warm, interleaved``); the reference and
+the mirror cannot share a port then, so dockerd pulls both by address there. Per run, per image and client, the order is
 direct, then cold and warm for reference, regcache and mirror, in an order that rotates from run to run
 (``path_order``); ``--runs`` runs.
 

@@ -78,6 +78,8 @@ def test_skopeo_cold_then_warm(
     results = {result for result, _, _ in regcache.results(log_mark)}
     assert results <= {"HIT", "REVALIDATED", "PASS"}, results
     assert "REVALIDATED" in results
+    # mitmproxy's per-connection lines are off unless regcache_connection_log is set.
+    assert "client connect" not in regcache.log()[log_mark:]
     for blob in image.blobs:
         assert (tmp_path / "warm" / blob.digest.split(":")[1]).read_bytes() == (
             tmp_path / "cold" / blob.digest.split(":")[1]
@@ -124,6 +126,7 @@ def test_plain_mitmdump_with_the_addon_script_caches_too(
     assert revalidation_only(upstream_registry, registry_mark) == []
     assert cdn.count(since=cdn_mark) == 0
     assert "Loading script" in proxy.log()
+    assert "client connect" not in proxy.log()
 
 
 def test_skopeo_warm_pull_with_upstream_stopped(
