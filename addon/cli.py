@@ -91,10 +91,17 @@ def mirror_instructions(mirrors: Mapping[str, tuple[str, int]]) -> str:
     return "\n".join([heading, *lines]) + "\n"
 
 
-def dockerd_instructions(proxy: str, ca_cert: Path) -> str:
+def docker_hub_mirror(mirrors: Mapping[str, tuple[str, int]]) -> str | None:
+    """The URL of the Docker Hub mirror, when it has a fixed port."""
+    listen = mirrors.get("registry-1.docker.io")
+    return base_url(*listen) if listen is not None and listen[1] != 0 else None
+
+
+def dockerd_instructions(proxy: str, ca_cert: Path, mirror: str | None = None) -> str:
+    also = f" --mirror {mirror}" if mirror else ""
     return f"""\
 Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
-  sudo scripts/setup-dockerd --proxy {proxy} --ca {ca_cert}
+  sudo scripts/setup-dockerd --proxy {proxy} --ca {ca_cert}{also}
 does it all (--dry-run shows the changes, --undo takes them back); by hand:
   1. Trust the proxy CA (created on first start): {ca_cert}
        cp {ca_cert} /usr/local/share/ca-certificates/regcache.crt && update-ca-certificates
@@ -118,7 +125,8 @@ def run(options: argparse.Namespace) -> int:
     confdir.mkdir(parents=True, exist_ok=True)
     proxy = f"http://{options.listen_host}:{options.port}"
     print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
-    print(dockerd_instructions(proxy, confdir / CA_CERT) + mirror_instructions(settings.mirrors), flush=True)
+    instructions = dockerd_instructions(proxy, confdir / CA_CERT, docker_hub_mirror(settings.mirrors))
+    print(instructions + mirror_instructions(settings.mirrors), flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach a redirected log file at once
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     serve(proxy_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args)

@@ -38,6 +38,8 @@ from fileplan import (
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROXY = "http://127.0.0.1:3128"
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1"
+DEFAULT_MIRROR = "http://127.0.0.1:5055"
+DAEMON_JSON = "/etc/docker/daemon.json"
 DEFAULT_CA = REPO / "certs" / "mitmproxy-ca-cert.pem"
 SERVICE_TEMPLATE = Path(__file__).resolve().parent / "regcache.service"
 DEFAULT_SERVICE_CONFIG = "/etc/regcache/regcache.yaml"
@@ -72,16 +74,27 @@ def default_registries() -> tuple[str, ...]:
 # -- input ------------------------------------------------------------------------------------------
 
 
-def checked_proxy(url: str) -> str:
+def checked_url(option: str, url: str, example: str) -> str:
     parts = urlsplit(url)
-    problem = SetupError(f"--proxy must be a URL like {DEFAULT_PROXY} (http://USER:PASS@HOST:PORT with proxyauth)")
+    problem = SetupError(f"{option} must be a URL like {example}")
     try:
         _ = parts.port  # a port that is not a number raises
     except ValueError:
         raise problem from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise problem
-    return checked_text("--proxy", url.rstrip("/"))
+    return checked_text(option, url.rstrip("/"))
+
+
+def checked_proxy(url: str) -> str:
+    return checked_url("--proxy", url, f"{DEFAULT_PROXY} (http://USER:PASS@HOST:PORT with proxyauth)")
+
+
+def checked_mirror(url: str) -> str:
+    checked = checked_url("--mirror", url, DEFAULT_MIRROR)
+    if urlsplit(checked).username is not None:
+        raise SetupError("--mirror takes no user or password: the mirror relays each client's own token requests")
+    return checked
 
 
 def checked_text(option: str, value: str) -> str:
@@ -197,19 +210,25 @@ def trusted_ca(trust: TrustStore, ca: bytes, restart: str) -> WholeFile:
     return WholeFile(trust.path, ca, triggers=frozenset({"trust", restart}))
 
 
-def dockerd_files(proxy: str, no_proxy: str, ca: bytes, method: str, trust: TrustStore) -> list[WholeFile | JsonKey]:
-    """The CA in the system trust store (dockerd ignores /etc/docker/certs.d for Docker Hub), and the
-    proxy in dockerd's environment: a systemd drop-in, or daemon.json `proxies` (Docker >= 23)."""
+def dockerd_files(
+    proxy: str, no_proxy: str, ca: bytes, method: str, trust: TrustStore, mirror: str | None = None
+) -> list[WholeFile | JsonKey]:
+    """The CA in the system trust store (dockerd ignores /etc/docker/certs.d for Docker Hub), the
+    proxy in dockerd's environment: a systemd drop-in, or daemon.json `proxies` (Docker >= 23); with
+    `mirror`, regcache's Docker Hub mirror first in daemon.json `registry-mirrors`."""
+    values: tuple[tuple[str, object], ...] = ()
+    files: list[WholeFile | JsonKey] = [trusted_ca(trust, ca, "docker")]
     if method == "daemon-json":
-        proxies = {"https-proxy": proxy, **({"no-proxy": no_proxy} if no_proxy else {})}
-        settings: WholeFile | JsonKey = JsonKey(
-            "/etc/docker/daemon.json", "proxies", proxies, secret_mode(proxy), frozenset({"docker"})
-        )
+        values = (("proxies", {"https-proxy": proxy, **({"no-proxy": no_proxy} if no_proxy else {})}),)
     else:
         content = systemd_dropin("setup-dockerd", proxy_environment(proxy, no_proxy))
         path = "/etc/systemd/system/docker.service.d/regcache.conf"
-        settings = WholeFile(path, content, secret_mode(proxy), frozenset({"systemd", "docker"}))
-    return [trusted_ca(trust, ca, "docker"), settings]
+        files.append(WholeFile(path, content, secret_mode(proxy), frozenset({"systemd", "docker"})))
+    prepended = (("registry-mirrors", (mirror,)),) if mirror else ()
+    if values or prepended:
+        mode = secret_mode(proxy) if values else 0o644
+        files.append(JsonKey(DAEMON_JSON, values, prepended, mode, frozenset({"docker"})))
+    return files
 
 
 def containerd_files(proxy: str, no_proxy: str, ca: bytes, trust: TrustStore) -> list[WholeFile | JsonKey]:
@@ -333,6 +352,12 @@ def dockerd_options(parser: argparse.ArgumentParser) -> None:
         default="dropin",
         help="proxy in a systemd drop-in (default, any Docker) or daemon.json `proxies` (Docker >= 23)",
     )
+    parser.add_argument(
+        "--mirror",
+        metavar="URL",
+        help=f"also put regcache's Docker Hub mirror (e.g. {DEFAULT_MIRROR}) first in daemon.json "
+        "`registry-mirrors`: Docker Hub pulls then skip the proxy; other registries keep using it",
+    )
 
 
 def podman_options(parser: argparse.ArgumentParser) -> None:
@@ -367,7 +392,8 @@ def skopeo_note(options: argparse.Namespace) -> list[str]:
 
 
 def dockerd_wanted(options: argparse.Namespace, trust: TrustStore) -> list[WholeFile | JsonKey]:
-    return dockerd_files(options.proxy, options.no_proxy, read_ca(options.ca), options.method, trust)
+    mirror = checked_mirror(options.mirror) if options.mirror else None
+    return dockerd_files(options.proxy, options.no_proxy, read_ca(options.ca), options.method, trust, mirror)
 
 
 def containerd_wanted(options: argparse.Namespace, trust: TrustStore) -> list[WholeFile | JsonKey]:

@@ -10,7 +10,7 @@ before (none: the tool created it), a hash of what was last written, the directo
 for it, and which tools use it with which triggers (dockerd and containerd share the CA file in
 the trust store: it goes only when the last of them is undone). Planning a tool with no wanted
 files is its undo: every file it alone used goes back to what it was — unless someone changed
-it since, then it is kept and said so (for a JSON key, only that key goes back).
+it since, then it is kept and said so (for JSON keys, only those keys go back).
 """
 
 from __future__ import annotations
@@ -52,20 +52,30 @@ class WholeFile:
 
 @dataclass(frozen=True)
 class JsonKey:
-    """One top-level key of a JSON object file that holds other people's keys too (daemon.json)."""
+    """Top-level keys of a JSON object file that holds other people's keys too (daemon.json).
+    `values`: key → value, set as given. `prepended`: key → items put first in that key's list,
+    the items already there after them (a user's own registry mirrors stay, behind ours)."""
 
     path: str
-    key: str
-    value: object
+    values: tuple[tuple[str, object], ...] = ()
+    prepended: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mode: int = 0o644
     triggers: frozenset[str] = frozenset()
 
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.values] + [key for key, _ in self.prepended]
+
     def render(self, current: bytes | None) -> bytes:
         document = load_json_object(self.path, current)
-        if self.key in document and document[self.key] == self.value:
+        wanted = {**document, **dict(self.values)}
+        for key, items in self.prepended:
+            present = document.get(key)
+            others = [item for item in present if item not in items] if isinstance(present, list) else []
+            wanted[key] = [*items, *others]
+        if wanted == document:
             return current if current is not None else dump_json(document)  # no reformatting for nothing
-        document[self.key] = self.value
-        return dump_json(document)
+        return dump_json(wanted)
 
 
 def load_json_object(path: str, content: bytes | None) -> dict[str, object]:
@@ -146,6 +156,11 @@ def plan(
         after = spec.render(now.content)
         mode = target_mode(spec.mode, now.mode)
         entry = files.get(spec.path)
+        # Keys this tool set on an earlier run and no longer wants go back to how they were.
+        dropped = [k for k in json_keys(entry) if k not in spec.keys] if isinstance(spec, JsonKey) and entry else []
+        if dropped and entry is not None:
+            document = load_json_object(spec.path, after)
+            after = dump_json(keys_as_before(spec.path, document, original_of(entry), dropped))
         if after == now.content and mode == now.mode:
             actions.append(FileAction("unchanged", spec.path))
             if entry is None:  # there already, as we want it: record that it was there
@@ -158,7 +173,8 @@ def plan(
             entry["written_sha256"] = sha256(after)
         entry["users"] = {**entry.get("users", {}), tool: sorted(spec.triggers)}
         if isinstance(spec, JsonKey):
-            entry["json_key"] = spec.key
+            entry.pop("json_key", None)
+            entry["json_keys"] = spec.keys
         files[spec.path] = entry
 
     wanted_paths = {spec.path for spec in wanted}
@@ -216,9 +232,31 @@ def new_entry(now: Current, written: bytes) -> dict[str, object]:
     }
 
 
+def original_of(entry: dict[str, object]) -> bytes | None:
+    return None if entry["original"] is None else base64.b64decode(str(entry["original"]))
+
+
+def json_keys(entry: dict[str, object]) -> list[str]:
+    """The JSON keys a tool set in this file ("json_key": an undo record from before several keys)."""
+    keys = entry.get("json_keys", entry.get("json_key"))
+    return [keys] if isinstance(keys, str) else [str(key) for key in keys] if isinstance(keys, list) else []
+
+
+def keys_as_before(
+    path: str, document: dict[str, object], original: bytes | None, keys: list[str]
+) -> dict[str, object]:
+    before = load_json_object(path, original) if original is not None else {}
+    for key in keys:
+        if key in before:
+            document[key] = before[key]
+        else:
+            document.pop(key, None)
+    return document
+
+
 def revert(path: str, entry: dict[str, object], now: Current) -> FileAction:
     """Put a file back the way it was before any tool touched it, if nobody changed it since."""
-    original = None if entry["original"] is None else base64.b64decode(str(entry["original"]))
+    original = original_of(entry)
     if now.content == original and now.mode == entry["original_mode"]:
         return FileAction("unchanged", path)
     if now.content is None:
@@ -227,18 +265,14 @@ def revert(path: str, entry: dict[str, object], now: Current) -> FileAction:
         if original is None:
             return FileAction("remove", path, now.content)
         return FileAction("restore", path, now.content, original, int(str(entry["original_mode"])))
-    key = entry.get("json_key")
-    if isinstance(key, str):
+    if keys := json_keys(entry):
+        named = ", ".join(repr(key) for key in keys)
         try:
             document = load_json_object(path, now.content)
         except SetupError:
-            return FileAction("keep", path, detail=f"changed since and not valid JSON; remove {key!r} by hand")
-        before = load_json_object(path, original) if original is not None else {}
-        if key in before:
-            document[key] = before[key]
-        else:
-            document.pop(key, None)
-        return FileAction("update", path, now.content, dump_json(document), now.mode, f"{key!r} as it was")
+            return FileAction("keep", path, detail=f"changed since and not valid JSON; remove {named} by hand")
+        document = keys_as_before(path, document, original, keys)
+        return FileAction("update", path, now.content, dump_json(document), now.mode, f"{named} as it was")
     return FileAction("keep", path, detail="changed since it was written; remove by hand if unwanted")
 
 

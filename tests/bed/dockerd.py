@@ -65,6 +65,7 @@ class Dockerd(ProcessOwner):
         storage_driver: str = "overlay2",
         debug: bool = False,
         extra_args: tuple[str, ...] = (),
+        daemon_config: dict[str, object] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,7 @@ class Dockerd(ProcessOwner):
         self.storage_driver = storage_driver
         self.debug = debug
         self.extra_args = extra_args
+        self.daemon_config = daemon_config or {}
         self.data_root = self.workdir / "root"
         self.log_path = self.workdir / "dockerd.log"
         self.cli_config = self.workdir / "cli"
@@ -116,9 +118,9 @@ class Dockerd(ProcessOwner):
         if self.running:
             return
         daemon_json = self.workdir / "daemon.json"
-        # An explicit empty config keeps /etc/docker/daemon.json (mirrors,
-        # proxies, insecure registries) out of the test.
-        daemon_json.write_text("{}\n")
+        # An explicit config (empty unless `daemon_config`) keeps /etc/docker/daemon.json
+        # (mirrors, proxies, insecure registries) out of the test.
+        daemon_json.write_text(json.dumps(self.daemon_config) + "\n")
         exec_root = self.rundir / "exec"
         cmd = [
             DOCKERD,

@@ -6,11 +6,13 @@ The upstream here is a closed loopback port, so every answer below is regcache's
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 from pathlib import Path
 
 import pytest
+from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons
 
 from addon.cache import RegistryCache, warn_if_exposed
@@ -118,3 +120,24 @@ def test_exposed_listener_is_warned_about(
 ) -> None:
     warn_if_exposed(host, proxyauth)
     assert ("WITHOUT proxy authentication" in caplog.text) is warned
+
+
+def test_running_freezes_the_start_up_heap(tmp_path: Path) -> None:
+    """What start-up allocated stays out of the collector's full passes (one landed mid-pull)."""
+    config = write_config(tmp_path, closed_port(), timeout=5)
+
+    async def go() -> int:
+        addon = RegistryCache()
+        with taddons.context(addon, proxyauth.ProxyAuth()) as tctx:  # running() reads proxyauth
+            tctx.configure(addon, regcache_config=config)
+            addon.running()
+            frozen = gc.get_freeze_count()
+            addon.done()
+            await asyncio.sleep(0)
+            return frozen
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(go()) > 1000
+    finally:
+        gc.unfreeze()

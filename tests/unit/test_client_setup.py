@@ -153,6 +153,56 @@ def test_undo_of_a_daemon_json_changed_since_restores_only_our_key(root: Path, c
     assert json.loads(daemon_json.read_bytes()) == {**json.loads(USER_DAEMON_JSON), "debug": True}
 
 
+def test_mirror_goes_first_in_registry_mirrors_and_undo_restores_its_bytes(root: Path, ca: Path) -> None:
+    daemon_json = root / DAEMON_JSON
+    pristine = snapshot(root, mtimes=False)
+    mirror = "http://127.0.0.1:5055"
+    result = run_setup("dockerd", "--ca", str(ca), "--mirror", mirror + "/", root=root)
+    assert f"update {daemon_json}" in result.lines
+    assert json.loads(daemon_json.read_bytes()) == {
+        "log-driver": "journald",
+        "registry-mirrors": [mirror, "https://mirror.example"],  # the user's own stays, behind ours
+    }
+    assert systemd_environment((root / DOCKER_DROPIN).read_text())["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+
+    written = snapshot(root)
+    assert set(run_setup("dockerd", "--ca", str(ca), "--mirror", mirror, root=root).verbs()) == {"unchanged"}
+    assert snapshot(root) == written
+
+    run_setup("dockerd", "--undo", root=root)
+    assert snapshot(root, mtimes=False) == pristine
+
+
+def test_daemon_json_with_proxy_and_mirror_then_without_the_mirror(root: Path, ca: Path) -> None:
+    daemon_json = root / DAEMON_JSON
+    run_setup("dockerd", "--ca", str(ca), "--method", "daemon-json", "--mirror", "http://127.0.0.1:5055", root=root)
+    settings = json.loads(daemon_json.read_bytes())
+    assert settings["registry-mirrors"] == ["http://127.0.0.1:5055", "https://mirror.example"]
+    assert settings["proxies"]["https-proxy"] == "http://127.0.0.1:3128"
+
+    # Run again without --mirror: that key goes back to the user's own; the proxy stays.
+    run_setup("dockerd", "--ca", str(ca), "--method", "daemon-json", root=root)
+    settings = json.loads(daemon_json.read_bytes())
+    assert settings["registry-mirrors"] == ["https://mirror.example"]
+    assert "proxies" in settings
+
+    # Changed since: the undo puts back only our keys.
+    daemon_json.write_text(json.dumps({**settings, "debug": True}))
+    run_setup("dockerd", "--undo", root=root)
+    assert json.loads(daemon_json.read_bytes()) == {**json.loads(USER_DAEMON_JSON), "debug": True}
+
+
+def test_an_undo_record_from_before_several_json_keys_still_undoes() -> None:
+    original = b'{"debug": true}\n'
+    state = fileplan.empty_state()
+    entry = fileplan.new_entry(fileplan.Current(original, 0o644), b"")
+    state["files"] = {"/etc/docker/daemon.json": {**entry, "users": {"dockerd": ["docker"]}, "json_key": "proxies"}}
+    now = fileplan.Current(b'{"debug": true, "proxies": {}, "live-restore": true}\n', 0o644)
+    changes = fileplan.plan("dockerd", [], {"/etc/docker/daemon.json": now}, state)
+    [action] = changes.actions
+    assert action.verb == "update" and json.loads(action.after or b"") == {"debug": True, "live-restore": True}
+
+
 def test_switching_method_moves_the_proxy(root: Path, ca: Path) -> None:
     run_setup("dockerd", "--ca", str(ca), root=root)
     result = run_setup("dockerd", "--ca", str(ca), "--method", "daemon-json", root=root)
@@ -252,6 +302,8 @@ def test_service_with_inline_proxyauth(root: Path) -> None:
         (["--proxy", "127.0.0.1:3128"], "--proxy must be a URL like http://127.0.0.1:3128"),
         (["--proxy", "http://host:port"], "--proxy must be a URL"),
         (["--no-proxy", "a\nb"], "--no-proxy must not contain control characters"),
+        (["--mirror", "127.0.0.1:5055"], "--mirror must be a URL like http://127.0.0.1:5055"),
+        (["--mirror", "http://u:p@127.0.0.1:5055"], "--mirror takes no user or password"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(args: list[str], message: str, root: Path, ca: Path) -> None:
