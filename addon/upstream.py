@@ -55,7 +55,7 @@ class UpstreamAnswer:
 def forwardable_headers(client_headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The client's request headers that describe the resource or the client's rights."""
     # Pairs, not a Mapping: isinstance against an ABC walks every registered subclass whenever
-    # a registration anywhere has reset its caches, which py-spy caught costing whole milliseconds.
+    # a registration anywhere has reset its caches (0.2 ms in the running proxy here).
     headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client_headers if k.lower() not in _NOT_FORWARDED)
     headers["Accept-Encoding"] = "identity"
     return headers
