@@ -97,6 +97,7 @@ from bench_common import (
     RssSampler,
     UpstreamLogs,
     code_facts,
+    cpu_counters,
     enter_workdir,
     load_average,
     log,
@@ -107,6 +108,7 @@ from bench_common import (
     prepare_process,
     sources_under_test,
     status_kib,
+    steal_since,
     terminate_children,
     wait_stored,
 )
@@ -1147,7 +1149,7 @@ class Bench:
 
     # reporting
 
-    def facts(self, load_before: str, code: str) -> list[str]:
+    def facts(self, load_before: str, code: str, counters_before: list[int]) -> list[str]:
         tools = {
             "upstream and reference": [REGISTRY_BIN, "--version"],
             "dockerd": [DOCKERD, "--version"],
@@ -1165,7 +1167,8 @@ class Bench:
         return [
             *machine_facts(tools),
             code,
-            f"load average (1 min): {load_before} before the bench, {load_average()} at its end",
+            f"load average (1 min): {load_before} before the bench, {load_average()} at its end; "
+            f"CPU steal (time the VM's host gave other guests) during the bench: {steal_since(counters_before)}",
             *[describe_image(name, image) for name, image in self.images.items()],
             f"{a.runs} run(s); per run, image and client: direct, then cold + warm for each of "
             f"{', '.join(p for p in a.paths if p != DIRECT)}, the order of those rotating from run to run "
@@ -1173,9 +1176,9 @@ class Bench:
             f"command: `{command}`",
         ]
 
-    def write(self, load_before: str, code: str, error: str | None) -> int:
+    def write(self, load_before: str, code: str, counters_before: list[int], error: str | None) -> int:
         """Write table.md, results.json and chart.png; print the table. Returns the number of failed targets."""
-        facts = self.facts(load_before, code)
+        facts = self.facts(load_before, code, counters_before)
         notes = [f"INCOMPLETE: {error}"] if error else []
         text, summaries, checks = report(self.pulls, self.hits, facts, notes + self.notes)
         print(text, end="")
@@ -1288,7 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process(__file__, argv, args.snapshot)
     started = time.monotonic()
-    load_before, code = load_average(), code_facts()
+    load_before, code, counters_before = load_average(), code_facts(), cpu_counters()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     error: str | None = None
@@ -1307,7 +1310,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             log(f"failed: {e}\n{traceback.format_exc()}")
             error = f"failed: {e}"
-        failed = bench.write(load_before, code, error)
+        failed = bench.write(load_before, code, counters_before, error)
     log(f"done in {time.monotonic() - started:.0f} s; {failed} target(s) failed")
     if error:
         return 130 if error.startswith("interrupted") else 1

@@ -349,6 +349,18 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
+def cpu_counters() -> list[int]:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal)."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:9]]
+
+
+def steal_since(before: list[int]) -> str:
+    """Share of CPU time the VM's host gave to other guests since `before`: noise no process shows."""
+    delta = [now - then for then, now in zip(before, cpu_counters(), strict=True)]
+    return f"{100 * delta[7] / max(1, sum(delta)):.0f} %"
+
+
 def code_facts() -> str:
     """Which regcache was measured: the addon script mitmdump loads, its digest, the git state."""
 
