@@ -144,6 +144,11 @@ class MirrorServer:
     def url(self) -> str:
         return mirror_base(None, (self.host, self.port))
 
+    def _base(self, request: web.Request) -> str:
+        """This mirror as `request`'s client addressed it: only challenges need it."""
+        headers = request.headers
+        return mirror_base(headers.get("Host"), (self.host, self.port), headers.get("X-Forwarded-Proto"))
+
     async def start(self) -> None:
         # Clients given a bare host:port (skopeo, podman, ctr) try TLS first. aiohttp answers the
         # ClientHello with 400, which makes them fall back to plain HTTP, and logs it at DEBUG
@@ -177,19 +182,16 @@ class MirrorServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        base = mirror_base(
-            request.headers.get("Host"), (self.host, self.port), request.headers.get("X-Forwarded-Proto")
-        )
         if request.rel_url.raw_path.startswith(TOKEN_PATH):
             what, answer = await self._token(request)
-            return await self._send_answer(request, answer, base, what, started)
+            return await self._send_answer(request, answer, what, started)
         settings = self._runtime.settings
         ns = request.query.get("ns")
         host = target_registry(settings, self.registry_host, ns)
         if host is None:
             message = f"regcache does not cache the registry {ns!r} (registries)"
             answer = error_answer(404, "NAME_UNKNOWN", message)
-            return await self._send_answer(request, answer, base, f"{ns}/?", started)
+            return await self._send_answer(request, answer, f"{ns}/?", started)
         route = parse_path(request.rel_url.raw_path)
         namespace = settings.namespace_for(host) or host
         req = RegistryRequest(
@@ -197,26 +199,26 @@ class MirrorServer:
             url=upstream_url(host, request.rel_url.raw_path, request.query),
             method=request.method,
             route=route,
-            headers=forwardable_headers(list(request.headers.items())),
+            headers=forwardable_headers(request.headers.items()),
             accepted=accepted_media_types(request.headers.getall("Accept", [])),
         )
         what = req.describe() if route.kind is not Kind.OTHER else f"{namespace}{request.rel_url.raw_path}"
         if request.method not in ("GET", "HEAD"):
             answer = error_answer(405, "UNSUPPORTED", "regcache's registry mirror is read-only")
-            return await self._send_answer(request, answer, base, what, started)
+            return await self._send_answer(request, answer, what, started)
         if route.kind is Kind.OTHER:  # tag lists, catalog, referrers: relayed, never cached
-            return await self._relay(request, req, base, what, started, PassThrough())
+            return await self._relay(request, req, what, started, PassThrough())
         decision = await self._runtime.decide(req, ranged="Range" in request.headers)
         METRICS.request_decided(req, decision.result)
         if isinstance(decision, Answer):
-            return await self._send_answer(request, decision, base, what, started)
+            return await self._send_answer(request, decision, what, started)
         if isinstance(decision, LocalStream):
             headers = {"X-Cache": decision.result}
             blob_server = self._runtime.blob_server
             response = await blob_server.respond(request, decision.source, decision.digest, headers, decision.path)
             _log(request, decision.result, what, f"{response.status} from the store", started, decision.note)
             return response
-        return await self._relay(request, req, base, what, started, decision)
+        return await self._relay(request, req, what, started, decision)
 
     async def _token(self, request: web.Request) -> tuple[str, Answer]:
         """Relay a token request to the auth realm it names, if a cached registry named it.
@@ -253,7 +255,7 @@ class MirrorServer:
         return what, relay(answer, "PASS")
 
     async def _relay(
-        self, request: web.Request, req: RegistryRequest, base: str, what: str, started: float, why: PassThrough
+        self, request: web.Request, req: RegistryRequest, what: str, started: float, why: PassThrough
     ) -> web.StreamResponse:
         """Stream an upstream answer through (uncached blobs, ranges, tag lists), bounded memory."""
         upstream: UpstreamClient = self._runtime.upstream
@@ -266,10 +268,10 @@ class MirrorServer:
             answer = await upstream.open(req.method, req.url, headers, upstream.blob_timeout(), own_credentials=False)
         except UpstreamUnavailable as err:
             failed = error_answer(503, "UNAVAILABLE", f"upstream unavailable: {err}")
-            return await self._send_answer(request, failed, base, what, started)
+            return await self._send_answer(request, failed, what, started)
         sent = 0
         try:
-            response = web.StreamResponse(status=answer.status, headers=await self._headers(answer.headers, base))
+            response = web.StreamResponse(status=answer.status, headers=await self._headers(answer.headers, request))
             response.headers["X-Cache"] = why.result
             if answer.content_length is not None:
                 response.content_length = answer.content_length
@@ -291,10 +293,8 @@ class MirrorServer:
         _log(request, why.result, what, f"{answer.status} {sent} B", started, why.note)
         return response
 
-    async def _send_answer(
-        self, request: web.Request, answer: Answer, base: str, what: str, started: float
-    ) -> web.Response:
-        headers = await self._headers(answer.headers, base)
+    async def _send_answer(self, request: web.Request, answer: Answer, what: str, started: float) -> web.Response:
+        headers = await self._headers(answer.headers, request)
         headers["X-Cache"] = answer.result
         response = web.Response(status=answer.status, body=answer.body or None, headers=headers)
         size = len(answer.body)
@@ -303,7 +303,9 @@ class MirrorServer:
         _log(request, answer.result, what, f"{answer.status} {size} B", started, answer.note)
         return response
 
-    async def _headers(self, headers: Iterable[tuple[str, str]] | CIMultiDictProxy[str], base: str) -> CIMultiDict[str]:
+    async def _headers(
+        self, headers: Iterable[tuple[str, str]] | CIMultiDictProxy[str], request: web.Request
+    ) -> CIMultiDict[str]:
         """Upstream answer headers as the mirror sends them: hop-by-hop ones dropped, challenges
         pointed at the mirror's token relay (their realms remembered as relayable)."""
         out: CIMultiDict[str] = CIMultiDict()
@@ -315,7 +317,7 @@ class MirrorServer:
                 if realm.scheme in ("http", "https") and realm.hostname:
                     self._realms.add(realm_key(realm.geturl()))
                     await self._runtime.learn_realm(realm.hostname)
-                value = mirrored_challenge(value, base)
+                value = mirrored_challenge(value, self._base(request))
             out.add(name, sendable(value))
         return out
 

@@ -41,11 +41,11 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
 
 ``cold``: a new reference / regcache process with an empty store, then one pull; ``warm``: the same
 process once every blob is stored (regcache's ``STORED blob`` log lines; the reference's storage
-files), client-side image removed, a second pull. ``--interleave N`` then starts every cache at
-once and N rounds of warm pulls take turns across them (``warm, interleaved``); the reference and
-the mirror cannot share a port then, so dockerd pulls both by address there. Per run, per image and client, the order is
+files), client-side image removed, a second pull. Per run, per image and client, the order is
 direct, then cold and warm for reference, regcache and mirror, in an order that rotates from run to run
-(``path_order``); ``--runs`` runs.
+(``path_order``); ``--runs`` runs. ``--interleave N`` then starts every cache at once and N rounds
+of warm pulls take turns across them (``warm, interleaved``); the reference and the mirror cannot
+share a port then, so dockerd pulls both by address there.
 
 Per pull: wall time of the client command (medians, min-max over runs, ratio to direct); upstream
 requests and bytes from the bed's own logs (both registry instances' access logs, the CDN's log,
@@ -934,7 +934,7 @@ class Bench:
             proxy_url, ca = f"http://127.0.0.1:{self.regcache_port}", self._regcache_ca()
         if DOCKERD_CLIENT in self.args.clients:
             # Where the reference, or regcache's mirror, listens when its turn comes.
-            mirror = ("--registry-mirror", f"http://127.0.0.1:{self.mirror_port}") if self.mirror_paths() else ()
+            mirror = ("--registry-mirror", f"http://127.0.0.1:{self.mirror_port}") if self.uses_mirror_port() else ()
             daemon = Dockerd(self.workdir / "dockerd", proxy_url, ca, extra_args=mirror)
             self.stack.callback(daemon.close)
             daemon.start()
@@ -949,7 +949,7 @@ class Bench:
         CertStore.from_store(self.confdir, "mitmproxy", 2048)
         return self.confdir / "mitmproxy-ca-cert.pem"
 
-    def mirror_paths(self) -> bool:
+    def uses_mirror_port(self) -> bool:
         """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""
         return bool({REFERENCE, MIRROR} & set(self.args.paths))
 

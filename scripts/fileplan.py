@@ -156,11 +156,8 @@ def plan(
         after = spec.render(now.content)
         mode = target_mode(spec.mode, now.mode)
         entry = files.get(spec.path)
-        # Keys this tool set on an earlier run and no longer wants go back to how they were.
-        dropped = [k for k in json_keys(entry) if k not in spec.keys] if isinstance(spec, JsonKey) and entry else []
-        if dropped and entry is not None:
-            document = load_json_object(spec.path, after)
-            after = dump_json(keys_as_before(spec.path, document, original_of(entry), dropped))
+        if isinstance(spec, JsonKey) and entry is not None:
+            after = restore_dropped_keys(spec, entry, after)
         if after == now.content and mode == now.mode:
             actions.append(FileAction("unchanged", spec.path))
             if entry is None:  # there already, as we want it: record that it was there
@@ -239,7 +236,18 @@ def original_of(entry: dict[str, object]) -> bytes | None:
 def json_keys(entry: dict[str, object]) -> list[str]:
     """The JSON keys a tool set in this file ("json_key": an undo record from before several keys)."""
     keys = entry.get("json_keys", entry.get("json_key"))
-    return [keys] if isinstance(keys, str) else [str(key) for key in keys] if isinstance(keys, list) else []
+    if isinstance(keys, str):
+        return [keys]
+    return [str(key) for key in keys] if isinstance(keys, list) else []
+
+
+def restore_dropped_keys(spec: JsonKey, entry: dict[str, object], rendered: bytes) -> bytes:
+    """Keys this tool set on an earlier run and no longer wants go back to how they were."""
+    dropped = [key for key in json_keys(entry) if key not in spec.keys]
+    if not dropped:
+        return rendered
+    document = load_json_object(spec.path, rendered)
+    return dump_json(keys_as_before(spec.path, document, original_of(entry), dropped))
 
 
 def keys_as_before(

@@ -115,6 +115,7 @@ class Skopeo:
         arch: str = "amd64",
         creds: str | None = None,
         tls_verify: bool = True,
+        registries_conf: Path | None = None,
         timeout: float = 300.0,
     ) -> str:
         """Copy an image out through the proxy; return the digest skopeo reports.
@@ -123,12 +124,14 @@ class Skopeo:
         digest equals the registry's (the list's with ``all_platforms``, the
         ``arch`` image's otherwise). ``"oci"`` converts Docker manifests to
         OCI, so its digest differs for Docker-format images. ``tls_verify=False``:
-        a plain-HTTP registry (``--src-tls-verify=false``).
+        a plain-HTTP registry (``--src-tls-verify=false``). ``registries_conf``: skopeo's
+        ``--registries-conf`` (skopeo 1.9 ignores ``CONTAINERS_REGISTRIES_CONF``).
         """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         digestfile = dest.parent / f"{dest.name}.digest"
-        args = ["copy", "--quiet", "--digestfile", str(digestfile)]
+        args = ["--registries-conf", str(registries_conf)] if registries_conf else []
+        args += ["copy", "--quiet", "--digestfile", str(digestfile)]
         if all_platforms:
             args.append("--all")
         if creds:

@@ -115,19 +115,8 @@ def test_skopeo_takes_the_mirror_from_registries_conf(
     )
     image = images.docker_multi
     mark = regcache.mark()
-    digestfile = tmp_path / "x.digest"
-    skopeo.run(
-        "--registries-conf",
-        str(conf),
-        "copy",
-        "--quiet",
-        "--digestfile",
-        str(digestfile),
-        f"docker://docker.io/{image.ref}",
-        f"dir:{tmp_path / 'x'}",
-        arch="amd64",
-    )
-    assert digestfile.read_text().strip() == image.amd64_digest
+    copied = skopeo.copy_to_dir(f"docker://docker.io/{image.ref}", tmp_path / "x", registries_conf=conf)
+    assert copied == image.amd64_digest
     assert ("MISS", "GET", f"docker.io/{image.ref}") in mirror_lines(regcache, mark)
 
 
