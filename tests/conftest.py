@@ -1,3 +1,3 @@
-"""Shared pytest set-up: the end-to-end test bed fixtures (tests/bed/)."""
+"""Shared pytest set-up: the end-to-end test bed fixtures (tests/bed/) and the shared store's engines."""
 
-pytest_plugins = ("bed.fixtures",)
+pytest_plugins = ("bed.fixtures", "bed.shared_fixtures")

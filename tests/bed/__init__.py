@@ -11,6 +11,10 @@ Owns nothing itself; it ties the pieces together and names Docker Hub's hosts:
 * :mod:`bed.mitm` / :mod:`bed.hostmap_addon` — mitmdump runner and the addon that
   routes Docker Hub host names to the local servers
 * :mod:`bed.fixtures` — session-scoped pytest fixtures over all of the above
+* :mod:`bed.ceph` / :mod:`bed.redis` — the shared store's real engines: a
+  single-node Ceph with radosgw (S3) and ``redis-server``, subprocesses;
+  :mod:`bed.s3` — the bed's own minimal S3 client (SigV4) for set-up and
+  ground truth; :mod:`bed.shared_fixtures` — their session fixtures
 * :mod:`bed.setup_scripts` — ``scripts/setup-*`` run against a temporary root, and
   the systemd drop-ins they write
 * :mod:`bed._process` / :mod:`bed._http` — what the subprocess servers and the
