@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
@@ -29,6 +30,17 @@ from .test_concurrency import eventually
 from .test_pull import assert_stored
 
 
+@pytest.fixture
+def regcache_on(tmpfs: Tmpfs, regcache_with: Callable[..., Mitmdump]) -> Callable[[str], tuple[Path, Mitmdump]]:
+    """``start(size)``: a regcache whose cache_dir is on a fresh tmpfs of `size`; its cache_dir and it."""
+
+    def start(size: str) -> tuple[Path, Mitmdump]:
+        cache_dir = tmpfs.mount(size) / "cache"
+        return cache_dir, regcache_with(cache_dir=str(cache_dir))
+
+    return start
+
+
 def stored_files(cache_dir: Path) -> dict[str, int]:
     """Every file of the store but SQLite's own (blobs, large manifests) → its size."""
     store = cache_dir / "store"
@@ -37,16 +49,14 @@ def stored_files(cache_dir: Path) -> dict[str, int]:
 
 def test_a_full_disk_serves_what_is_cached_and_passes_the_rest_through(
     tmpfs: Tmpfs,
+    regcache_on: Callable[[str], tuple[Path, Mitmdump]],
     images: ImageSet,
-    regcache_with: Callable[..., Mitmdump],
     skopeo_factory: Callable[..., Skopeo],
     dockerd_factory: Callable[..., Dockerd],
     cdn: Cdn,
     tmp_path: Path,
 ) -> None:
-    disk = tmpfs.mount("100m")  # the images, and room for regcache's 64 MiB free-space reserve
-    cache_dir = disk / "cache"
-    regcache = regcache_with(cache_dir=str(cache_dir))
+    cache_dir, regcache = regcache_on("100m")  # the images, and room for regcache's 64 MiB reserve
     skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
     daemon = dockerd_factory(regcache.url, regcache.ca_cert)
     cached, by_dockerd, new = images.oci_single, images.docker_multi, images.oci_multi
@@ -56,7 +66,7 @@ def test_a_full_disk_serves_what_is_cached_and_passes_the_rest_through(
     assert_stored(store, cached)
     assert_stored(store, by_dockerd)
 
-    filler = tmpfs.fill(disk)
+    filler = tmpfs.fill(cache_dir.parent)
     mark = regcache.mark()
     assert skopeo.copy_to_dir(cached.ref, tmp_path / "full") == cached.digest
     daemon.rmi(by_dockerd.ref)
@@ -108,8 +118,8 @@ def staging_readers(regcache: Mitmdump, staging_dir: Path) -> Counter[Path]:
 
 def test_a_disk_filling_up_mid_fill_still_gives_every_follower_the_whole_blob(
     tmpfs: Tmpfs,
+    regcache_on: Callable[[str], tuple[Path, Mitmdump]],
     images: ImageSet,
-    regcache_with: Callable[..., Mitmdump],
     skopeo_factory: Callable[..., Skopeo],
     dockerd_factory: Callable[..., Dockerd],
     cdn: Cdn,
@@ -117,9 +127,7 @@ def test_a_disk_filling_up_mid_fill_still_gives_every_follower_the_whole_blob(
 ) -> None:
     """skopeo through the proxy and dockerd through the registry mirror follow the fill of the
     100 MB layer; the disk fills up when a part of it is written."""
-    disk = tmpfs.mount("200m")  # the layer fits, with the reserve: regcache starts caching it
-    cache_dir = disk / "cache"
-    regcache = regcache_with(cache_dir=str(cache_dir))
+    cache_dir, regcache = regcache_on("200m")  # the layer fits, with the reserve: regcache caches it
     image = images.big
     layer = max(image.layers, key=lambda blob: blob.size)
     proxied = skopeo_factory(regcache.url, regcache.ca_cert)
@@ -134,7 +142,7 @@ def test_a_disk_filling_up_mid_fill_still_gives_every_follower_the_whole_blob(
             "the two clients never both followed the layer's fill",
             timeout=60,
         )
-        tmpfs.fill(disk)
+        tmpfs.fill(cache_dir.parent)
         assert copy.result() == image.digest
         pull.result()
     assert mirrored.image_id(image.ref) == image.config.digest
