@@ -30,6 +30,7 @@ from .answers import Answer, answer_from_head, error_answer
 from .routes import RegistryRequest
 from .store import Manifest, Store, referenced_digests
 from .upstream import UpstreamClient, UpstreamUnavailable
+from .writes import best_effort
 
 GRANT_SECONDS = 300.0
 
@@ -63,9 +64,10 @@ class Access:
         return self._grants.get((credential(req), repository(req)), 0.0) > time.monotonic()
 
     async def seen(self, req: RegistryRequest, digest: str, manifest: Manifest | None = None) -> None:
-        """`digest` (and what its manifest references) belongs to the request's repository."""
+        """`digest` (and what its manifest references) belongs to the request's repository
+        (best effort: the client is allowed either way, and is asked about again if it is not saved)."""
         digests: Iterable[str] = [digest, *(referenced_digests(manifest) if manifest is not None else [])]
-        await asyncio.to_thread(self._store.mark_seen, repository(req), list(digests))
+        await asyncio.to_thread(best_effort, "access records", self._store.mark_seen, repository(req), list(digests))
 
     async def check(self, req: RegistryRequest, digest: str, kind: str, known: bool | None = None) -> Answer | None:
         """None if the client may have the cached object; otherwise the answer to send instead.

@@ -5,8 +5,9 @@ directly, past mitmproxy), or — for clients that cannot reach it — mitmproxy
 here and streams the answer through (an addon-made response would be one buffer in memory).
 It runs on mitmproxy's own event loop and serves, for a valid signature only:
 - `/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
-- `/fills/<digest>`: a blob still being fetched, following the staging file as it grows,
-  and breaking the connection if the fill fails so the client never takes a partial blob as whole.
+- `/fills/<digest>`: a blob still being fetched, following the staging file as it grows (past
+  what the disk took, from the fill's memory), and breaking the connection if the fill fails so
+  the client never takes a partial blob as whole. Both fronts follow fills here.
 """
 
 from __future__ import annotations
@@ -116,16 +117,22 @@ class BlobServer:
         except FileNotFoundError:  # committed (moved) or discarded meanwhile
             await fill.wait_beyond(2**62)
             return await self._stored_blob(digest, headers, from_fill=True)
+        follower = fill.follow()
+        if follower is None:  # relayed from memory past the bytes this client needs: 503, retry
+            source.close()
+            return await self._stored_blob(digest, headers, from_fill=True)
         started = time.monotonic()
         with source:
             response = web.StreamResponse(headers=_blob_headers(digest, headers))
             if fill.expected_size is not None:
                 response.content_length = fill.expected_size
-            await response.prepare(request)
             try:
-                complete = await self._follow(fill, source.fileno(), response)
+                await response.prepare(request)
+                complete = await self._follow(fill, follower, source.fileno(), response)
             except ConnectionError:  # the client went away; the fill goes on for the others
                 return response
+            finally:
+                fill.unfollow(follower)
         if not complete and request.transport is not None:
             # The status line has gone out already: dropping the connection mid-body is the only
             # honest signal left, so the client never takes a short blob for a whole one.
@@ -136,8 +143,8 @@ class BlobServer:
         return response
 
     @staticmethod
-    async def _follow(fill: Fill, fd: int, response: web.StreamResponse) -> bool:
-        """Stream the staging file as the fill writes it; False if the fill failed.
+    async def _follow(fill: Fill, follower: object, fd: int, response: web.StreamResponse) -> bool:
+        """Stream the fill's bytes as they come; False if the fill failed.
 
         The last byte is held back until the fill has checked size and digest, so a blob that
         fails verification never reaches a client complete. (Not until the commit: its fsync and
@@ -147,19 +154,23 @@ class BlobServer:
             verified, finished = fill.verified, fill.finished  # a fill verifies after its last write
             sendable = fill.written if verified else fill.written - 1
             if sendable > offset:
-                size = min(sendable - offset, READ_CHUNK)
-                # Small reads from the page cache cost less than a trip to a worker thread.
-                chunk = (
-                    os.pread(fd, size, offset)
-                    if size <= INLINE_READ
-                    else await asyncio.to_thread(os.pread, fd, size, offset)
-                )
+                chunk = await _next_chunk(fill, fd, offset, min(sendable - offset, READ_CHUNK))
                 await response.write(chunk)
                 offset += len(chunk)
+                fill.advance(follower, offset)  # a fill relaying from memory goes at this pace
             elif verified or finished:
                 return verified
             else:
                 await fill.wait_beyond(offset + 1)
+
+
+async def _next_chunk(fill: Fill, fd: int, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset`: from the staging file, or past what it took, from memory."""
+    if offset >= fill.on_disk:
+        return fill.held(offset, size)
+    size = min(size, fill.on_disk - offset)
+    # Small reads from the page cache cost less than a trip to a worker thread.
+    return os.pread(fd, size, offset) if size <= INLINE_READ else await asyncio.to_thread(os.pread, fd, size, offset)
 
 
 class _LoggedFileResponse(web.FileResponse):

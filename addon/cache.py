@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Coroutine
@@ -127,7 +128,7 @@ class RegistryCache:
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
             log.error("regcache: bad configuration: %s", err)
             return
-        except OSError as err:
+        except (OSError, sqlite3.Error) as err:  # sqlite3: a store that cannot even be read (full disk)
             log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)
             return
         old, self.runtime, self.settings = self.runtime, runtime, settings

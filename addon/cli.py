@@ -35,6 +35,7 @@ from .admin import (
     summarize_usage,
     verify_total,
 )
+from .blobs import FREE_SPACE_RESERVE
 from .bloburls import base_url
 from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
 from .config import ConfigError, Settings, load_settings, parse_duration
@@ -230,13 +231,17 @@ def stats(options: argparse.Namespace) -> int:
     store = open_store(options, settings)
     totals = store.entry_totals()
     usage = summarize_usage(store.counters())
+    free = store.free_space()
+    full = free < FREE_SPACE_RESERVE  # no blob is cached then
     if options.json:
         document = {
             "store": {
                 "bytes": sum(size for _, size in totals.values()),
                 "size_limit": store.size_limit,
                 "entries": {kind: count for kind, (count, _) in totals.items()},
+                "read_only": store.read_only or None,
             },
+            "disk": {"free": free, "full": full},
             **asdict(usage),
             "repositories": [asdict(r) for r in usage.repositories[: options.top]],
             "hit_ratio": usage.hit_ratio,
@@ -252,6 +257,10 @@ def stats(options: argparse.Namespace) -> int:
     summary.add_column()
     stored = sum(size for _, size in totals.values())
     summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
+    nothing_new = f": nothing new is cached (regcache keeps {_size(FREE_SPACE_RESERVE)} free)" if full else ""
+    summary.add_row("disk", f"{'FULL, ' if full else ''}{_size(free)} free{nothing_new}")
+    if store.read_only:
+        summary.add_row("store", f"opened read-only ({store.read_only})")
     summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
     summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
     summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")

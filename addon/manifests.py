@@ -32,6 +32,7 @@ from .store import (
     referenced_digests,
 )
 from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
+from .writes import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,12 @@ class ManifestService:
         manifest = Manifest(media_type, answer.body)
         record = None if req.route.is_digest else new_tag_record(manifest, digest)
         try:
-            await asyncio.to_thread(self._remember, req, digest, manifest, record, True)
+            not_stored = await asyncio.to_thread(self._remember, req, digest, manifest, record, True)
         except DigestMismatch:
             return error_answer(
                 502, "MANIFEST_INVALID", f"upstream manifest bytes do not match {digest}", note="not stored"
             )
-        relayed = relay(answer, "MISS")
+        relayed = relay(answer, "MISS", note=f"not cached: {not_stored}" if not_stored else "")
         if not answer.headers.get("Docker-Content-Digest"):  # optional upstream; clients like it
             relayed.headers.append(("Docker-Content-Digest", digest))
         return relayed
@@ -240,15 +241,19 @@ class ManifestService:
         manifest: Manifest | None,
         record: TagRecord | None,
         store_manifest: bool = False,
-    ) -> None:
+    ) -> str:
         """Store the manifest (`store_manifest`), record the tag (`record`), and note that the
-        digest and what it references belong to the request's repository (access.py)."""
+        digest and what it references belong to the request's repository (access.py).
+        Best effort (a full disk must not fail the answer): returns why the manifest was not
+        stored, "" if it was (or was not to be). Raises DigestMismatch for bytes that do not match."""
+        not_stored = ""
         if store_manifest and manifest is not None:
-            self._store.put_manifest(digest, manifest)
-        if record is not None:
-            self._store.put_tag(tag_ref(req), req.accepted, record)
+            not_stored = best_effort("manifests", self._store.put_manifest, digest, manifest)
+        if record is not None and not not_stored:
+            best_effort("tag records", self._store.put_tag, tag_ref(req), req.accepted, record)
         referenced = referenced_digests(manifest) if manifest is not None else []
-        self._store.mark_seen(repository(req), [digest, *referenced])
+        best_effort("access records", self._store.mark_seen, repository(req), [digest, *referenced])
+        return not_stored
 
 
 def tag_ref(req: RegistryRequest) -> TagRef:

@@ -43,6 +43,7 @@ from .bloburls import base_url
 from .config import Settings
 from .routes import RegistryRequest
 from .store import Store
+from .writes import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +275,8 @@ async def flush_usage_periodically(store: Store) -> None:
     """The running cache's loop: counts go into the store every few seconds, off the event loop."""
     while True:
         await asyncio.sleep(USAGE_FLUSH_SECONDS)
-        try:
-            await asyncio.to_thread(METRICS.usage.flush, store)
-        except (OSError, sqlite3.Error, diskcache.Timeout) as err:
-            log.warning("usage counts not saved yet: %s", err)
+        # Kept for the next flush when the store refuses them; on a full disk, warned about once.
+        await asyncio.to_thread(best_effort, "usage counts", METRICS.usage.flush, store)
 
 
 def flush_usage(store: Store) -> None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from urllib.parse import urlsplit
 
-import diskcache
 from multidict import CIMultiDict
 
 from .access import Access
@@ -27,6 +25,7 @@ from .mirror import MirrorServer
 from .routes import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest
 from .store import DiskStore
 from .upstream import UpstreamClient, UpstreamUnavailable, bearer_realm_host
+from .writes import STORE_ERRORS, USE_FLUSH_SECONDS
 
 log = logging.getLogger("regcache")
 
@@ -38,6 +37,13 @@ class Runtime:
         self.settings = settings
         self.offline = offline
         self.store = DiskStore(settings.cache_dir, settings.size_limit)
+        if self.store.read_only:
+            log.warning(
+                "regcache: the store in %s is read-only (%s): serving what it holds, caching nothing new until "
+                "regcache is restarted with room on its disk",
+                settings.cache_dir,
+                self.store.read_only,
+            )
         self.realm_hosts = self.store.realm_hosts()
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
@@ -49,6 +55,7 @@ class Runtime:
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Future[None] | None = None
         self._usage_flusher: asyncio.Future[None] | None = None
+        self._use_flusher: asyncio.Future[None] | None = None
 
     async def started(self) -> None:
         if self._started is None:
@@ -56,6 +63,7 @@ class Runtime:
             if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
                 self._sweeper = asyncio.ensure_future(self._expire_unused())
             self._usage_flusher = asyncio.ensure_future(flush_usage_periodically(self.store))
+            self._use_flusher = asyncio.ensure_future(self._flush_uses())
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
@@ -63,13 +71,19 @@ class Runtime:
         for mirror in self.mirrors:
             await mirror.start()
 
+    async def _flush_uses(self) -> None:
+        """Last uses into the store every few seconds, off the event loop: reads never write."""
+        while True:
+            await asyncio.sleep(USE_FLUSH_SECONDS)
+            await asyncio.to_thread(self.store.flush_uses)
+
     async def _expire_unused(self) -> None:
         """Every max_age/10 (at most hourly): drop what nobody used for max_age."""
         max_age = self.settings.max_age
         while True:
             try:
                 removed, freed = await asyncio.to_thread(self.store.expire_unused, max_age)
-            except (OSError, diskcache.Timeout) as err:
+            except STORE_ERRORS as err:
                 log.warning("expiry skipped: %s", err)
             else:
                 if removed:
@@ -87,9 +101,11 @@ class Runtime:
             for mirror in self.mirrors:
                 await mirror.stop()
             await self.blob_server.stop()
-        if self._usage_flusher is not None:
-            self._usage_flusher.cancel()
+        for flusher in (self._usage_flusher, self._use_flusher):
+            if flusher is not None:
+                flusher.cancel()
         await asyncio.to_thread(flush_usage, self.store)
+        await asyncio.to_thread(self.store.flush_uses)
         self.store.close()
 
     async def decide(self, req: RegistryRequest, ranged: bool) -> Decision:
@@ -134,7 +150,7 @@ class Runtime:
             self.realm_hosts.add(realm_host)
             try:
                 await asyncio.to_thread(self.store.add_realm_host, realm_host)
-            except (OSError, sqlite3.Error, diskcache.Timeout) as err:  # known for this run anyway
+            except STORE_ERRORS as err:  # known for this run anyway
                 log.warning("auth realm %s not saved in the store: %s", realm_host, err)
 
     def answers_tokens(self, host: str) -> bool:

@@ -12,7 +12,13 @@ Consistency rules:
   file is removed again;
 - a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
 - leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
-  served.
+  served;
+- reads never write: a read that counts as a use (a blob or manifest served, a tag record or an
+  access record looked up) notes it in `uses`, and `record_uses` writes such notes in batches
+  (see writes.py), so a full disk still serves everything stored;
+- diskcache writes its settings whenever it opens a store: where that fails (a full disk, a
+  read-only file system) the store is opened read-only, with a connection of its own: reads work,
+  writes fail as they would on that disk (`read_only` says why).
 
 Besides content, the store keeps small bookkeeping entries that are never evicted: `pins`,
 `realm-hosts` and `usage-counters` (the totals `regcache stats` shows, added to in batches).
@@ -24,7 +30,9 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,7 +40,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import diskcache
-from diskcache.core import MODE_BINARY
+from diskcache.core import DBNAME, MODE_BINARY
+
+from .writes import UseRecorder
 
 
 class DigestMismatch(ValueError):
@@ -146,20 +156,38 @@ class Entry:
 
 
 class BlobStaging:
-    """A blob being fetched: appended to a temp file and hashed as it arrives."""
+    """A blob being fetched: appended to a temp file and hashed as it arrives.
+
+    Once the file refuses a write (disk full, I/O error), the rest is only hashed: such a staging
+    can still be checked (for clients it is relayed to), never committed."""
 
     def __init__(self, directory: Path, digest: str) -> None:
         self.digest = digest
         self._hash = hashlib.new(digest.split(":", 1)[0])
         fd, name = tempfile.mkstemp(dir=directory, prefix="fill-")
         self.path = Path(name)
-        self._file = os.fdopen(fd, "wb")
-        self.size = 0
+        # Unbuffered: a chunk is in the file (for readers with their own descriptors) once `write`
+        # returns, and a refused write leaves nothing buffered for `close` to fail on again.
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self.size = 0  # bytes taken and hashed
+        self.on_disk = 0  # how many of them are in the file
+        self.spilled = False  # the file refused a write: it holds only the first `on_disk` bytes
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        """Hash `chunk` and append it to the file. The first write the file refuses raises its
+        OSError, with the chunk hashed all the same; later chunks are only hashed."""
         self._hash.update(chunk)
         self.size += len(chunk)
+        if self.spilled:
+            return
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[self._file.write(view) :]
+        except OSError:
+            self.spilled = True
+            raise
+        self.on_disk = self.size
 
     def flush(self) -> None:
         self._file.flush()
@@ -175,6 +203,8 @@ class BlobStaging:
     def verify(self, expected_size: int | None) -> None:
         """`check`, then the file on disk before the index says it is there."""
         self.check(expected_size)
+        if self.spilled:
+            raise OSError(f"{self.digest}: the staging file lacks the bytes the disk refused")
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -209,6 +239,9 @@ class Store(Protocol):
     def evict(self) -> tuple[int, int]: ...
     def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]: ...
     def unused(self, max_age: float, now: float | None = None) -> list[tuple[str, int]]: ...
+    # last uses: noted by reads, written in batches
+    def record_uses(self, uses: Mapping[str, float]) -> None: ...
+    def flush_uses(self) -> None: ...
     # usage counters and size, for metrics and `regcache stats`
     def add_counters(self, deltas: Mapping[str, int]) -> None: ...
     def counters(self) -> dict[str, int]: ...
@@ -243,6 +276,17 @@ class _AdoptingDisk(diskcache.Disk):
         return value.size, MODE_BINARY, filename, None
 
 
+# SQLite's extended code for "no room for the WAL index" (`-shm`), which a full disk gives a store
+# that no process has open.
+SQLITE_IOERR_SHMSIZE = 4874
+
+
+def _write_refused(err: sqlite3.Error) -> bool:
+    """Did SQLite refuse a write because the disk is full or read-only (reading may still work)?"""
+    code = getattr(err, "sqlite_errorcode", None) or 0
+    return (code & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY) or code == SQLITE_IOERR_SHMSIZE
+
+
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
 
@@ -255,19 +299,83 @@ class DiskStore:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self.size_limit = size_limit
-        self._cache = diskcache.Cache(
-            str(cache_dir / "store"),
-            disk=_AdoptingDisk,
-            # diskcache's own culling knows no pins: `evict` does it instead, so diskcache's limit
-            # is set out of reach. Its LRU policy still keeps every entry's last access time.
-            size_limit=2**62,
-            eviction_policy="least-recently-used",
-        )
+        self.uses = UseRecorder()
+        self.read_only = ""  # why the store could be opened only for reading ("": it is writable)
+        self._directory = cache_dir / "store"
+        self._disk = diskcache.Disk(str(self._directory))  # reads values (public Disk API)
+        self._readers = threading.local()  # read-only connections, one per thread
+        self._cache: diskcache.Cache | None = None
+        self._owner = owner
+        try:
+            self._cache = diskcache.Cache(
+                str(self._directory),
+                disk=_AdoptingDisk,
+                # diskcache's own culling knows no pins: `evict` does it instead, so diskcache's
+                # limit is set out of reach. No eviction policy: with one, every read would write
+                # the entry's access time; `record_uses` keeps last uses instead.
+                size_limit=2**62,
+                eviction_policy="none",
+            )
+        except sqlite3.OperationalError as err:
+            if not _write_refused(err) or not (self._directory / DBNAME).is_file():
+                raise
+            self.read_only = str(err)
+            self._readers.connection = self._read_only_connection()  # raises if it cannot be read either
+
+    @property
+    def _writer(self) -> diskcache.Cache:
+        """diskcache, for writes; a store opened read-only refuses them as its disk did."""
+        if self._cache is None:
+            raise sqlite3.OperationalError(f"the store is open read-only: {self.read_only}")
+        return self._cache
+
+    def _query(self, statement: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """A read, on diskcache's connection (inside its transaction, when one is open), or on a
+        read-only connection of this thread's when the store could be opened only for reading.
+        diskcache has no public reads that leave access times alone; its Cache table is stable in 5.x."""
+        if self._cache is not None:
+            return self._cache._sql(statement, args)  # type: ignore[no-any-return]
+        connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        if connection is None:
+            connection = self._readers.connection = self._read_only_connection()
+        return connection.execute(statement, args)
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """A connection that never writes. When there is no room even for SQLite's WAL index, no
+        process has the store open (it would have one): a tool may then read the database file as
+        it is, if no WAL is left over (`immutable`). regcache itself does not: others may write
+        to the store while it runs."""
+        database = self._directory / DBNAME
+        try:
+            return _connect(f"{database.as_uri()}?mode=ro")
+        except sqlite3.OperationalError as err:
+            wal = database.with_name(f"{DBNAME}-wal")
+            if self._owner or getattr(err, "sqlite_errorcode", None) != SQLITE_IOERR_SHMSIZE:
+                raise
+            if wal.exists() and wal.stat().st_size:
+                raise
+            return _connect(f"{database.as_uri()}?mode=ro&immutable=1")
+
+    def _value(self, key: str, read: bool = False) -> object:
+        """A value, or None; `read`: a file's value as an open file. Never counts as a use."""
+        row = self._query("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return self._disk.fetch(row[0], row[1], row[2], read)
+        except OSError:  # its file was removed (evicted by another process) after the row was read
+            return None
+
+    def _used(self, key: str, value: object) -> object:
+        """`value`, with a use of `key` noted if it was found."""
+        if value is not None:
+            self.uses.note(key)
+        return value
 
     # blobs ---------------------------------------------------------------------------------
     def open_blob(self, digest: str) -> BinaryIO | None:
-        handle = self._cache.get(f"blob:{digest}", read=True)
-        return handle  # type: ignore[no-any-return]
+        key = f"blob:{digest}"
+        return self._used(key, self._value(key, read=True))  # type: ignore[return-value]
 
     def blob_path(self, digest: str) -> str | None:
         handle = self.open_blob(digest)
@@ -285,7 +393,10 @@ class DiskStore:
 
     def has_blob(self, digest: str) -> bool:
         """Is it stored? (No file is opened and it does not count as a use.)"""
-        return f"blob:{digest}" in self._cache
+        return self._has(f"blob:{digest}")
+
+    def _has(self, key: str) -> bool:
+        return self._query("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone() is not None
 
     def stage_blob(self, digest: str) -> BlobStaging:
         return BlobStaging(self.staging_dir, digest)
@@ -295,7 +406,7 @@ class DiskStore:
         staged = _StagedFile(staging.path, staging.size)
         try:
             staging.verify(expected_size)
-            self._cache.set(f"blob:{staging.digest}", staged)
+            self._writer.set(f"blob:{staging.digest}", staged)
         except BaseException:
             # diskcache moves the file in before its transaction; if the insert fails, the file
             # would stay behind with no row pointing at it.
@@ -307,66 +418,70 @@ class DiskStore:
 
     # manifests -----------------------------------------------------------------------------
     def get_manifest(self, digest: str) -> Manifest | None:
-        return _manifest_of(self._cache.get(f"manifest:{digest}"))
+        key = f"manifest:{digest}"
+        return _manifest_of(self._used(key, self._value(key)))
 
     def put_manifest(self, digest: str, manifest: Manifest) -> None:
         verify_digest(digest, manifest.body)
-        self._cache.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
+        self._writer.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
 
     # tags ----------------------------------------------------------------------------------
     def tag_refs(self) -> list[TagRef]:
-        return [tag_ref_of(key) for key in self._cache.iterkeys() if isinstance(key, str) and key.startswith("tag:")]
+        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'tag:%'").fetchall()
+        return [tag_ref_of(key) for (key,) in rows if isinstance(key, str)]
 
     # One entry per tag, holding what it resolved to for each set of accepted media types, so a
     # replay can fall back to another client's record of the same tag.
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]:
-        raw = self._cache.get(f"tag:{ref}")
+        key = f"tag:{ref}"
+        raw = self._used(key, self._value(key))
         if not isinstance(raw, str):
             return {}
         return {accepted: TagRecord(**fields) for accepted, fields in json.loads(raw).items()}
 
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
-        with self._cache.transact():
+        with self._writer.transact():
             records = self.tag_records(ref)
             records[accept_key(accepted)] = record
-            self._cache.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
+            self._writer.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
 
     # which repository holds which digest (for access checks) ------------------------------
     def mark_seen(self, repository: str, digests: list[str]) -> None:
-        with self._cache.transact():
+        with self._writer.transact():
             for digest in digests:
-                self._cache.set(f"seen:{repository}@{digest}", 1)
+                self._writer.set(f"seen:{repository}@{digest}", 1)
 
     def is_seen(self, repository: str, digest: str) -> bool:
-        return self._cache.get(f"seen:{repository}@{digest}") is not None
+        key = f"seen:{repository}@{digest}"
+        return self._used(key, self._has(key) or None) is not None
 
     # auth realms ---------------------------------------------------------------------------
     # Hosts that registries sent clients to for tokens; offline, regcache answers them itself.
     def realm_hosts(self) -> set[str]:
-        raw = self._cache.get("realm-hosts")
+        raw = self._value("realm-hosts")
         return set(json.loads(raw)) if isinstance(raw, str) else set()
 
     def add_realm_host(self, host: str) -> None:
-        with self._cache.transact():
+        with self._writer.transact():
             hosts = self.realm_hosts()
             if host not in hosts:
-                self._cache.set("realm-hosts", json.dumps(sorted(hosts | {host})))
+                self._writer.set("realm-hosts", json.dumps(sorted(hosts | {host})))
 
     # pins and eviction ---------------------------------------------------------------------
     def pins(self) -> dict[str, str]:
         """Pinned image references → the digest pinned."""
-        raw = self._cache.get("pins")
+        raw = self._value("pins")
         return dict(json.loads(raw)) if isinstance(raw, str) else {}
 
     def pin(self, ref: TagRef, digest: str) -> None:
-        with self._cache.transact():
-            self._cache.set("pins", json.dumps({**self.pins(), str(ref): digest}, sort_keys=True))
+        with self._writer.transact():
+            self._writer.set("pins", json.dumps({**self.pins(), str(ref): digest}, sort_keys=True))
 
     def unpin(self, ref: TagRef) -> bool:
-        with self._cache.transact():
+        with self._writer.transact():
             pins = self.pins()
             found = pins.pop(str(ref), None) is not None
-            self._cache.set("pins", json.dumps(pins, sort_keys=True))
+            self._writer.set("pins", json.dumps(pins, sort_keys=True))
         return found
 
     def protected_digests(self, needs: Callable[[str], list[str]] | None = None) -> set[str]:
@@ -377,15 +492,15 @@ class DiskStore:
     def evict(self) -> tuple[int, int]:
         """Bring the store under `size_limit` (to 90 % of it, so that not every commit evicts):
         least recently used first, pinned content never. Returns (entries, bytes) removed."""
-        if self._cache.volume() <= self.size_limit:
+        if self._writer.volume() <= self.size_limit:
             return 0, 0
         target = int(self.size_limit * 0.9)
         removed = freed = 0
         for key, size, _ in sorted(self._evictable(), key=lambda entry: entry[2]):
             # Re-read: another process (import, warm) may be evicting or adding at the same time.
-            if self._cache.volume() <= target:
+            if self._writer.volume() <= target:
                 break
-            if size and self._cache.delete(key):
+            if size and self._writer.delete(key):
                 removed, freed = removed + 1, freed + size
         return removed, freed
 
@@ -394,7 +509,7 @@ class DiskStore:
         never. Returns (entries, bytes) removed."""
         removed = freed = 0
         for key, size in self.unused(max_age, now):
-            if self._cache.delete(key):
+            if self._writer.delete(key):
                 removed, freed = removed + 1, freed + size
         return removed, freed
 
@@ -409,10 +524,12 @@ class DiskStore:
         for its platform manifests and blobs. So a layer shared by several repositories stays
         while any of them is in use, even when clients that already have it skip downloading it.
         """
-        # diskcache has no public listing with access times; its Cache table is stable in 5.x.
-        rows = self._cache._sql("SELECT key, size, access_time FROM Cache WHERE raw = 1").fetchall()
+        rows = self._query("SELECT key, size, access_time FROM Cache WHERE raw = 1").fetchall()
         sizes = {key: size for key, size, _ in rows if isinstance(key, str)}
         last_use = {key: access for key, _, access in rows if isinstance(key, str)}
+        for key, when in self.uses.pending().items():  # noted, not written yet
+            if key in last_use and when > last_use[key]:
+                last_use[key] = when
         needs = {key: self.needs(key) for key in sizes if key.startswith(("tag:", "manifest:"))}
         for _ in range(3):  # tag → index → platform manifest → blobs
             for key, needed in needs.items():
@@ -431,9 +548,9 @@ class DiskStore:
         """The entries a tag record or manifest refers to (read without counting as a use).
         Anything else needs nothing and is not read at all (a blob's value is its whole file)."""
         try:
-            if key.startswith("tag:") and isinstance(raw := self._peek(key), str):
+            if key.startswith("tag:") and isinstance(raw := self._value(key), str):
                 return [f"manifest:{record['digest']}" for record in json.loads(raw).values()]
-            if key.startswith("manifest:") and (manifest := _manifest_of(self._peek(key))) is not None:
+            if key.startswith("manifest:") and (manifest := _manifest_of(self._value(key))) is not None:
                 child_manifests, blobs = manifest_references(manifest)
                 return [f"manifest:{d.get('digest')}" for d in child_manifests] + [
                     f"blob:{d.get('digest')}" for d in blobs
@@ -442,28 +559,33 @@ class DiskStore:
             pass
         return []
 
-    def _peek(self, key: str) -> object:
-        """A value without updating its access time (diskcache's `get` would)."""
-        row = self._cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return self._cache._disk.fetch(row[0], row[1], row[2], False)
-        except OSError:
-            return None
+    # last uses -----------------------------------------------------------------------------
+    def record_uses(self, uses: Mapping[str, float]) -> None:
+        """The one place last uses are written: each entry's last use (its access time) moves
+        forward to the use noted, never back (another process may have recorded a later one)."""
+        with self._writer.transact():
+            for key, when in uses.items():
+                self._writer._sql(
+                    "UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1", (when, key)
+                )
+
+    def flush_uses(self) -> None:
+        """Write the uses noted since the last flush (blocking); a batch the store refuses is
+        dropped with one warning (writes.py)."""
+        self.uses.flush(self.record_uses)
 
     # usage counters ------------------------------------------------------------------------
     # One entry of running totals (name → count). The proxy adds its deltas every few seconds,
     # never once per request.
     def add_counters(self, deltas: Mapping[str, int]) -> None:
-        with self._cache.transact():
+        with self._writer.transact():
             totals = self.counters()
             for name, delta in deltas.items():
                 totals[name] = totals.get(name, 0) + delta
-            self._cache.set("usage-counters", json.dumps(totals, sort_keys=True))
+            self._writer.set("usage-counters", json.dumps(totals, sort_keys=True))
 
     def counters(self) -> dict[str, int]:
-        raw = self._peek("usage-counters")
+        raw = self._value("usage-counters")
         return dict(json.loads(raw)) if isinstance(raw, str) else {}
 
     # size and contents, read without counting as a use ---------------------------------------
@@ -473,7 +595,7 @@ class DiskStore:
     def entry_totals(self) -> dict[str, tuple[int, int]]:
         """(entries, bytes) per entry type (`ENTRY_TYPES`, plus `other`), from one aggregate query."""
         kind = "substr(key, 1, instr(key, ':') - 1)"
-        rows = self._cache._sql(
+        rows = self._query(
             f"SELECT {kind}, count(*), sum({self._ENTRY_SIZE}) FROM Cache WHERE raw = 1 GROUP BY {kind}"
         ).fetchall()
         totals = dict.fromkeys((*ENTRY_TYPES, "other"), (0, 0))
@@ -485,36 +607,59 @@ class DiskStore:
 
     def entries(self) -> dict[str, Entry]:
         """Every blob, manifest and tag record: key → size and last use."""
-        rows = self._cache._sql(
+        rows = self._query(
             f"SELECT key, {self._ENTRY_SIZE}, access_time FROM Cache WHERE raw = 1 "
             "AND (key LIKE 'blob:%' OR key LIKE 'manifest:%' OR key LIKE 'tag:%')"
         ).fetchall()
         return {key: Entry(size, access) for key, size, access in rows}
 
     def peek_manifest(self, digest: str) -> Manifest | None:
-        return _manifest_of(self._peek(f"manifest:{digest}"))
+        return _manifest_of(self._value(f"manifest:{digest}"))
 
     def blob_file(self, digest: str) -> Path | None:
         """Where a stored blob's bytes are (the file itself may be gone from a damaged store)."""
-        row = self._cache._sql("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (f"blob:{digest}",)).fetchone()
-        return Path(self._cache.directory) / row[0] if row and row[0] else None
+        row = self._query("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (f"blob:{digest}",)).fetchone()
+        return self._directory / row[0] if row and row[0] else None
 
     def seen_pairs(self) -> list[tuple[str, str]]:
         """(repository, digest) of every object known to belong to a repository (access checks)."""
-        rows = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'seen:%'").fetchall()
+        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'seen:%'").fetchall()
         return [(key[5:].rpartition("@")[0], key.rpartition("@")[2]) for (key,) in rows if "@" in key]
 
     def remove(self, keys: Iterable[str]) -> tuple[int, int]:
         """Delete these entries (bookkeeping entries never); (entries, bytes) removed."""
         removed = freed = 0
         for key in keys:
-            row = self._cache._sql(f"SELECT {self._ENTRY_SIZE} FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-            if key not in BOOKKEEPING_KEYS and row is not None and self._cache.delete(key):
+            row = self._query(f"SELECT {self._ENTRY_SIZE} FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+            if key not in BOOKKEEPING_KEYS and row is not None and self._writer.delete(key):
                 removed, freed = removed + 1, freed + row[0]
         return removed, freed
 
+    def free_space(self) -> int:
+        """Bytes free on the cache directory's file system."""
+        return shutil.disk_usage(self.cache_dir).free
+
     def close(self) -> None:
-        self._cache.close()
+        """Write the uses not written yet (best effort), then let go of the index."""
+        self.flush_uses()
+        if self._cache is not None:
+            self._cache.close()
+        connection = getattr(self._readers, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._readers.connection = None
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    """A connection that has read the index once: SQLite opens lazily, and a store that cannot be
+    read should say so here."""
+    connection = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+    try:
+        connection.execute("SELECT 1 FROM Cache LIMIT 1")
+    except sqlite3.Error:
+        connection.close()
+        raise
+    return connection
 
 
 def new_tag_record(manifest: Manifest, digest: str) -> TagRecord:

@@ -2,12 +2,15 @@
 
 import hashlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from bed.tmpfs import Tmpfs
 
 from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
+from addon.writes import best_effort
 
 DATA = b"layer bytes " * 10_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -144,3 +147,100 @@ def test_a_blob_stays_while_a_recently_used_manifest_needs_it(tmp_path: Path) ->
     assert store.blob_size(digest["b-only"]) is None
     assert store.blob_size(digest["base"]) is not None
     assert store.blob_size(digest["a-only"]) is not None
+
+
+def stored_image(store: DiskStore) -> tuple[str, Manifest, TagRef]:
+    """A blob, a manifest that needs it and a tag record naming the manifest; the manifest's digest."""
+    fill(store, DIGEST, DATA, len(DATA))
+    digest, manifest = manifest_for(DIGEST)
+    store.put_manifest(digest, manifest)
+    ref = TagRef("docker.io", "library/x", "1")
+    store.put_tag(ref, (manifest.media_type,), TagRecord(digest, manifest.media_type, len(manifest.body), 1.0))
+    store.mark_seen("docker.io/library/x", [digest, DIGEST])
+    return digest, manifest, ref
+
+
+def read_like_a_hit(store: DiskStore, digest: str, ref: TagRef) -> None:
+    """Every read a tag pull served from the store makes, and what the admin tools read."""
+    assert store.tag_records(ref) and store.get_manifest(digest) is not None
+    handle = store.open_blob(DIGEST)
+    assert handle is not None
+    with handle:
+        assert handle.read() == DATA
+    assert store.is_seen("docker.io/library/x", DIGEST) and store.has_blob(DIGEST)
+    assert store.blob_size(DIGEST) == len(DATA) and store.blob_path(DIGEST) is not None
+    assert store.tag_refs() == [ref] and store.entries() and store.entry_totals()["blob"] == (1, len(DATA))
+    assert store.pins() == {} and store.realm_hosts() == set() and store.counters() == {}
+
+
+def test_reads_never_write(tmp_path: Path) -> None:
+    """Another connection to the index sees no commit while the store serves hits: a full disk
+    cannot fail them. The uses are noted, and written later in one batch."""
+    store = DiskStore(tmp_path, 10**9)
+    digest, _, ref = stored_image(store)
+    observer = sqlite3.connect(tmp_path / "store" / "cache.db")
+    version = observer.execute("PRAGMA data_version").fetchone()
+    last_use = store.entries()[f"manifest:{digest}"].last_use
+
+    read_like_a_hit(store, digest, ref)
+    assert observer.execute("PRAGMA data_version").fetchone() == version
+    assert store.entries()[f"manifest:{digest}"].last_use == last_use
+
+    store.flush_uses()
+    assert observer.execute("PRAGMA data_version").fetchone() != version
+    entries = store.entries()
+    assert entries[f"manifest:{digest}"].last_use > last_use
+    assert entries[f"blob:{DIGEST}"].last_use > last_use and entries[f"tag:{ref}"].last_use > last_use
+
+
+def test_a_last_use_never_moves_back(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    fill(store, DIGEST, DATA, len(DATA))
+    stored_at = store.entries()[f"blob:{DIGEST}"].last_use
+    store.record_uses({f"blob:{DIGEST}": stored_at - 3600})  # another process's older use
+    assert store.entries()[f"blob:{DIGEST}"].last_use == stored_at
+    store.record_uses({f"blob:{DIGEST}": stored_at + 3600, "blob:sha256:gone": 1.0})
+    assert store.entries()[f"blob:{DIGEST}"].last_use == stored_at + 3600
+
+
+def test_a_full_disk_serves_every_read_and_opens_read_only(tmpfs: Tmpfs, caplog: pytest.LogCaptureFixture) -> None:
+    """diskcache writes its settings when it opens a store: on a full disk the store opens
+    read-only, reads work, writes (and the uses noted) are refused, and nothing breaks."""
+    best_effort("last uses", lambda: None)  # the warning comes once per run of failures: none yet
+    disk = tmpfs.mount("8m")
+    store = DiskStore(disk / "cache", 10**9)
+    digest, _, ref = stored_image(store)
+    filler = tmpfs.fill(disk)
+    read_like_a_hit(store, digest, ref)
+
+    looking = DiskStore(disk / "cache", 10**9, owner=False)  # `regcache stats` on a full disk
+    assert "full" in looking.read_only
+    read_like_a_hit(looking, digest, ref)
+    with pytest.raises(sqlite3.OperationalError, match="read-only"):
+        looking.pin(ref, digest)
+    looking.flush_uses()
+    assert looking.get_manifest(digest) is not None
+    looking.flush_uses()
+    looking.close()
+    assert looking.uses.pending() == {}  # dropped, not kept for later
+    assert caplog.text.count("last uses not saved") == 1
+
+    filler.unlink()
+    store.flush_uses()  # room again
+    assert "last uses saved again" in caplog.text
+
+
+def test_a_tool_reads_a_full_disk_store_that_no_process_has_open(tmpfs: Tmpfs) -> None:
+    """No room even for SQLite's WAL index: `regcache stats` reads the database file as it is.
+    regcache itself refuses to start on it (with a one-line error), as others may write meanwhile."""
+    disk = tmpfs.mount("8m")
+    store = DiskStore(disk / "cache", 10**9)
+    digest, _, ref = stored_image(store)
+    store.close()
+    tmpfs.fill(disk)
+    looking = DiskStore(disk / "cache", 10**9, owner=False)
+    assert looking.read_only
+    read_like_a_hit(looking, digest, ref)
+    looking.close()
+    with pytest.raises((OSError, sqlite3.Error)):
+        DiskStore(disk / "cache", 10**9)
