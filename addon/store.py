@@ -12,7 +12,10 @@ Consistency rules:
   file is removed again;
 - a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
 - leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
-  served.
+  served;
+- one running cache per cache_dir: the process that runs it holds an exclusive `flock` on
+  `<cache_dir>/regcache.lock` (which names its PID), so a second one can neither clear the first's
+  `staging/` nor fill beside it. Admin tools open the store without it.
 
 Besides content, the store keeps small bookkeeping entries that are never evicted: `pins`,
 `realm-hosts` and `usage-counters` (the totals `regcache stats` shows, added to in batches).
@@ -20,6 +23,7 @@ Besides content, the store keeps small bookkeeping entries that are never evicte
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -243,26 +247,76 @@ class _AdoptingDisk(diskcache.Disk):
         return value.size, MODE_BINARY, filename, None
 
 
+class CacheDirBusy(OSError):
+    """Another process runs a cache on this cache_dir."""
+
+
+LOCK_FILE = "regcache.lock"
+_held_locks: dict[Path, tuple[int, int]] = {}  # this process's cache_dir locks: dir → (fd, users)
+
+
+def lock_cache_dir(cache_dir: Path) -> bool:
+    """Hold `cache_dir` for this process (an exclusive flock on its lock file, which names our
+    PID); True if this call took it, False if this process held it already. Raises CacheDirBusy
+    naming the PID of the process that holds it."""
+    key = cache_dir.resolve()
+    if key in _held_locks:
+        fd, users = _held_locks[key]
+        _held_locks[key] = (fd, users + 1)
+        return False
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        message = f"in use by another regcache (pid {holder}); stop it, or give this one another cache_dir"
+        raise CacheDirBusy(message) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = (fd, 1)
+    return True
+
+
+def unlock_cache_dir(cache_dir: Path) -> None:
+    key = cache_dir.resolve()
+    fd, users = _held_locks.pop(key)
+    if users > 1:
+        _held_locks[key] = (fd, users - 1)
+    else:
+        os.close(fd)  # releases the flock
+
+
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
 
     def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True) -> None:
-        """`owner`: this process runs the cache (and may clear `staging/`); tools that only look
-        at a store another process is using pass False."""
+        """`owner`: this process runs the cache: it holds the cache_dir's lock until `close`
+        (CacheDirBusy if another process does) and clears `staging/` when it takes the lock
+        (a reload in the same process keeps the running fills' files); tools that only look at
+        a store another process is using pass False."""
         self.cache_dir = cache_dir
         self.staging_dir = cache_dir / "staging"
-        if owner:
-            shutil.rmtree(self.staging_dir, ignore_errors=True)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = owner
+        cache_dir.mkdir(parents=True, exist_ok=True)
         self.size_limit = size_limit
-        self._cache = diskcache.Cache(
-            str(cache_dir / "store"),
-            disk=_AdoptingDisk,
-            # diskcache's own culling knows no pins: `evict` does it instead, so diskcache's limit
-            # is set out of reach. Its LRU policy still keeps every entry's last access time.
-            size_limit=2**62,
-            eviction_policy="least-recently-used",
-        )
+        took_lock = owner and lock_cache_dir(cache_dir)
+        try:
+            if took_lock:
+                shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(
+                str(cache_dir / "store"),
+                disk=_AdoptingDisk,
+                # diskcache's own culling knows no pins: `evict` does it instead, so diskcache's
+                # limit is set out of reach. Its LRU policy still keeps every entry's last access time.
+                size_limit=2**62,
+                eviction_policy="least-recently-used",
+            )
+        except BaseException:
+            if owner:
+                unlock_cache_dir(cache_dir)
+            raise
 
     # blobs ---------------------------------------------------------------------------------
     def open_blob(self, digest: str) -> BinaryIO | None:
@@ -515,6 +569,9 @@ class DiskStore:
 
     def close(self) -> None:
         self._cache.close()
+        if self._owner:
+            self._owner = False
+            unlock_cache_dir(self.cache_dir)
 
 
 def new_tag_record(manifest: Manifest, digest: str) -> TagRecord:
