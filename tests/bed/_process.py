@@ -119,7 +119,7 @@ class Process:
             if why is True:
                 return
             time.sleep(interval)
-        self.stop()
+        self.stop(timeout=10)
         detail = f" ({why})" if isinstance(why, str) and why else ""
         raise error(f"{self.name} not ready after {timeout}s{detail}\n{self.log_tail()}")
 
