@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from .blobs import Fill, Fills
 from .bloburls import BlobSource, BlobUrls
+from .listener import Listener, Timeouts, application
 from .metrics import METRICS
 from .routes import API_VERSION_HEADER, error_body
 from .store import Store
@@ -41,32 +42,23 @@ def _error(status: int, code: str, message: str, digest: str) -> web.Response:
     return web.Response(status=status, body=error_body(code, message, digest), content_type="application/json")
 
 
-def bound_port(site: web.TCPSite) -> int:
-    """The port a started site listens on (port 0 in the configuration: the one it was given)."""
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    return int(server.sockets[0].getsockname()[1])
-
-
 class BlobServer:
-    def __init__(self, store: Store, fills: Fills, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(self, store: Store, fills: Fills, listen: tuple[str, int], timeouts: Timeouts) -> None:
         self._store = store
         self._fills = fills
         self.urls = BlobUrls()
-        self.host, self.port = listen
-        app = web.Application(middlewares=[self._signed_only])
+        app = application(self._signed_only)
         app.router.add_get("/blobs/{digest}", self._signed_blob)
         app.router.add_get("/fills/{digest}", self._signed_blob, allow_head=False)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.listener = Listener("blob endpoint", app, listen, timeouts)
 
-    async def start(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = bound_port(site)
+    @property
+    def host(self) -> str:
+        return self.listener.host
 
-    async def stop(self) -> None:
-        await self._runner.cleanup()
+    @property
+    def port(self) -> int:
+        return self.listener.port
 
     @web.middleware
     async def _signed_only(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:

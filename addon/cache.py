@@ -9,13 +9,15 @@ Everything else lives in the package: routes (parsing), manifests, blobs, store,
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
@@ -25,24 +27,51 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from addon import logsafe
 from addon.answers import Answer, LocalStream, log_request, offline_token, redirect_answer
 from addon.bloburls import is_loopback, reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
 from addon.routes import Kind, RegistryRequest, accepted_media_types, parse_path
-from addon.runtime import Runtime
+from addon.runtime import Runtime, StartupError
 from addon.upstream import forwardable_headers
 
 log = logging.getLogger("regcache")
 
 META = "regcache"  # flow.metadata key: (result, what, note)
 STREAMED = "regcache_streamed"
+ORIGIN = "regcache_origin"  # flow.metadata key: the request as the client addressed it (Origin)
+
+
+class Origin(NamedTuple):  # not a dataclass: they need the module in sys.modules, a script is not
+    """Where the client sent a request, before `upstreams` re-targeted it: what regcache decides on."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def of(cls, request: http.Request) -> Origin:
+        return cls(request.scheme, request.host.lower(), request.port, request.path)
+
+    @property
+    def url(self) -> str:
+        """The logical URL (`https://registry-1.docker.io/v2/...`), the default port left out."""
+        default_port = 443 if self.scheme == "https" else 80
+        port = "" if self.port == default_port else f":{self.port}"
+        return f"{self.scheme}://{self.host}{port}{self.path}"
+
+
+def origin_of(flow: http.HTTPFlow) -> Origin:
+    """The flow's Origin: recorded before re-targeting, or (a flow not re-targeted) its request."""
+    origin = flow.metadata.get(ORIGIN)
+    return origin if isinstance(origin, Origin) else Origin.of(flow.request)
 
 
 def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
     """Send the flow where `upstreams` says this host really is (no-op for other hosts)."""
     target = settings.upstream_for(flow.request.host, flow.request.port)
-    METRICS.mark_relayed(flow, settings)
     if target is None:
         return
     flow.request.scheme = target.scheme
@@ -65,12 +94,6 @@ def send_to_blob_server(flow: http.HTTPFlow, runtime: Runtime, stream: LocalStre
     flow.metadata[STREAMED] = True
 
 
-def logical_url(request: http.Request) -> str:
-    default_port = 443 if request.scheme == "https" else 80
-    port = "" if request.port == default_port else f":{request.port}"
-    return f"{request.scheme}://{request.host.lower()}{port}{request.path}"
-
-
 def make_response(answer: Answer) -> http.Response:
     # Upstream header bytes that are not UTF-8 reach us as surrogates (aiohttp); send them back as-is.
     headers = http.Headers([(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in answer.headers])
@@ -87,8 +110,11 @@ class RegistryCache:
         self.settings = Settings()
         self.runtime: Runtime | None = None
         self.metrics_endpoint = MetricsEndpoint(METRICS)
+        self._tried = False  # configure has tried to build a runtime
 
     def load(self, loader: Loader) -> None:
+        logsafe.install()  # mitmproxy's log handlers are in place by now
+        _ignore_cancellations_at_exit()
         loader.add_option(
             "regcache_config",
             str | None,
@@ -113,29 +139,37 @@ class RegistryCache:
 
     def configure(self, updated: set[str]) -> None:
         # `regcache run` adds this addon to its master directly: unlike a script's, its first
-        # `configure` names only the options set on the command line, so `self.runtime is None`
+        # `configure` names only the options set on the command line, so "not tried yet"
         # stands for "first time" too.
-        if "regcache_connection_log" in updated or self.runtime is None:
+        first = not self._tried
+        if "regcache_connection_log" in updated or first:
             level = logging.NOTSET if ctx.options.regcache_connection_log else logging.WARNING
             logging.getLogger("mitmproxy.proxy.server").setLevel(level)
-        if self.runtime is not None and not {"regcache_config", "regcache_offline"} & updated:
-            return
+        if not first and not {"regcache_config", "regcache_offline"} & updated:
+            return  # nothing of ours changed (after a failed start too: its one error line stands)
+        self._tried = True
         try:
             settings = load_settings(ctx.options.regcache_config)
-            runtime = Runtime(settings, offline=settings.offline or ctx.options.regcache_offline)
+            runtime = Runtime(
+                settings, offline=settings.offline or ctx.options.regcache_offline, previous=self.runtime
+            )
         except ConfigError as err:
             # One line naming the key, not a traceback; an error logged during start-up makes
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
             log.error("regcache: bad configuration: %s", err)
             return
-        except (OSError, sqlite3.Error) as err:  # sqlite3: a store that cannot even be read (full disk)
+        except StartupError as err:
+            log.error("regcache: %s", err)
+            return
+        except (OSError, sqlite3.Error) as err:  # CacheDirBusy: another regcache runs on it; sqlite3: a store
+            # that cannot even be read (full disk)
             log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)
             return
         old, self.runtime, self.settings = self.runtime, runtime, settings
         METRICS.store.store, METRICS.store.size_limit = runtime.store, settings.size_limit
         self.metrics_endpoint.serve(settings.metrics_listen)
         if old is not None:
-            _close_soon(old, successor=runtime)
+            _close_soon(old, then=functools.partial(_start, runtime, self.metrics_endpoint))
         log.info(
             "regcache: %s %d registries into %s (size limit %d B)",
             "OFFLINE, replaying" if runtime.offline else "caching",
@@ -145,6 +179,7 @@ class RegistryCache:
         )
 
     def running(self) -> None:
+        logsafe.install()  # handlers added since `load`
         warn_if_exposed(ctx.options.listen_host, ctx.options.proxyauth)
         # Everything allocated so far (mitmproxy, aiohttp, the settings) lives as long as the
         # process: leave it out of the collector's full passes. Otherwise the first full pass
@@ -152,17 +187,20 @@ class RegistryCache:
         gc.collect()
         gc.freeze()
         if self.runtime is not None:
-            # Start the blob server now rather than on the first blob request.
-            _background(self.runtime.started())
+            # Start serving on the blob endpoint and mirror sockets now (bound in `configure`).
+            _background(_start(self.runtime, self.metrics_endpoint))
 
-    def done(self) -> None:
+    def done(self) -> asyncio.Future[None] | None:
+        """Stop. The close runs on; at shutdown mitmproxy awaits the returned task, so the
+        store is closed and every connection ended before the event loop goes away. (A script
+        reload ignores it: the hook itself stays synchronous.)"""
         self.metrics_endpoint.stop()
         METRICS.store.store = None
-        if self.runtime is not None:
-            # Now: at shutdown the loop may stop before a background close gets to it.
-            flush_usage(self.runtime.store)
-            _close_soon(self.runtime)
-            self.runtime = None
+        runtime, self.runtime = self.runtime, None
+        if runtime is None:
+            return None
+        flush_usage(runtime.store)  # now: a reload's background close may come too late for it
+        return _close_soon(runtime)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address or ("", None)
@@ -172,22 +210,32 @@ class RegistryCache:
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Re-targeted here, not in `request`: mitmproxy streams a large request body
+        # (stream_large_bodies) and connects upstream before `request` is called, so a big push
+        # would go to the real host. What regcache decides on stays the client's own URL.
+        if ORIGIN not in flow.metadata:
+            flow.metadata[ORIGIN] = Origin.of(flow.request)
+            retarget(flow, self.settings)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         runtime = self.runtime
         if flow.response is not None or runtime is None:
             return
-        namespace = self.settings.namespace_for(flow.request.host, flow.request.port)
-        route = parse_path(flow.request.path)
-        if namespace is None and runtime.answers_tokens(flow.request.host.lower()):
+        self.requestheaders(flow)  # a flow that did not come through it (a replay, a test)
+        origin: Origin = flow.metadata[ORIGIN]
+        namespace = self.settings.namespace_for(origin.host, origin.port)
+        route = parse_path(origin.path)
+        if namespace is None and runtime.answers_tokens(origin.host):
             flow.response = make_response(offline_token())
-            flow.metadata[META] = ("HIT", f"token {flow.request.host}", "offline")
+            flow.metadata[META] = ("HIT", f"token {origin.host}", "offline")
             return
         if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
-            retarget(flow, self.settings)
+            METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
             return
         req = RegistryRequest(
             namespace=namespace,
-            url=logical_url(flow.request),
+            url=origin.url,
             method=flow.request.method,
             route=route,
             headers=forwardable_headers(flow.request.headers.items(multi=True)),
@@ -202,7 +250,7 @@ class RegistryCache:
             await runtime.started()
             send_to_blob_server(flow, runtime, decision)
         else:
-            retarget(flow, self.settings)
+            METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
             flow.metadata[STREAMED] = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -218,12 +266,12 @@ class RegistryCache:
             if flow.response.raw_content:
                 size = str(len(flow.response.raw_content))
             _log_request(flow, f"{flow.response.status_code} {size} B")
-        METRICS.record_flow(flow, cache_result(flow))
+        METRICS.record_flow(flow, cache_result(flow), origin_of(flow).host)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
-        METRICS.record_flow(flow, cache_result(flow))
+        METRICS.record_flow(flow, cache_result(flow), origin_of(flow).host)
 
 
 def cache_result(flow: http.HTTPFlow) -> str | None:
@@ -249,30 +297,68 @@ def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -
     log_request(result, flow.request.method, what, outcome, ms, note, level)
 
 
+def ready_line(proxy: Iterable[tuple[str, int]], runtime: Runtime, metrics: str | None) -> str:
+    """The line that says every listener is up: scripts and service managers wait for it."""
+    parts = [f"proxy {host}:{port}" if ":" not in host else f"proxy [{host}]:{port}" for host, port, *_ in proxy]
+    parts.append(f"blob endpoint {runtime.blob_server.listener.url}")
+    parts += [f"mirror of {mirror.registry_host} {mirror.url}" for mirror in runtime.mirrors]
+    if metrics:
+        parts.append(f"metrics {metrics}")
+    return "regcache ready: " + ", ".join(parts)
+
+
+async def _start(runtime: Runtime, metrics: MetricsEndpoint) -> None:
+    """Serve on the runtime's sockets, then say that every listener is up."""
+    await runtime.started()
+    proxyserver = ctx.master.addons.get("proxyserver")
+    proxy = proxyserver.listen_addrs() if proxyserver is not None else []
+    log.info(ready_line(proxy, runtime, metrics.url))
+
+
+def _ignore_cancellations_at_exit() -> None:
+    """A cancelled task is no error. Before Python 3.13, asyncio reports one with a traceback
+    when the loop's teardown cancels the task of a client still connected to a stream server
+    (any proxy client connected when mitmproxy exits). mitmproxy sets its own exception handler
+    while it runs and puts back the one it found (this one) for the teardown."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_unless_cancelled)
+
+
+def _unless_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
+
+
 _background_tasks: set[asyncio.Future[None]] = set()
 
 
-def _background(work: Coroutine[None, None, None]) -> None:
+def _background(work: Coroutine[None, None, None]) -> asyncio.Future[None]:
     task = asyncio.ensure_future(work)
     _background_tasks.add(task)
     task.add_done_callback(_background_tasks.discard)
+    return task
 
 
-def _close_soon(runtime: Runtime, successor: Runtime | None = None) -> None:
-    """Close `runtime` in the background; then start `successor` (a new configuration), whose
-    blob endpoint and mirrors can listen only once the old ones have let go of their ports."""
+def _close_soon(runtime: Runtime, then: Callable[[], Awaitable[None]] | None = None) -> asyncio.Future[None] | None:
+    """Close `runtime` in the background (its listening sockets at once); then `then` (start a
+    new configuration, whose sockets are bound already). The task, if the loop runs."""
+    runtime.stop_accepting()
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # not running yet: `running` starts the successor
         runtime.store.close()
-        return
+        return None
 
     async def replace() -> None:
         await runtime.close()
-        if successor is not None:
-            await successor.started()
+        if then is not None:
+            await then()
 
-    _background(replace())
+    return _background(replace())
 
 
 addons = [RegistryCache()]

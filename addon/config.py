@@ -106,6 +106,10 @@ class Settings:
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
     # Registry host → where its plain-HTTP registry mirror listens (mirror.py).
     mirrors: Mapping[str, tuple[str, int]] = field(default_factory=lambda: dict(DEFAULT_MIRRORS))
+    # Connections to the blob endpoint and the mirrors: seconds to send a request head after
+    # connecting, and seconds a keep-alive connection may sit idle.
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -315,6 +319,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "blob_url",
         "metrics_listen",
         "mirrors",
+        "header_timeout",
+        "idle_timeout",
     }
     for key in raw:
         if key not in known:
@@ -335,8 +341,9 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["upstreams"] = {
             _host("upstreams", host): parse_upstream(f"upstreams.{host}", url) for host, url in upstreams.items()
         }
-    if "upstream_timeout" in raw:
-        values["upstream_timeout"] = _positive_number("upstream_timeout", raw["upstream_timeout"])
+    for key in ("upstream_timeout", "header_timeout", "idle_timeout"):
+        if key in raw:
+            values[key] = _positive_number(key, raw[key])
     if "credentials" in raw:
         entries = raw["credentials"]
         if not isinstance(entries, dict):

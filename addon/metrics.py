@@ -185,9 +185,10 @@ class Metrics:
         self.usage = UsageCounts()
 
     # what the addon, the upstream client, fills and the blob server report -------------------
-    def record_flow(self, flow: http.HTTPFlow, result: str | None) -> None:
+    def record_flow(self, flow: http.HTTPFlow, result: str | None, host: str) -> None:
         """A flow the addon handled is done (answered or failed). `result` is its cache result,
-        None for a flow that was only relayed. Counted once per flow."""
+        None for a flow that was only relayed; `host` the one the client addressed (before any
+        re-targeting). Counted once per flow."""
         if flow.metadata.get(FLOW_COUNTED):
             return
         flow.metadata[FLOW_COUNTED] = True
@@ -200,7 +201,7 @@ class Metrics:
             return
         req: RegistryRequest | None = flow.metadata.get(FLOW_REQUEST)
         if req is None:  # an offline token answer
-            self.request_answered(flow.request.host.lower(), "token", flow.request.method, result, "")
+            self.request_answered(host, "token", flow.request.method, result, "")
         else:
             self.request_decided(req, result)
 
@@ -209,10 +210,10 @@ class Metrics:
         repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
         self.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
 
-    def mark_relayed(self, flow: http.HTTPFlow, settings: Settings) -> None:
-        """mitmproxy is about to relay this flow upstream: count it when the answer comes
-        (hosts regcache intercepts only; plain-HTTP requests to other hosts are no registry's)."""
-        host, port = flow.request.host, flow.request.port
+    def mark_relayed(self, flow: http.HTTPFlow, settings: Settings, host: str, port: int) -> None:
+        """mitmproxy is about to relay this flow, addressed to host:port, upstream: count it when
+        the answer comes (hosts regcache intercepts only; plain-HTTP requests to other hosts are
+        no registry's)."""
         if settings.intercepts(host, port):
             flow.metadata[FLOW_RELAYED] = registry_label(settings, host, port)
 
@@ -308,9 +309,21 @@ class MetricsEndpoint:
             self._server, _ = start_http_server(port, host, registry=self._metrics.registry)
         except OSError as err:
             # Metrics are not worth refusing to cache for: say so loudly and go on.
-            log.warning("regcache: metrics endpoint not started: cannot listen on %s:%d: %s", host, port, err)
+            log.warning(
+                "regcache: WARNING: metrics endpoint not started: cannot listen on %s:%d (metrics_listen): %s",
+                host,
+                port,
+                err,
+            )
             return
-        log.info("regcache: metrics at %s/metrics", base_url(host, self._server.server_port))
+        log.info("regcache: metrics at %s", self.url)
+
+    @property
+    def url(self) -> str | None:
+        """`http://HOST:PORT/metrics` while serving."""
+        if self._server is None or self._listen is None:
+            return None
+        return f"{base_url(self._listen[0], self._server.server_port)}/metrics"
 
     def stop(self) -> None:
         if self._server is not None:

@@ -36,9 +36,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
 from .answers import Answer, LocalStream, PassThrough, error_answer, log_request, offline_token, relay
-from .blobserver import bound_port
 from .bloburls import base_url, is_loopback
 from .config import Settings
+from .listener import Listener, Timeouts, application
 from .metrics import METRICS
 from .routes import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
 from .upstream import (
@@ -131,54 +131,34 @@ def mirrored_challenge(header: str, base: str) -> str:
 class MirrorServer:
     """One mirror port, standing for the registry `registry_host`."""
 
-    def __init__(self, runtime: Runtime, registry_host: str, listen: tuple[str, int]) -> None:
+    def __init__(self, runtime: Runtime, registry_host: str, listen: tuple[str, int], timeouts: Timeouts) -> None:
         self._runtime = runtime
         self.registry_host = registry_host
-        self.host, self.port = listen
-        app = web.Application(client_max_size=MAX_TOKEN_REQUEST)
+        app = application(client_max_size=MAX_TOKEN_REQUEST)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.listener = Listener(f"mirror of {registry_host}", app, listen, timeouts)
         self._realms: set[str] = set()  # realm_key of every realm a challenge named this run
 
     @property
     def url(self) -> str:
-        return mirror_base(None, (self.host, self.port))
+        return self.listener.url
 
     def _base(self, request: web.Request) -> str:
         """This mirror as `request`'s client addressed it: only challenges need it."""
         headers = request.headers
-        return mirror_base(headers.get("Host"), (self.host, self.port), headers.get("X-Forwarded-Proto"))
+        listen = (self.listener.host, self.listener.port)
+        return mirror_base(headers.get("Host"), listen, headers.get("X-Forwarded-Proto"))
 
-    async def start(self) -> None:
-        # Clients given a bare host:port (skopeo, podman, ctr) try TLS first. aiohttp answers the
-        # ClientHello with 400, which makes them fall back to plain HTTP, and logs it at DEBUG
-        # with a traceback; mitmproxy's log handlers format every record, so each probe cost the
-        # event loop 0.5 ms, and 4-5 ms the first time (the traceback reads source files).
-        # Nothing below INFO from aiohttp's server.
-        logging.getLogger("aiohttp.server").setLevel(logging.INFO)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError as err:
-            # The proxy works without it: say so loudly and go on (as the metrics endpoint does).
-            log.warning(
-                "regcache: mirror of %s not started: cannot listen on %s: %s", self.registry_host, self.url, err
-            )
+    def warn_if_exposed(self) -> None:
+        if is_loopback(self.listener.host):
             return
-        self.port = bound_port(site)
-        log.info("regcache: registry mirror of %s at %s", self.registry_host, self.url)
-        if not is_loopback(self.host):
-            log.warning(
-                "regcache: WARNING: the mirror at %s is plain HTTP on a non-loopback address: token requests "
-                "carry clients' credentials in clear text, and anyone who can reach it can pull what "
-                "regcache's own credentials can read (offline: everything cached). Put a TLS front end before it "
-                "(X-Forwarded-Proto: https).",
-                self.url,
-            )
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
+        log.warning(
+            "regcache: WARNING: the mirror at %s is plain HTTP on a non-loopback address: token requests "
+            "carry clients' credentials in clear text, and anyone who can reach it can pull what "
+            "regcache's own credentials can read (offline: everything cached). Put a TLS front end before it "
+            "(X-Forwarded-Proto: https).",
+            self.url,
+        )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()

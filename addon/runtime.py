@@ -19,6 +19,7 @@ from .answers import Answer, Decision, error_answer, relay
 from .blobs import BlobService, Fills
 from .blobserver import BlobServer
 from .config import Settings
+from .listener import Listener, Timeouts
 from .manifests import ManifestService, upstream_failed
 from .metrics import flush_usage, flush_usage_periodically
 from .mirror import MirrorServer
@@ -30,10 +31,17 @@ from .writes import STORE_ERRORS, USE_FLUSH_SECONDS
 log = logging.getLogger("regcache")
 
 
+class StartupError(Exception):
+    """Something regcache cannot run without (the blob endpoint's port): one line, and no start."""
+
+
 class Runtime:
     """Store, upstream client, services, blob endpoint and mirrors of one configuration."""
 
-    def __init__(self, settings: Settings, offline: bool) -> None:
+    def __init__(self, settings: Settings, offline: bool, previous: Runtime | None = None) -> None:
+        """Opens the store and binds every listening socket (raises StartupError, OSError).
+        `previous`: the running configuration this one replaces (its sockets at the same fixed
+        addresses are taken over)."""
         self.settings = settings
         self.offline = offline
         self.store = DiskStore(settings.cache_dir, settings.size_limit)
@@ -47,17 +55,56 @@ class Runtime:
         self.realm_hosts = self.store.realm_hosts()
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
-        self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen)
+        timeouts = Timeouts(settings.header_timeout, settings.idle_timeout)
+        self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen, timeouts)
         self.access = Access(self.store, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
-        self.mirrors = [MirrorServer(self, host, listen) for host, listen in settings.mirrors.items()]
+        mirrors = [MirrorServer(self, host, listen, timeouts) for host, listen in settings.mirrors.items()]
+        try:
+            self.mirrors = self._bind(mirrors, previous)
+        except BaseException:
+            for listener in (self.blob_server.listener, *(mirror.listener for mirror in mirrors)):
+                listener.stop_accepting()
+            self.store.close()
+            raise
         self._started: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Future[None] | None = None
         self._usage_flusher: asyncio.Future[None] | None = None
         self._use_flusher: asyncio.Future[None] | None = None
 
+    def listeners(self) -> list[Listener]:
+        return [self.blob_server.listener, *(mirror.listener for mirror in self.mirrors)]
+
+    def _bind(self, mirrors: list[MirrorServer], previous: Runtime | None) -> list[MirrorServer]:
+        """Listen on every port now, while starting up: the blob endpoint or nothing; a mirror
+        that cannot listen is left out (the proxy works without it). The mirrors that listen."""
+        current = {listener.address: listener for listener in previous.listeners()} if previous else {}
+        blob = self.blob_server.listener
+        try:
+            blob.bind(current)
+        except OSError as err:
+            raise StartupError(f"blob endpoint not started: cannot listen on {blob.url} (blob_listen): {err}") from err
+        listening = []
+        for mirror in mirrors:
+            try:
+                mirror.listener.bind(current)
+            except OSError as err:
+                log.warning(
+                    "regcache: WARNING: mirror of %s not started: cannot listen on %s (mirrors): %s; "
+                    "the proxy works without it",
+                    mirror.registry_host,
+                    mirror.url,
+                    err,
+                )
+                continue
+            log.info("regcache: registry mirror of %s at %s", mirror.registry_host, mirror.url)
+            mirror.warn_if_exposed()
+            listening.append(mirror)
+        return listening
+
     async def started(self) -> None:
+        """Serve on every bound socket (once), and start the background work."""
         if self._started is None:
             self._started = asyncio.ensure_future(self._start())
             if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
@@ -67,9 +114,8 @@ class Runtime:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
-        await self.blob_server.start()
-        for mirror in self.mirrors:
-            await mirror.start()
+        for listener in self.listeners():
+            await listener.start()
 
     async def _flush_uses(self) -> None:
         """Last uses into the store every few seconds, off the event loop: reads never write."""
@@ -90,20 +136,22 @@ class Runtime:
                     log.info("EXPIRED %d entries, %d B, unused for %.0f s (max_age)", removed, freed, max_age)
             await asyncio.sleep(min(3600.0, max(1.0, max_age / 10)))
 
+    def stop_accepting(self) -> None:
+        """The synchronous first step of closing: no new connection, no new background work."""
+        for listener in self.listeners():
+            listener.stop_accepting()
+        for task in (self._sweeper, self._usage_flusher, self._use_flusher):
+            if task is not None:
+                task.cancel()
+
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.stop_accepting()
         # Fills first: a server's cleanup waits for its handlers, and followers of a running
         # fill would keep it waiting until the fill ends.
         await self.fills.close()
         await self.upstream.close()
-        if self._started is not None:
-            for mirror in self.mirrors:
-                await mirror.stop()
-            await self.blob_server.stop()
-        for flusher in (self._usage_flusher, self._use_flusher):
-            if flusher is not None:
-                flusher.cancel()
+        for listener in self.listeners():
+            await listener.stop()
         await asyncio.to_thread(flush_usage, self.store)
         await asyncio.to_thread(self.store.flush_uses)
         self.store.close()

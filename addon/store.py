@@ -19,6 +19,9 @@ Consistency rules:
 - diskcache writes its settings whenever it opens a store: where that fails (a full disk, a
   read-only file system) the store is opened read-only, with a connection of its own: reads work,
   writes fail as they would on that disk (`read_only` says why).
+- one running cache per cache_dir: the process that runs it holds an exclusive `flock` on
+  `<cache_dir>/regcache.lock` (which names its PID), so a second one can neither clear the first's
+  `staging/` nor fill beside it. Admin tools open the store without it.
 
 Besides content, the store keeps small bookkeeping entries that are never evicted: `pins`,
 `realm-hosts` and `usage-counters` (the totals `regcache stats` shows, added to in batches).
@@ -26,6 +29,7 @@ Besides content, the store keeps small bookkeeping entries that are never evicte
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -287,17 +291,58 @@ def _write_refused(err: sqlite3.Error) -> bool:
     return (code & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY) or code == SQLITE_IOERR_SHMSIZE
 
 
+class CacheDirBusy(OSError):
+    """Another process runs a cache on this cache_dir."""
+
+
+LOCK_FILE = "regcache.lock"
+_held_locks: dict[Path, tuple[int, int]] = {}  # this process's cache_dir locks: dir → (fd, users)
+
+
+def lock_cache_dir(cache_dir: Path) -> bool:
+    """Hold `cache_dir` for this process (an exclusive flock on its lock file, which names our
+    PID); True if this call took it, False if this process held it already. Raises CacheDirBusy
+    naming the PID of the process that holds it."""
+    key = cache_dir.resolve()
+    if key in _held_locks:
+        fd, users = _held_locks[key]
+        _held_locks[key] = (fd, users + 1)
+        return False
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        message = f"in use by another regcache (pid {holder}); stop it, or give this one another cache_dir"
+        raise CacheDirBusy(message) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = (fd, 1)
+    return True
+
+
+def unlock_cache_dir(cache_dir: Path) -> None:
+    key = cache_dir.resolve()
+    fd, users = _held_locks.pop(key)
+    if users > 1:
+        _held_locks[key] = (fd, users - 1)
+    else:
+        os.close(fd)  # releases the flock
+
+
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
 
     def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True) -> None:
-        """`owner`: this process runs the cache (and may clear `staging/`); tools that only look
-        at a store another process is using pass False."""
+        """`owner`: this process runs the cache: it holds the cache_dir's lock until `close`
+        (CacheDirBusy if another process does) and clears `staging/` when it takes the lock
+        (a reload in the same process keeps the running fills' files); tools that only look at
+        a store another process is using pass False."""
         self.cache_dir = cache_dir
         self.staging_dir = cache_dir / "staging"
-        if owner:
-            shutil.rmtree(self.staging_dir, ignore_errors=True)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = owner
+        cache_dir.mkdir(parents=True, exist_ok=True)
         self.size_limit = size_limit
         self.uses = UseRecorder()
         self.read_only = ""  # why the store could be opened only for reading ("": it is writable)
@@ -305,8 +350,12 @@ class DiskStore:
         self._disk = diskcache.Disk(str(self._directory))  # reads values (public Disk API)
         self._readers = threading.local()  # read-only connections, one per thread
         self._cache: diskcache.Cache | None = None
-        self._owner = owner
+        took_lock = owner and lock_cache_dir(cache_dir)  # False: this process held it already
+        self._holds_lock = owner
         try:
+            if took_lock:
+                shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(
                 str(self._directory),
                 disk=_AdoptingDisk,
@@ -318,9 +367,22 @@ class DiskStore:
             )
         except sqlite3.OperationalError as err:
             if not _write_refused(err) or not (self._directory / DBNAME).is_file():
+                self._release_lock()
                 raise
             self.read_only = str(err)
-            self._readers.connection = self._read_only_connection()  # raises if it cannot be read either
+            try:
+                self._readers.connection = self._read_only_connection()  # raises if it cannot be read either
+            except BaseException:
+                self._release_lock()
+                raise
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._holds_lock:
+            self._holds_lock = False
+            unlock_cache_dir(self.cache_dir)
 
     @property
     def _writer(self) -> diskcache.Cache:
@@ -648,6 +710,7 @@ class DiskStore:
         if connection is not None:
             connection.close()
             self._readers.connection = None
+        self._release_lock()
 
 
 def _connect(uri: str) -> sqlite3.Connection:

@@ -748,8 +748,7 @@ class RegcacheCache:
         return self.proxy.pid
 
     def start(self) -> None:
-        self.proxy.start()
-        self.proxy.mirror_url()  # the mirror listens a moment after the proxy: wait for its line
+        self.proxy.start()  # returns at regcache's ready line: the mirror serves too
 
     def stop(self) -> None:
         self.proxy.stop()

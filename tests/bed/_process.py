@@ -3,7 +3,7 @@
 Owns: starting a command with its output appended to log files (kept across
 restarts), waiting for it to become ready without fixed sleeps (polling a
 check, failing at once if the process dies), stopping it by a signal with a
-bounded wait before SIGKILL, the tail of its logs for error messages; and the
+bounded wait before SIGKILL (and its exit status), the tail of its logs for error messages; and the
 environment a child gets: proxy variables stripped (:func:`without_proxies`)
 or, for a client that must go through a proxy, set to that proxy with its CA
 trusted (:func:`proxied_env`).
@@ -123,17 +123,18 @@ class Process:
         detail = f" ({why})" if isinstance(why, str) and why else ""
         raise error(f"{self.name} not ready after {timeout}s{detail}\n{self.log_tail()}")
 
-    def stop(self, timeout: float) -> None:
-        """SIGTERM by PID and wait up to ``timeout`` seconds, then SIGKILL. No-op when not running."""
+    def stop(self, timeout: float, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """``sig`` (SIGTERM) by PID and wait up to ``timeout`` seconds, then SIGKILL. Its exit
+        status (negative: killed by that signal); None when it was not running."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
+            return None
+        proc.send_signal(sig)
         try:
-            proc.wait(timeout)
+            return proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            return proc.wait()
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` of the log; of each log, headed by its name, when stderr has its own."""

@@ -3,7 +3,7 @@
 Owns: running ``mitmdump`` on 127.0.0.1 with whatever arguments its user
 builds for the port (a free one on first start, the same one on restart),
 readiness (its ``HTTP(S) proxy listening at 127.0.0.1:PORT.`` line, which
-also tells the port), the confdir whose CA clients must trust
+also tells the port, plus whatever :meth:`MitmDump.ready` adds), the confdir whose CA clients must trust
 (:attr:`MitmDump.ca_cert`), the process log, and its peak memory; and the
 bed's own use of it, :func:`passthrough`: the hostmap addon that routes
 Docker Hub host names to the bed's servers, after any extra addon scripts.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,15 +97,26 @@ class MitmDump(ProcessOwner):
         self._process.start(cmd, env, self._listening, timeout=timeout, error=MitmError)
 
     def _listening(self) -> bool:
-        with self.log_path.open("rb") as f:
-            f.seek(self._process.log_offset)
-            match = _LISTENING.search(f.read().decode(errors="replace"))
+        started = self.started_log()
+        match = _LISTENING.search(started)
         if match:
             self.port = int(match[1])
-        return match is not None
+        return match is not None and self.ready(started)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        self._process.stop(timeout)
+    def ready(self, started_log: str) -> bool:
+        """Is it serving, going by what it logged since it started? (Subclasses whose addons
+        start listeners of their own after the proxy wait for their line here.)"""
+        return True
+
+    def started_log(self) -> str:
+        """What the current (or last) process logged since it started."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._process.log_offset)
+            return f.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 15.0, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Stop by ``sig``; its exit status (None: it was not running)."""
+        return self._process.stop(timeout, sig)
 
     def log(self) -> str:
         """The whole log, across restarts."""

@@ -50,8 +50,9 @@ def regcache_with(
 
     yield start
     for proxy in started:
-        proxy.stop()
+        status = proxy.stop()
         assert "Traceback" not in proxy.log(), f"regcache logged a traceback:\n{proxy.log()[-3000:]}"
+        assert status in (0, None), f"regcache stopped with status {status}:\n{proxy.log()[-3000:]}"
 
 
 @pytest.fixture

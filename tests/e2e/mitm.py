@@ -2,8 +2,9 @@
 
 Owns: writing regcache's YAML config, starting the venv's ``regcache run``
 (by default) or mitmdump with the arguments the README gives for it
-(:func:`addon.cli.mitmdump_args`), and reading regcache's one-line-per-request
-results from its log. Running the process (port kept across restarts,
+(:func:`addon.cli.mitmdump_args`), readiness (regcache's ready line: every
+listener is up) and the listeners it names, and reading regcache's
+one-line-per-request results from its log. Running the process (port kept across restarts,
 readiness, stop, log, peak memory) is :class:`bed.mitm.MitmDump`'s.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -21,7 +21,8 @@ from addon.cli import mitmdump_args
 
 RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD) (\S+)")
 METRICS_LINE = re.compile(r"regcache: metrics at (http://\S+/metrics)")
-MIRROR_LINE = re.compile(r"regcache: registry mirror of (\S+) at (http://\S+)")
+# README, "Run it": the line to wait for, once every listener is up.
+READY_LINE = re.compile(r"regcache ready: (.*)")
 
 
 class Mitmdump(MitmDump):
@@ -62,14 +63,24 @@ class Mitmdump(MitmDump):
         assert found, "regcache logged no metrics endpoint"
         return str(found[-1])
 
-    def mirror_url(self, registry: str = "registry-1.docker.io", timeout: float = 10.0) -> str:
-        """Where this regcache serves its registry mirror of `registry` (the latest start's port).
-        The mirror starts just after the proxy is ready: wait for its line (bounded)."""
-        deadline = time.monotonic() + timeout
-        while not (found := [url for host, url in MIRROR_LINE.findall(self.log()) if host == registry]):
-            assert time.monotonic() < deadline, f"regcache logged no mirror of {registry}"
-            time.sleep(0.05)
-        return found[-1]
+    def ready(self, started_log: str) -> bool:
+        return READY_LINE.search(started_log) is not None
+
+    def listeners(self) -> dict[str, str]:
+        """What the latest start's ready line names: `proxy`, `blob endpoint`, `mirror of HOST`,
+        `metrics` → address."""
+        found = READY_LINE.findall(self.started_log())
+        assert found, "regcache logged no ready line"
+        return dict(part.rsplit(" ", 1) for part in found[-1].split(", "))  # type: ignore[misc]
+
+    def mirror_url(self, registry: str = "registry-1.docker.io") -> str:
+        """Where this regcache serves its registry mirror of `registry` (the latest start's port)."""
+        url = self.listeners().get(f"mirror of {registry}")
+        assert url is not None, f"regcache has no mirror of {registry}"
+        return url
+
+    def blob_endpoint(self) -> str:
+        return self.listeners()["blob endpoint"]
 
     def results(self, since: int = 0) -> list[tuple[str, str, str]]:
         """(result, method, what) for every registry request logged since `since` (a :meth:`mark`)."""

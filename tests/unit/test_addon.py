@@ -12,10 +12,13 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons
 
+from addon import cache as cache_module
 from addon.cache import RegistryCache, warn_if_exposed
+from addon.store import lock_cache_dir, unlock_cache_dir
 
 from .flows import registry_flow, write_config
 
@@ -38,6 +41,7 @@ def run_request(
         with taddons.context(addon) as tctx:
             tctx.configure(addon, regcache_config=config, **options)
             flow = registry_flow(host, path, method)
+            addon.requestheaders(flow)  # as mitmproxy calls them: re-targeted before `request`
             await addon.request(flow)
             addon.done()
             await asyncio.sleep(0)  # let the runtime close
@@ -141,3 +145,50 @@ def test_running_freezes_the_start_up_heap(tmp_path: Path) -> None:
         assert asyncio.run(go()) > 1000
     finally:
         gc.unfreeze()
+
+
+async def status_of(port: int, path: str = "/v2/") -> bytes:
+    """The status line a plain-HTTP server on 127.0.0.1:`port` answers `GET path` with."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    line = await reader.readline()
+    writer.close()
+    return line.strip()
+
+
+def test_a_reload_keeps_the_ports_the_cache_dir_and_its_running_fills(tmp_path: Path) -> None:
+    """A new configuration on the same cache_dir and fixed ports takes over from the old one in
+    this process: no "in use", no port conflict, and the old fills' staging files stay theirs."""
+    mirror_port, blob_port = closed_port(), closed_port()
+    first = Path(write_config(tmp_path, closed_port(), timeout=5))
+    settings = yaml.safe_load(first.read_text())
+    settings |= {"mirrors": {"docker.io": f"127.0.0.1:{mirror_port}"}, "blob_listen": f"127.0.0.1:{blob_port}"}
+    first.write_text(yaml.safe_dump(settings))
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**settings, "size_limit": "1GiB"}))
+    cache_dir = Path(settings["cache_dir"])
+
+    async def go() -> None:
+        addon = RegistryCache()
+        with taddons.context(addon, proxyauth.ProxyAuth()) as tctx:
+            tctx.configure(addon, regcache_config=str(first))
+            addon.running()
+            await asyncio.gather(*cache_module._background_tasks)
+            assert await status_of(mirror_port) == b"HTTP/1.1 200 OK"  # upstream down: "no auth needed"
+            assert addon.runtime is not None
+            staging = addon.runtime.store.stage_blob(SHA)  # a fill of the old configuration's
+            staging.write(b"in progress")
+            staging.flush()
+            tctx.configure(addon, regcache_config=str(second))
+            assert addon.runtime.settings.size_limit == 2**30
+            assert staging.path.exists()
+            await asyncio.gather(*cache_module._background_tasks)
+            assert await status_of(mirror_port) == b"HTTP/1.1 200 OK"  # the new mirror
+            assert (await status_of(blob_port, f"/blobs/{SHA}")).startswith(b"HTTP/1.1 403")  # unsigned
+            closing = addon.done()
+            assert closing is not None
+            await closing
+        assert lock_cache_dir(cache_dir)  # released: this process takes it afresh
+        unlock_cache_dir(cache_dir)
+
+    asyncio.run(go())

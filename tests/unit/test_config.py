@@ -85,6 +85,8 @@ blob_url: http://cache.internal:5080/
         ("upstreams: {registry-1.docker.io: ftp://x}", "upstreams.registry-1.docker.io"),
         ("upstreams: [a]", "upstreams"),
         ("upstream_timeout: soon", "upstream_timeout"),
+        ("header_timeout: 0", "header_timeout"),
+        ("idle_timeout: 1m", "idle_timeout"),
         ("max_age: forever", "max_age"),
         ("max_age: -1", "max_age"),
         ("offline: yes please", "offline"),

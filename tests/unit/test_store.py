@@ -2,14 +2,17 @@
 
 import hashlib
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from bed.tmpfs import Tmpfs
 
-from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
+from addon.store import CacheDirBusy, DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
 from addon.writes import best_effort
 
 DATA = b"layer bytes " * 10_000
@@ -244,3 +247,45 @@ def test_a_tool_reads_a_full_disk_store_that_no_process_has_open(tmpfs: Tmpfs) -
     looking.close()
     with pytest.raises((OSError, sqlite3.Error)):
         DiskStore(disk / "cache", 10**9)
+
+
+def test_one_running_cache_per_cache_dir(tmp_path: Path) -> None:
+    """Another process's owner store refuses, naming the holder; this process may hold it twice
+    (a configuration reload), and the second one keeps the first one's staging files."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_STORE, str(tmp_path)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        with pytest.raises(CacheDirBusy, match=rf"^in use by another regcache \(pid {holder.pid}\); stop it"):
+            DiskStore(tmp_path, 10**9)
+        DiskStore(tmp_path, 10**9, owner=False).close()  # admin tools go on
+    finally:
+        holder.communicate("")  # it closes its store and exits
+    first = DiskStore(tmp_path, 10**9)
+    staging = first.stage_blob(DIGEST)
+    staging.write(b"in progress")
+    staging.flush()
+    second = DiskStore(tmp_path, 10**9)
+    assert staging.path.exists()
+    first.close()
+    assert f"in use by another regcache (pid {os.getpid()})" in hold_briefly(tmp_path).stderr  # `second` holds it
+    second.close()
+    assert hold_briefly(tmp_path).returncode == 0
+
+
+def hold_briefly(cache_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Another process opens the store as its owner, and closes it again."""
+    command = [sys.executable, "-c", HOLD_THE_STORE, str(cache_dir)]
+    return subprocess.run(command, input="", capture_output=True, text=True, timeout=60, check=False)
+
+
+HOLD_THE_STORE = """
+import sys
+from pathlib import Path
+from addon.store import DiskStore
+store = DiskStore(Path(sys.argv[1]), 10**9)
+print("holding", flush=True)
+sys.stdin.read()
+store.close()
+"""
