@@ -19,7 +19,14 @@ from multidict import CIMultiDict
 
 from .access import Access, credential, repository
 from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
-from .routes import DIGEST_RE, RegistryRequest, is_acceptable, normalize_media_type
+from .routes import (
+    CACHEABLE_MEDIA_TYPES,
+    DIGEST_RE,
+    SCHEMA1_MEDIA_TYPES,
+    RegistryRequest,
+    is_acceptable,
+    normalize_media_type,
+)
 from .store import (
     DigestMismatch,
     Manifest,
@@ -38,14 +45,6 @@ log = logging.getLogger(__name__)
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
 
-SCHEMA1_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        "application/vnd.docker.distribution.manifest.v1+json",
-    }
-)
-
-
 def manifest_media_type(body: bytes, content_type: str) -> str:
     """The manifest's own `mediaType` field if it has one, else the Content-Type, parameters
     dropped (some registries send `...+json; charset=utf-8`)."""
@@ -54,16 +53,6 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     except (ValueError, AttributeError):
         declared = None
     return normalize_media_type(declared if isinstance(declared, str) and declared else content_type)
-
-
-CACHEABLE_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    }
-)
 
 
 def not_cacheable(body: bytes, media_type: str) -> str:

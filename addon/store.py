@@ -89,6 +89,18 @@ def accept_key(accepted: tuple[str, ...]) -> str:
     return ",".join(accepted)
 
 
+# Records per tag: one per distinct Accept list clients send (a handful of known media types, see
+# routes.accepted_media_types); every request for the tag reads and rewrites them all.
+MAX_TAG_RECORDS = 8
+
+
+def capped_records(records: dict[str, TagRecord], key: str, record: TagRecord) -> dict[str, TagRecord]:
+    """`records` with `record` put under `key`, and only the `MAX_TAG_RECORDS` most recently
+    recorded of them (the new one always among them: revalidation rewrites a record in use)."""
+    others = sorted((item for item in records.items() if item[0] != key), key=lambda item: item[1].recorded_at)
+    return dict([*others[-(MAX_TAG_RECORDS - 1) :], (key, record)])
+
+
 def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """(child manifest descriptors, blob descriptors) of an index or an image manifest.
     Raises ValueError when the body is not a JSON object."""
@@ -327,8 +339,7 @@ class DiskStore:
 
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
         with self._cache.transact():
-            records = self.tag_records(ref)
-            records[accept_key(accepted)] = record
+            records = capped_records(self.tag_records(ref), accept_key(accepted), record)
             self._cache.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
 
     # which repository holds which digest (for access checks) ------------------------------

@@ -20,16 +20,10 @@ from .blobs import Fill, Fills
 from .bundle import BundleError, children, descriptor_digest
 from .config import Settings
 from .manifests import ManifestService
-from .routes import Kind, RegistryRequest, Route, accepted_media_types
+from .routes import CACHEABLE_MEDIA_TYPES, Kind, RegistryRequest, Route, accepted_media_types
 from .store import DiskStore, Manifest, TagRef
 from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
 PARALLEL_BLOBS = 4
 
 
@@ -74,7 +68,7 @@ class Warmer:
 
     async def warm(self, ref: TagRef, platforms: set[str] | None) -> Warmed:
         base = f"https://{self._host(ref.namespace)}"
-        headers = CIMultiDict({"Accept": ", ".join(MANIFEST_TYPES)})
+        headers = CIMultiDict({"Accept": ", ".join(CACHEABLE_MEDIA_TYPES)})
         authorization = await self._token(base, ref.name)
         if authorization:
             headers["Authorization"] = authorization

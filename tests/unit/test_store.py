@@ -1,13 +1,24 @@
 """The content-addressed store: verified commits, no partial entries, survives reopening."""
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from addon.store import DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
+from addon.routes import ACCEPT_KEY_TYPES
+from addon.store import (
+    MAX_TAG_RECORDS,
+    DigestMismatch,
+    DiskStore,
+    Manifest,
+    TagRecord,
+    TagRef,
+    accept_key,
+    digest_of,
+)
 
 DATA = b"layer bytes " * 10_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -80,6 +91,24 @@ def test_tag_records_are_keyed_by_registry_and_accept(tmp_path: Path) -> None:
     store.put_tag(hub, docker, single)
     assert store.tag_records(hub) == {accept_key(oci): index, accept_key(docker): single}
     assert store.tag_records(ghcr) == {}
+
+
+def test_tag_records_are_capped_least_recently_recorded_first(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    ref = TagRef("docker.io", "library/x", "1")
+    keys = list(itertools.combinations(sorted(ACCEPT_KEY_TYPES), 2))[: MAX_TAG_RECORDS + 3]  # different lists
+    for when, accepted in enumerate(keys):
+        store.put_tag(ref, accepted, TagRecord(DIGEST, "application/vnd.oci.image.index.v1+json", 10, float(when)))
+    records = store.tag_records(ref)
+    assert len(records) == MAX_TAG_RECORDS
+    assert set(records) == {accept_key(accepted) for accepted in keys[-MAX_TAG_RECORDS:]}  # the oldest went
+    # Re-recording the oldest kept one makes it the newest: the next new list drops the next oldest.
+    index = "application/vnd.oci.image.index.v1+json"
+    store.put_tag(ref, keys[-MAX_TAG_RECORDS], TagRecord(DIGEST, index, 10, 99.0))
+    # A record with an older time than all the others is still the one just recorded: it stays.
+    store.put_tag(ref, ("*/*",), TagRecord(DIGEST, index, 10, 0.0))
+    kept = [keys[-MAX_TAG_RECORDS], *keys[-MAX_TAG_RECORDS + 2 :], ("*/*",)]
+    assert set(store.tag_records(ref)) == {accept_key(accepted) for accepted in kept}
 
 
 def manifest_for(*blob_digests: str) -> tuple[str, Manifest]:
