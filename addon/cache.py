@@ -30,6 +30,7 @@ from addon.config import ConfigError, Settings, load_settings
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
 from addon.routes import Kind, RegistryRequest, accepted_media_types, parse_path
 from addon.runtime import Runtime
+from addon.store import StoreError
 from addon.upstream import forwardable_headers
 
 log = logging.getLogger("regcache")
@@ -126,6 +127,9 @@ class RegistryCache:
             # One line naming the key, not a traceback; an error logged during start-up makes
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
             log.error("regcache: bad configuration: %s", err)
+            return
+        except StoreError as err:  # says which cache_dir, and why
+            log.error("regcache: %s", err)
             return
         except OSError as err:
             log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -183,9 +183,11 @@ def _secret(key: str, entry: dict[str, object], name: str) -> str | None:
         raise ConfigError(f"{key}.{given[0]}", "expected a non-empty string")
     if given[0].endswith("_file"):
         try:
-            return Path(source).expanduser().read_text().strip()
+            return read_text(source).strip()
         except OSError as err:
-            raise ConfigError(f"{key}.{given[0]}", f"cannot read {source}: {err.strerror}") from err
+            raise ConfigError(f"{key}.{given[0]}", f"cannot read {source}: {err.strerror or err}") from err
+        except ValueError as err:
+            raise ConfigError(f"{key}.{given[0]}", str(err)) from err
     if given[0].endswith("_env"):
         if not os.environ.get(source):
             raise ConfigError(f"{key}.{given[0]}", f"environment variable {source} is not set")
@@ -210,10 +212,20 @@ def parse_credential(key: str, entry: object) -> Credential:
     return Credential(username, password)
 
 
-def parse_upstream(key: str, value: object) -> Upstream:
+def _url_parts(key: str, value: object, example: str) -> SplitResult:
+    """`value` split as a URL; a ConfigError naming `key` for anything that is not one (urlsplit
+    itself refuses some, such as `http://[::1`)."""
+    problem = f"expected a base URL such as {example}, got {value!r}"
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
-    parts = urlsplit(value)
+        raise ConfigError(key, problem)
+    try:
+        return urlsplit(value)
+    except ValueError as err:
+        raise ConfigError(key, f"{problem} ({err})") from err
+
+
+def parse_upstream(key: str, value: object) -> Upstream:
+    parts = _url_parts(key, value, "http://127.0.0.1:5000")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
     try:
@@ -242,11 +254,12 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
 def parse_listen(key: str, value: object, example: str) -> tuple[str, int]:
     """`host:port` (`[v6]:port`); port 0 picks a free one."""
     host, port = None, None
-    if isinstance(value, str):
-        parts = urlsplit(f"//{value.strip()}")
-        with contextlib.suppress(ValueError):  # a port that is not a number, or out of range
+    # urlsplit refuses some values (`[::1`); .port others (not a number, out of range).
+    with contextlib.suppress(ValueError):
+        if isinstance(value, str):
+            parts = urlsplit(f"//{value.strip()}")
+            host = None if parts.path or parts.username else parts.hostname
             port = parts.port
-        host = None if parts.path or parts.username else parts.hostname
     if host is None or port is None or not _LISTEN_HOST_RE.fullmatch(host):
         raise ConfigError(key, f"expected HOST:PORT such as {example} (port 0: any free port), got {value!r}")
     return host, port
@@ -282,8 +295,8 @@ def parse_mirrors(key: str, value: object, settings: Settings) -> dict[str, tupl
 
 
 def parse_blob_url(key: str, value: object) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    parts = _url_parts(key, value, "http://cache.example:5080")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(key, f"expected a base URL such as http://cache.example:5080, got {value!r}")
     return str(value).rstrip("/")
 
@@ -365,14 +378,25 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
     return replace(cached, mirrors=mirrors)
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; ValueError saying so when it is not UTF-8 text."""
+    data = Path(path).expanduser().read_bytes()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from err
+
+
 def load_settings(path: str | None) -> Settings:
     """Read the YAML file at `path` (None or empty: all defaults)."""
     if not path:
         return Settings()
     try:
-        text = Path(path).expanduser().read_text()
+        text = read_text(path)
     except OSError as err:
-        raise ConfigError("regcache_config", f"cannot read {path}: {err.strerror}") from err
+        raise ConfigError("regcache_config", f"cannot read {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise ConfigError("regcache_config", str(err)) from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

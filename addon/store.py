@@ -24,12 +24,13 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NoReturn, Protocol
 
 import diskcache
 from diskcache.core import MODE_BINARY
@@ -235,6 +236,106 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class StoreError(Exception):
+    """A cache_dir regcache cannot use as asked; the message names it and says why."""
+
+
+def require_store(cache_dir: Path) -> Path:
+    """The index directory of the existing store in `cache_dir` (StoreError if there is none):
+    for the tools that look at a cache, so a mistyped path is an error, not a new empty cache."""
+    if not cache_dir.exists():
+        raise StoreError(f"cache_dir {cache_dir} does not exist: there is no cache there")
+    if not cache_dir.is_dir():
+        raise StoreError(f"cache_dir {cache_dir} is not a directory")
+    if not (cache_dir / "store" / "cache.db").is_file():
+        raise StoreError(f"cache_dir {cache_dir} holds no regcache store (no store/cache.db)")
+    return cache_dir / "store"
+
+
+def require_writable(cache_dir: Path) -> None:
+    """Create the store's directories in `cache_dir` if missing, and check that this process can
+    write there (StoreError naming cache_dir if not). Up front, because SQLite and diskcache fail
+    only at the first write, with errors that do not say where."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise StoreError(f"cache_dir {cache_dir} is not a directory")
+    index = cache_dir / "store"
+    try:
+        for directory in (cache_dir, index, cache_dir / "staging"):
+            directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        if (index / "cache.db").exists():
+            os.close(os.open(index / "cache.db", os.O_RDWR))
+    except OSError as err:
+        raise StoreError(f"cache_dir {cache_dir} is not writable: {err.strerror or err}") from err
+
+
+def _peek_value(cache: diskcache.Cache | _ReadOnlyIndex, key: str, read: bool = False) -> object:
+    """An entry's value (`read`: an open file, for a value kept in a file), read without counting
+    as a use; None if it is missing or its file gone."""
+    row = cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+    if row is None:
+        return None
+    try:
+        return cache._disk.fetch(row[0], row[1], row[2], read)
+    except OSError:
+        return None
+
+
+def _read_only_connection(database: Path) -> sqlite3.Connection:
+    """A connection to the store's index that writes nothing, not even SQLite's own files.
+
+    With a write-ahead log (`-wal`, kept by a running regcache, and by a stopped one until the next
+    opens it), the log is read with a read-only `-shm` index (`readonly_shm`: SQLite builds it in
+    memory when no writer keeps it up to date); a plain read-only reader would update `-shm`.
+    Without one, the database file is all there is: read as immutable, which creates no files.
+    """
+    uri = database.resolve().as_uri()
+    if not Path(f"{database}-wal").exists():
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True)
+    attempts = ["mode=ro&readonly_shm=1"] if Path(f"{database}-shm").exists() else []
+    for parameters in [*attempts, "mode=ro"]:  # mode=ro creates a missing -shm: only if it must
+        try:
+            connection = sqlite3.connect(f"{uri}?{parameters}", uri=True)
+            connection.execute("SELECT count(*) FROM Cache").fetchone()
+            return connection
+        except sqlite3.Error:
+            continue
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True)  # a read-only directory: the file alone
+
+
+class _ReadOnlyIndex:
+    """The part of diskcache.Cache that DiskStore's reads use, over a read-only connection:
+    diskcache writes its settings whenever it opens a cache (a read-only store refuses that), and
+    its `get` counts as a use. Anything that would write raises StoreError."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = str(directory)
+        self._connection = _read_only_connection(directory / "cache.db")
+        self._disk = diskcache.Disk(self.directory)
+
+    def _sql(self, query: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        return self._connection.execute(query, params)
+
+    def get(self, key: str, default: object = None, read: bool = False) -> object:
+        value = _peek_value(self, key, read)
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return self._sql("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone() is not None
+
+    def iterkeys(self) -> Iterator[object]:
+        for (key,) in self._sql("SELECT key FROM Cache WHERE raw = 1 ORDER BY key"):
+            yield key
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise StoreError(f"the store in {Path(self.directory).parent} is open read-only")
+
+    set = delete = transact = volume = _refuse
+
+
 @dataclass
 class _StagedFile:
     path: Path
@@ -258,15 +359,24 @@ class _AdoptingDisk(diskcache.Disk):
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
 
-    def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True) -> None:
+    def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True, read_only: bool = False) -> None:
         """`owner`: this process runs the cache (and may clear `staging/`); tools that only look
-        at a store another process is using pass False."""
+        at a store another process is using pass False. `read_only`: only read an existing store,
+        changing nothing in it (not even access times); writes raise StoreError. Close it before
+        opening a writable store of the same cache in this process: SQLite shares one mapping of
+        the `-shm` file per process, and a read-only one makes the writable store's writes fail.
+        A cache_dir that cannot be used raises StoreError naming it."""
         self.cache_dir = cache_dir
         self.staging_dir = cache_dir / "staging"
+        self.size_limit = size_limit
+        self._cache: diskcache.Cache | _ReadOnlyIndex
+        if read_only:
+            self._cache = _ReadOnlyIndex(require_store(cache_dir))
+            return
+        require_writable(cache_dir)
         if owner:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self.size_limit = size_limit
         self._cache = diskcache.Cache(
             str(cache_dir / "store"),
             disk=_AdoptingDisk,
@@ -377,7 +487,8 @@ class DiskStore:
         with self._cache.transact():
             pins = self.pins()
             found = pins.pop(str(ref), None) is not None
-            self._cache.set("pins", json.dumps(pins, sort_keys=True))
+            if found:
+                self._cache.set("pins", json.dumps(pins, sort_keys=True))
         return found
 
     def protected_digests(self, needs: Callable[[str], list[str]] | None = None) -> set[str]:
@@ -455,13 +566,7 @@ class DiskStore:
 
     def _peek(self, key: str) -> object:
         """A value without updating its access time (diskcache's `get` would)."""
-        row = self._cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return self._cache._disk.fetch(row[0], row[1], row[2], False)
-        except OSError:
-            return None
+        return _peek_value(self._cache, key)
 
     # usage counters ------------------------------------------------------------------------
     # One entry of running totals (name → count). The proxy adds its deltas every few seconds,

@@ -93,6 +93,11 @@ blob_url: http://cache.internal:5080/
         ("blob_listen: '0.0.0.0:http'", "blob_listen"),
         ("blob_url: cache.example:5080", "blob_url"),
         ("blob_url: http://cache.example/?x=1", "blob_url"),
+        ("upstreams: {registry-1.docker.io: 'http://[::1'}", "upstreams.registry-1.docker.io"),
+        ("blob_url: 'http://[::1'", "blob_url"),
+        ("blob_listen: '[::1:5080'", "blob_listen"),
+        ("metrics_listen: '[::1'", "metrics_listen"),
+        ("mirrors: {docker.io: '[::1'}", "mirrors.docker.io"),
         ("[1, 2]", "regcache_config"),
         ("a: [", "regcache_config"),
     ],
@@ -102,6 +107,17 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
         load_settings(write(tmp_path, text))
     assert raised.value.key == key
     assert str(raised.value).startswith(f"{key}: ")
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "regcache.yaml"
+    path.write_bytes("cache_dir: /srv/caché\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^regcache_config: {path} is not UTF-8 text \(byte 20: "):
+        load_settings(str(path))
+    (tmp_path / "pw").write_bytes(b"\xff\xfe")
+    credentials = f"credentials: {{ghcr.io: {{username: bot, password_file: {tmp_path / 'pw'}}}}}"
+    with pytest.raises(ConfigError, match=r"^credentials.ghcr.io.password_file: .* is not UTF-8 text"):
+        load_settings(write(tmp_path, credentials))
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

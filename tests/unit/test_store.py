@@ -3,6 +3,8 @@
 import hashlib
 import itertools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from addon.store import (
     DigestMismatch,
     DiskStore,
     Manifest,
+    StoreError,
     TagRecord,
     TagRef,
     accept_key,
@@ -173,3 +176,75 @@ def test_a_blob_stays_while_a_recently_used_manifest_needs_it(tmp_path: Path) ->
     assert store.blob_size(digest["b-only"]) is None
     assert store.blob_size(digest["base"]) is not None
     assert store.blob_size(digest["a-only"]) is not None
+
+
+def files(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below `directory`: its bytes and mtime."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in directory.rglob("*") if p.is_file()}
+
+
+# Another process with the store open: it writes, says so, and on the next line exits without
+# closing the store (as a killed regcache would), leaving its write-ahead log behind.
+WRITER = """
+import os, sys
+from pathlib import Path
+from addon.store import DiskStore
+DiskStore(Path(sys.argv[1]), 10**9, owner=False).add_counters({"requests": 1})
+print("written", flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    fill(store, DIGEST, DATA, len(DATA))
+    digest, manifest = manifest_for(DIGEST)
+    store.put_manifest(digest, manifest)
+    ref = TagRef("docker.io", "library/x", "1")
+    record = TagRecord(digest, manifest.media_type, len(manifest.body), 1.0)
+    store.put_tag(ref, (), record)
+    store.pin(ref, digest)
+    store.close()
+
+    def look() -> None:
+        before = files(tmp_path)
+        looking = DiskStore(tmp_path, 10**9, read_only=True)
+        assert looking.tag_refs() == [ref]
+        assert looking.tag_records(ref) == {"": record}
+        assert looking.get_manifest(digest) == manifest
+        assert looking.pins() == {str(ref): digest}
+        assert looking.has_blob(DIGEST) and looking.blob_size(DIGEST) == len(DATA)
+        assert looking.needs(f"tag:{ref}") == [f"manifest:{digest}"]
+        assert set(looking.entries()) == {f"blob:{DIGEST}", f"manifest:{digest}", f"tag:{ref}"}
+        assert looking.counters() == {"requests": 1}  # the other process's write
+        with pytest.raises(StoreError, match="open read-only"):
+            looking.unpin(ref)
+        looking.close()
+        assert files(tmp_path) == before
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    assert writer.stdout.readline() == "written\n"
+    look()  # while it has the store open
+    writer.communicate("\n", timeout=30)
+    assert (tmp_path / "store" / "cache.db-wal").stat().st_size > 0
+    look()  # its log left behind
+    DiskStore(tmp_path, 10**9).close()
+    assert not (tmp_path / "store" / "cache.db-wal").exists()
+    look()  # closed cleanly: the database file alone
+
+
+def test_a_read_only_store_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist: there is no cache there"):
+        DiskStore(tmp_path / "typo", 10**9, read_only=True)
+    with pytest.raises(StoreError, match="holds no regcache store"):
+        DiskStore(tmp_path, 10**9, read_only=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    for read_only in (True, False):
+        with pytest.raises(StoreError, match="is not a directory"):
+            DiskStore(tmp_path / "file", 10**9, read_only=read_only)
