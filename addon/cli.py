@@ -37,11 +37,11 @@ from .admin import (
     verify_total,
 )
 from .bloburls import base_url
-from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
+from .bundle import BundleError, collect_for_export, import_bundle, incomplete, parse_image_ref, write_bundle
 from .config import ConfigError, Settings, load_settings, parse_duration, read_text
 from .server import serve
 from .store import DiskStore, StoreError, require_store, require_writable
-from .warm import warm_all
+from .warm import default_platforms, warm_all
 
 ADDON = Path(__file__).resolve().parent / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
@@ -161,6 +161,8 @@ def export(options: argparse.Namespace) -> int:
     store = open_store(options, read_only=True)
     refs = [parse_image_ref(image) for image in options.images] if options.images else None
     contents = collect_for_export(store, refs)
+    for skipped in contents.skipped:
+        print(f"regcache export: skipped: {skipped}", file=sys.stderr)
     write_bundle(store, contents, Path(options.output))
     print(f"regcache: exported {contents.summary()} to {options.output}")
     return 0
@@ -196,7 +198,7 @@ def warm(options: argparse.Namespace) -> int:
         raise UsageError("name at least one image (or -f FILE)")
     refs = [parse_image_ref(image) for image in images]
     store = open_store(options, settings)
-    platforms = set(options.platform) if options.platform else None
+    platforms = set(options.platform) if options.platform else default_platforms(settings)
     results = asyncio.run(warm_all(settings, store, refs, platforms))
     failed = [r for r in results if isinstance(r, str)]
     for result in results:
@@ -312,11 +314,15 @@ def ls(options: argparse.Namespace) -> int:
         print(json.dumps([asdict(row) for row in rows], indent=2))
         return 0
     table = Table(title=f"cached images{f' in {pattern}' if pattern else ''}: {len(rows)}")
-    for column in ("image", "digest", "size", "last used", "pinned"):
+    for column in ("image", "digest", "size", "last used", "pinned", "complete"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for row in rows:
-        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), "yes" if row.pinned else "")
+        pinned, complete = "yes" if row.pinned else "", "NO" if row.missing else "yes"
+        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), pinned, complete)
     _console().print(table)
+    for row in rows:
+        if row.missing:
+            print(f"{incomplete(row.ref, row.missing)} ({_short(row.digest)})")
     return 0
 
 
@@ -457,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     warm_parser.add_argument("images", nargs="*", help="images, e.g. docker.io/library/alpine:3.20 or alpine:3.20")
     warm_parser.add_argument("-f", "--file", help="a file of images, one per line (# comments)")
     warm_parser.add_argument(
-        "--platform", action="append", help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable)"
+        "--platform",
+        action="append",
+        help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable; default: the platforms "
+        "setting when it is a list, else all)",
     )
     warm_parser.set_defaults(handler=warm)
 

@@ -56,6 +56,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?")
 _LISTEN_HOST_RE = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")
+_PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,9 @@ class Settings:
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
     # Registry host → where its plain-HTTP registry mirror listens (mirror.py).
     mirrors: Mapping[str, tuple[str, int]] = field(default_factory=lambda: dict(DEFAULT_MIRRORS))
+    # The platforms of multi-arch images this cache serves (completion.py): `auto`, `all`, or a
+    # tuple such as ("linux/amd64", "linux/arm64").
+    platforms: str | tuple[str, ...] = "auto"
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -301,6 +305,18 @@ def parse_blob_url(key: str, value: object) -> str:
     return str(value).rstrip("/")
 
 
+def parse_platforms(key: str, value: object) -> str | tuple[str, ...]:
+    """`auto`, `all`, or a list of platforms such as `[linux/amd64, linux/arm64/v8]`."""
+    if value in ("auto", "all"):
+        return str(value)
+    if isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not _PLATFORM_RE.fullmatch(item):
+                raise ConfigError(f"{key}[{i}]", f"expected OS/ARCH[/VARIANT] such as linux/amd64, got {item!r}")
+        return tuple(value)
+    raise ConfigError(key, f"expected auto, all or a list such as [linux/amd64, linux/arm64], got {value!r}")
+
+
 def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -328,6 +344,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "blob_url",
         "metrics_listen",
         "mirrors",
+        "platforms",
     }
     for key in raw:
         if key not in known:
@@ -370,6 +387,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080")
     if raw.get("blob_url") is not None:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
+    if "platforms" in raw:
+        values["platforms"] = parse_platforms("platforms", raw["platforms"])
     cached = Settings(**values)  # type: ignore[arg-type]
     if "mirrors" in raw:
         mirrors = parse_mirrors("mirrors", raw["mirrors"] or {}, cached)

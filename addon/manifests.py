@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
@@ -81,6 +82,9 @@ class ManifestService:
         self._access = access
         self._offline = offline
         self._inflight: dict[tuple[str, str, str, str], asyncio.Future[Answer]] = {}
+        # Called with a tag HEAD's request and the digest its upstream HEAD named, when the store
+        # lacks that manifest (completion.Completions.schedule).
+        self.complete_later: Callable[[RegistryRequest, str], None] | None = None
 
     async def serve(self, req: RegistryRequest) -> Answer:
         if self._offline:
@@ -137,7 +141,10 @@ class ManifestService:
                 # the same pull can be replayed from the store when the upstream is down.
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
                 record = TagRecord(digest, media_type, 0, time.time())
-                await asyncio.to_thread(self._remember, req, digest, None, record)
+                stored = await asyncio.to_thread(self._remember_head, req, digest, record)
+                # A client that holds the image may GET nothing: the store gets it anyway.
+                if not stored and self.complete_later is not None:
+                    self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
             answer = await self._fetch(req, None)
@@ -221,6 +228,11 @@ class ManifestService:
             return None
         self._remember(req, digest, stored, new_tag_record(stored, digest))
         return stored
+
+    def _remember_head(self, req: RegistryRequest, digest: str, record: TagRecord) -> bool:
+        """Record what a tag HEAD named; whether the store has that manifest."""
+        self._remember(req, digest, None, record)
+        return self._store.has_manifest(digest)
 
     def _remember(
         self,

@@ -131,6 +131,24 @@ def _manifest_of(raw: object) -> Manifest | None:
     return Manifest(media_type.decode(), body)
 
 
+def lacking(root: str, needs: Callable[[str], list[str]], present: Callable[[str], bool]) -> list[str]:
+    """The store keys an image lacks, from its manifest `root` (`manifest:<digest>`) down: that
+    manifest; an image manifest's blobs; for an index, what its platform manifests that are stored
+    lack, or all of them when none is (a platform nobody pulled is not missing while another is
+    there)."""
+    if not present(root):
+        return [root]
+    needed = needs(root)
+    platforms = [key for key in needed if key.startswith("manifest:")]
+    held = [key for key in platforms if present(key)]
+    missing = [key for key in needed if key.startswith("blob:") and not present(key)]
+    if platforms and not held:
+        return missing + platforms
+    for platform in held:
+        missing += lacking(platform, needs, present)
+    return missing
+
+
 def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[str]:
     """Every store key reachable from `roots` (tag records, manifests) through `needs`: a tag
     record needs its manifests, an index its platform manifests, an image manifest its blobs."""
@@ -208,6 +226,8 @@ class Store(Protocol):
     def stage_blob(self, digest: str) -> BlobStaging: ...
     def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
     def get_manifest(self, digest: str) -> Manifest | None: ...
+    def has_manifest(self, digest: str) -> bool: ...
+    def has_entry(self, key: str) -> bool: ...
     def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
     def tag_refs(self) -> list[TagRef]: ...
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
@@ -430,6 +450,14 @@ class DiskStore:
     # manifests -----------------------------------------------------------------------------
     def get_manifest(self, digest: str) -> Manifest | None:
         return _manifest_of(self._cache.get(f"manifest:{digest}"))
+
+    def has_manifest(self, digest: str) -> bool:
+        """Is it stored? (Not read, and not counted as a use.)"""
+        return self.has_entry(f"manifest:{digest}")
+
+    def has_entry(self, key: str) -> bool:
+        """Is there an entry under this store key (`blob:…`, `manifest:…`, `tag:…`)? Not a use."""
+        return key in self._cache
 
     def put_manifest(self, digest: str, manifest: Manifest) -> None:
         verify_digest(digest, manifest.body)

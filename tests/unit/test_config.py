@@ -98,6 +98,10 @@ blob_url: http://cache.internal:5080/
         ("blob_listen: '[::1:5080'", "blob_listen"),
         ("metrics_listen: '[::1'", "metrics_listen"),
         ("mirrors: {docker.io: '[::1'}", "mirrors.docker.io"),
+        ("platforms: linux/amd64", "platforms"),
+        ("platforms: []", "platforms"),
+        ("platforms: [linux/amd64, linux]", "platforms[1]"),
+        ("platforms: [Linux/AMD64]", "platforms[0]"),
         ("[1, 2]", "regcache_config"),
         ("a: [", "regcache_config"),
     ],
@@ -118,6 +122,18 @@ def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     credentials = f"credentials: {{ghcr.io: {{username: bot, password_file: {tmp_path / 'pw'}}}}}"
     with pytest.raises(ConfigError, match=r"^credentials.ghcr.io.password_file: .* is not UTF-8 text"):
         load_settings(write(tmp_path, credentials))
+
+
+@pytest.mark.parametrize(
+    ("text", "platforms"),
+    [
+        ("", "auto"),
+        ("platforms: all", "all"),
+        ("platforms: [linux/amd64, linux/arm64/v8]", ("linux/amd64", "linux/arm64/v8")),
+    ],
+)
+def test_platforms(tmp_path: Path, text: str, platforms: object) -> None:
+    assert load_settings(write(tmp_path, text)).platforms == platforms
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
