@@ -138,7 +138,7 @@ def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Conten
     return True
 
 
-def incomplete(ref: TagRef | str, missing: list[str] | tuple[str, ...]) -> str:
+def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) -> str:
     """What an incomplete image lacks (store keys, see store.lacking), and how to complete it."""
     manifests = sum(1 for key in missing if key.startswith("manifest:"))
     blobs = len(missing) - manifests
@@ -157,7 +157,7 @@ def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
             manifest = store.get_manifest(record.digest)
             missing = lacking(f"manifest:{record.digest}", store.needs, store.has_entry)
             if manifest is None or missing or not _collect(store, record.digest, manifest, contents):
-                lacks.append(incomplete(ref, missing or [f"manifest:{record.digest}"]))
+                lacks.append(incomplete_message(ref, missing or [f"manifest:{record.digest}"]))
                 continue
             annotations = {
                 REF_NAME: str(ref),

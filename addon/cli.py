@@ -37,7 +37,7 @@ from .admin import (
     verify_total,
 )
 from .bloburls import base_url
-from .bundle import BundleError, collect_for_export, import_bundle, incomplete, parse_image_ref, write_bundle
+from .bundle import BundleError, collect_for_export, import_bundle, incomplete_message, parse_image_ref, write_bundle
 from .config import ConfigError, Settings, load_settings, parse_duration, read_text
 from .server import serve
 from .store import DiskStore, StoreError, require_store, require_writable
@@ -322,7 +322,7 @@ def ls(options: argparse.Namespace) -> int:
     _console().print(table)
     for row in rows:
         if row.missing:
-            print(f"{incomplete(row.ref, row.missing)} ({_short(row.digest)})")
+            print(f"{incomplete_message(row.ref, row.missing)} ({_short(row.digest)})")
     return 0
 
 

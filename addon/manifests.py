@@ -142,8 +142,9 @@ class ManifestService:
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
                 record = TagRecord(digest, media_type, 0, time.time())
                 stored = await asyncio.to_thread(self._remember_head, req, digest, record)
-                # A client that holds the image may GET nothing: the store gets it anyway.
-                if not stored and self.complete_later is not None:
+                # A client that holds the image may GET nothing: the store gets it anyway (not
+                # schema 1, which is never stored).
+                if not stored and media_type not in SCHEMA1_MEDIA_TYPES and self.complete_later is not None:
                     self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
