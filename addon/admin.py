@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from .bundle import BundleError, repository_name, split_registry
 from .routes import NAME_RE, TAG_RE
-from .store import Store, TagRef, reachable, tag_ref_of, verify_digest
+from .store import Store, TagRef, lacking, reachable, tag_ref_of, verify_digest
 
 HASH_CHUNK = 1024 * 1024
 
@@ -85,6 +85,7 @@ class ImageRow:
     size: int  # stored bytes it needs: its manifests and the blobs of them that are stored
     last_used: float
     pinned: bool
+    missing: tuple[str, ...] = ()  # what it lacks (store keys, see store.lacking): incomplete if any
 
 
 def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRow]:
@@ -100,7 +101,9 @@ def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRo
             needed = reachable([manifest_key], needs)
             digest = manifest_key.partition(":")[2]
             size = sum(entries[k].size for k in needed if k in entries)
-            rows.append(ImageRow(str(ref), digest, size, entries[key].last_use, pins.get(str(ref)) == digest))
+            missing = tuple(lacking(manifest_key, needs, entries.__contains__))
+            pinned = pins.get(str(ref)) == digest
+            rows.append(ImageRow(str(ref), digest, size, entries[key].last_use, pinned, missing))
     return rows
 
 

@@ -33,6 +33,7 @@ from .store import (
     TagRecord,
     TagRef,
     accept_key,
+    lacking,
     manifest_references,
     reachable,
     verify_digest,
@@ -106,6 +107,7 @@ class Contents:
     manifests: dict[str, Manifest] = field(default_factory=dict)
     blobs: dict[str, int] = field(default_factory=dict)  # digest → size
     tags: list[tuple[TagRef, str, TagRecord]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # why images were left out (incomplete)
 
     def summary(self) -> str:
         size = sum(self.blobs.values()) + sum(len(m.body) for m in self.manifests.values())
@@ -136,13 +138,26 @@ def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Conten
     return True
 
 
+def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) -> str:
+    """What an incomplete image lacks (store keys, see store.lacking), and how to complete it."""
+    manifests = sum(1 for key in missing if key.startswith("manifest:"))
+    blobs = len(missing) - manifests
+    counts = [f"{n} {kind}{'' if n == 1 else 's'}" for n, kind in ((manifests, "manifest"), (blobs, "blob")) if n]
+    return f"{ref} is incomplete in the cache ({', '.join(counts)} missing): complete it with regcache warm {ref}"
+
+
 def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
+    """Every complete image of `refs` (None: of the whole store); an incomplete one is skipped,
+    saying so, and is an error when it was named and nothing else of its tag was complete."""
     contents = Contents()
     for ref in refs if refs is not None else sorted(store.tag_refs(), key=str):
         exported = False
+        lacks = []
         for accepted, record in sorted(store.tag_records(ref).items()):
             manifest = store.get_manifest(record.digest)
-            if manifest is None or not _collect(store, record.digest, manifest, contents):
+            missing = lacking(f"manifest:{record.digest}", store.needs, store.has_entry)
+            if manifest is None or missing or not _collect(store, record.digest, manifest, contents):
+                lacks.append(incomplete_message(ref, missing or [f"manifest:{record.digest}"]))
                 continue
             annotations = {
                 REF_NAME: str(ref),
@@ -156,7 +171,8 @@ def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
             contents.entries.append({**descriptor, "annotations": annotations})
             exported = True
         if refs is not None and not exported:
-            raise BundleError(f"{ref} is not in the cache (or not complete)")
+            raise BundleError(lacks[0] if lacks else f"{ref} is not in the cache")
+        contents.skipped += dict.fromkeys(lacks)
     return contents
 
 

@@ -34,6 +34,7 @@ from addon.config import ConfigError, Settings, load_settings
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
 from addon.routes import Kind, RegistryRequest, accepted_media_types, parse_path
 from addon.runtime import Runtime, StartupError
+from addon.store import StoreError
 from addon.upstream import forwardable_headers
 
 log = logging.getLogger("regcache")
@@ -158,7 +159,7 @@ class RegistryCache:
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
             log.error("regcache: bad configuration: %s", err)
             return
-        except StartupError as err:
+        except (StartupError, StoreError) as err:  # StoreError says which cache_dir, and why
             log.error("regcache: %s", err)
             return
         except (OSError, sqlite3.Error) as err:  # CacheDirBusy: another regcache runs on it; sqlite3: a store

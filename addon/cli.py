@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -37,11 +38,11 @@ from .admin import (
 )
 from .blobs import FREE_SPACE_RESERVE
 from .bloburls import base_url
-from .bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
-from .config import ConfigError, Settings, load_settings, parse_duration
+from .bundle import BundleError, collect_for_export, import_bundle, incomplete_message, parse_image_ref, write_bundle
+from .config import ConfigError, Settings, load_settings, parse_duration, read_text
 from .server import serve
-from .store import DiskStore
-from .warm import warm_all
+from .store import DiskStore, StoreError, require_store, require_writable
+from .warm import default_platforms, warm_all
 
 ADDON = Path(__file__).resolve().parent / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
@@ -122,6 +123,11 @@ def run(options: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"regcache: bad configuration: {err}", file=sys.stderr)
         return 2
+    try:
+        require_writable(settings.cache_dir)
+    except StoreError as err:
+        print(f"regcache: {err}", file=sys.stderr)
+        return 2
     confdir = Path(options.confdir).resolve()
     confdir.mkdir(parents=True, exist_ok=True)
     proxy = f"http://{options.listen_host}:{options.port}"
@@ -134,25 +140,40 @@ def run(options: argparse.Namespace) -> int:
     return 0
 
 
-def open_store(options: argparse.Namespace, settings: Settings | None = None) -> DiskStore:
+class UsageError(Exception):
+    """A mistake on the command line; the message says what."""
+
+
+def open_store(
+    options: argparse.Namespace, settings: Settings | None = None, *, read_only: bool = False, existing: bool = False
+) -> DiskStore:
+    """The store of `--cache-dir`, else of the configuration. `read_only`: for looking only, which
+    changes nothing in it. `existing`: it must be there already (read-only stores must): a command
+    that looks after a cache does not create an empty one where a path was mistyped."""
     settings = settings or load_settings(options.config)
     cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else settings.cache_dir
+    if existing:
+        require_store(cache_dir)
     # Not the owner: a running regcache may be using the same store (and its staging area).
-    return DiskStore(cache_dir, settings.size_limit, owner=False)
+    return DiskStore(cache_dir, settings.size_limit, owner=False, read_only=read_only)
 
 
 def export(options: argparse.Namespace) -> int:
-    store = open_store(options)
+    store = open_store(options, read_only=True)
     refs = [parse_image_ref(image) for image in options.images] if options.images else None
     contents = collect_for_export(store, refs)
+    for skipped in contents.skipped:
+        print(f"regcache export: skipped: {skipped}", file=sys.stderr)
     write_bundle(store, contents, Path(options.output))
     print(f"regcache: exported {contents.summary()} to {options.output}")
     return 0
 
 
 def import_(options: argparse.Namespace) -> int:
-    store = open_store(options)
     as_ref = parse_image_ref(options.as_ref) if options.as_ref else None
+    if not Path(options.bundle).exists():
+        raise UsageError(f"{options.bundle}: no such file or directory")
+    store = open_store(options)
     contents = import_bundle(store, Path(options.bundle), as_ref, pin=options.pin)
     print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
     for ref, _, record in contents.tags:
@@ -160,17 +181,25 @@ def import_(options: argparse.Namespace) -> int:
     return 0
 
 
+def image_list(path: str) -> list[str]:
+    """The images in a `warm -f` file: one per line, `#` comments, blank lines skipped."""
+    try:
+        lines = read_text(path).splitlines()
+    except OSError as err:
+        raise UsageError(f"cannot read -f {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise UsageError(f"-f {err}") from err
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
 def warm(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
-    store = open_store(options)
-    images = list(options.images)
-    if options.file:
-        lines = Path(options.file).read_text().splitlines()
-        images += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    images = list(options.images) + (image_list(options.file) if options.file else [])
     if not images:
-        raise ConfigError("warm", "name at least one image (or -f FILE)")
+        raise UsageError("name at least one image (or -f FILE)")
     refs = [parse_image_ref(image) for image in images]
-    platforms = set(options.platform) if options.platform else None
+    store = open_store(options, settings)
+    platforms = set(options.platform) if options.platform else default_platforms(settings)
     results = asyncio.run(warm_all(settings, store, refs, platforms))
     failed = [r for r in results if isinstance(r, str)]
     for result in results:
@@ -182,7 +211,7 @@ def warm(options: argparse.Namespace) -> int:
 
 
 def pin(options: argparse.Namespace) -> int:
-    store = open_store(options)
+    store = open_store(options, existing=True)
     for image in options.images:
         ref = parse_image_ref(image)
         stored = [r for r in store.tag_records(ref).values() if store.get_manifest(r.digest) is not None]
@@ -195,15 +224,23 @@ def pin(options: argparse.Namespace) -> int:
 
 
 def unpin(options: argparse.Namespace) -> int:
-    store = open_store(options)
-    for image in options.images:
-        ref = parse_image_ref(image)
-        print(f"unpinned {ref}" if store.unpin(ref) else f"{ref} was not pinned")
+    refs = [parse_image_ref(image) for image in options.images]
+    looking = open_store(options, read_only=True)
+    pinned = looking.pins()
+    looking.close()  # before a writable store of the same cache is opened (DiskStore)
+    for ref in refs:
+        if str(ref) not in pinned:
+            print(f"{ref} was not pinned")
+    if unpinned := [ref for ref in refs if str(ref) in pinned]:  # only then is the store written
+        store = open_store(options)
+        for ref in unpinned:
+            store.unpin(ref)
+            print(f"unpinned {ref}")
     return 0
 
 
 def pins(options: argparse.Namespace) -> int:
-    for ref, digest in sorted(open_store(options).pins().items()):
+    for ref, digest in sorted(open_store(options, read_only=True).pins().items()):
         print(f"{ref} {digest}")
     return 0
 
@@ -228,7 +265,7 @@ def _short(digest: str) -> str:
 
 def stats(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
-    store = open_store(options, settings)
+    store = open_store(options, settings, read_only=True)
     totals = store.entry_totals()
     usage = summarize_usage(store.counters())
     free = store.free_space()
@@ -239,7 +276,6 @@ def stats(options: argparse.Namespace) -> int:
                 "bytes": sum(size for _, size in totals.values()),
                 "size_limit": store.size_limit,
                 "entries": {kind: count for kind, (count, _) in totals.items()},
-                "read_only": store.read_only or None,
             },
             "disk": {"free": free, "full": full},
             **asdict(usage),
@@ -259,8 +295,6 @@ def stats(options: argparse.Namespace) -> int:
     summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
     nothing_new = f": nothing new is cached (regcache keeps {_size(FREE_SPACE_RESERVE)} free)" if full else ""
     summary.add_row("disk", f"{'FULL, ' if full else ''}{_size(free)} free{nothing_new}")
-    if store.read_only:
-        summary.add_row("store", f"opened read-only ({store.read_only})")
     summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
     summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
     summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")
@@ -281,16 +315,20 @@ def stats(options: argparse.Namespace) -> int:
 def ls(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
     pattern = parse_ref_pattern(options.ref, settings.registries) if options.ref else None
-    rows = list_images(open_store(options, settings), pattern)
+    rows = list_images(open_store(options, settings, read_only=True), pattern)
     if options.json:
         print(json.dumps([asdict(row) for row in rows], indent=2))
         return 0
     table = Table(title=f"cached images{f' in {pattern}' if pattern else ''}: {len(rows)}")
-    for column in ("image", "digest", "size", "last used", "pinned"):
+    for column in ("image", "digest", "size", "last used", "pinned", "complete"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for row in rows:
-        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), "yes" if row.pinned else "")
+        pinned, complete = "yes" if row.pinned else "", "NO" if row.missing else "yes"
+        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), pinned, complete)
     _console().print(table)
+    for row in rows:
+        if row.missing:
+            print(f"{incomplete_message(row.ref, row.missing)} ({_short(row.digest)})")
     return 0
 
 
@@ -317,7 +355,7 @@ def _print_plan(plan: Plan, what: str, dry_run: bool, size: int) -> None:
 
 def purge(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
-    store = open_store(options, settings)
+    store = open_store(options, settings, existing=True)
     pattern = parse_ref_pattern(options.ref, settings.registries)
     plan = plan_purge(store, pattern)
     for ref in plan.kept_pinned:
@@ -331,15 +369,16 @@ def purge(options: argparse.Namespace) -> int:
 
 
 def verify(options: argparse.Namespace) -> int:
-    store = open_store(options)
+    store = open_store(options, read_only=True)
     columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("verify", total=verify_total(store))
         verification = find_corrupt(store, lambda count: progress.advance(task, count))
     for found in verification.corrupt:
         print(f"CORRUPT {found.key}: {found.problem}{'' if options.dry_run else ' (removed)'}")
-    if verification.corrupt and not options.dry_run:
-        store.remove(found.key for found in verification.corrupt)
+    store.close()  # before a writable store of the same cache is opened (DiskStore)
+    if verification.corrupt and not options.dry_run:  # only then is the store written
+        open_store(options).remove(found.key for found in verification.corrupt)
     outcome = ", kept (--dry-run)" if options.dry_run else ", removed (pulls fetch them again)"
     outcome = outcome if verification.corrupt else ""
     print(
@@ -351,7 +390,7 @@ def verify(options: argparse.Namespace) -> int:
 
 def gc(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
-    store = open_store(options, settings)
+    store = open_store(options, settings, existing=True)
     min_age = parse_duration("--min-age", options.min_age)
     if settings.max_age:
         if options.dry_run:
@@ -430,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     warm_parser.add_argument("images", nargs="*", help="images, e.g. docker.io/library/alpine:3.20 or alpine:3.20")
     warm_parser.add_argument("-f", "--file", help="a file of images, one per line (# comments)")
     warm_parser.add_argument(
-        "--platform", action="append", help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable)"
+        "--platform",
+        action="append",
+        help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable; default: the platforms "
+        "setting when it is a list, else all)",
     )
     warm_parser.set_defaults(handler=warm)
 
@@ -481,10 +523,20 @@ def main(argv: list[str] | None = None) -> int:
         options.mitmdump_args = options.mitmdump_args[1:]
     try:
         return int(options.handler(options))
-    except (ConfigError, BundleError) as err:
+    except (ConfigError, BundleError, StoreError, UsageError, OSError, sqlite3.Error) as err:
+        # One line, never a traceback: these are the user's paths, files and settings.
         unchanged = " (the cache is unchanged)" if options.command == "import" else ""
-        print(f"regcache {options.command}: {err}{unchanged}", file=sys.stderr)
+        print(f"regcache {options.command}: {describe(err)}{unchanged}", file=sys.stderr)
         return 1
+
+
+def describe(err: Exception) -> str:
+    """An error as one line: `PATH: No such file or directory` for an OSError."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    if isinstance(err, sqlite3.Error):
+        return f"cannot read the store's index: {err}"
+    return str(err).replace("\n", " ")
 
 
 if __name__ == "__main__":

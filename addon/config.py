@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -56,6 +56,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 _HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?")
 _LISTEN_HOST_RE = re.compile(r"[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+")
+_PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,9 @@ class Settings:
     # connecting, and seconds a keep-alive connection may sit idle.
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    # The platforms of multi-arch images this cache serves (completion.py): `auto`, `all`, or a
+    # tuple such as ("linux/amd64", "linux/arm64").
+    platforms: str | tuple[str, ...] = "auto"
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -187,9 +191,11 @@ def _secret(key: str, entry: dict[str, object], name: str) -> str | None:
         raise ConfigError(f"{key}.{given[0]}", "expected a non-empty string")
     if given[0].endswith("_file"):
         try:
-            return Path(source).expanduser().read_text().strip()
+            return read_text(source).strip()
         except OSError as err:
-            raise ConfigError(f"{key}.{given[0]}", f"cannot read {source}: {err.strerror}") from err
+            raise ConfigError(f"{key}.{given[0]}", f"cannot read {source}: {err.strerror or err}") from err
+        except ValueError as err:
+            raise ConfigError(f"{key}.{given[0]}", str(err)) from err
     if given[0].endswith("_env"):
         if not os.environ.get(source):
             raise ConfigError(f"{key}.{given[0]}", f"environment variable {source} is not set")
@@ -214,10 +220,20 @@ def parse_credential(key: str, entry: object) -> Credential:
     return Credential(username, password)
 
 
-def parse_upstream(key: str, value: object) -> Upstream:
+def _url_parts(key: str, value: object, example: str) -> SplitResult:
+    """`value` split as a URL; a ConfigError naming `key` for anything that is not one (urlsplit
+    itself refuses some, such as `http://[::1`)."""
+    problem = f"expected a base URL such as {example}, got {value!r}"
     if not isinstance(value, str):
-        raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
-    parts = urlsplit(value)
+        raise ConfigError(key, problem)
+    try:
+        return urlsplit(value)
+    except ValueError as err:
+        raise ConfigError(key, f"{problem} ({err})") from err
+
+
+def parse_upstream(key: str, value: object) -> Upstream:
+    parts = _url_parts(key, value, "http://127.0.0.1:5000")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(key, f"expected a base URL such as http://127.0.0.1:5000, got {value!r}")
     try:
@@ -246,11 +262,12 @@ def parse_registries(key: str, value: object) -> dict[str, str]:
 def parse_listen(key: str, value: object, example: str) -> tuple[str, int]:
     """`host:port` (`[v6]:port`); port 0 picks a free one."""
     host, port = None, None
-    if isinstance(value, str):
-        parts = urlsplit(f"//{value.strip()}")
-        with contextlib.suppress(ValueError):  # a port that is not a number, or out of range
+    # urlsplit refuses some values (`[::1`); .port others (not a number, out of range).
+    with contextlib.suppress(ValueError):
+        if isinstance(value, str):
+            parts = urlsplit(f"//{value.strip()}")
+            host = None if parts.path or parts.username else parts.hostname
             port = parts.port
-        host = None if parts.path or parts.username else parts.hostname
     if host is None or port is None or not _LISTEN_HOST_RE.fullmatch(host):
         raise ConfigError(key, f"expected HOST:PORT such as {example} (port 0: any free port), got {value!r}")
     return host, port
@@ -286,10 +303,22 @@ def parse_mirrors(key: str, value: object, settings: Settings) -> dict[str, tupl
 
 
 def parse_blob_url(key: str, value: object) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    parts = _url_parts(key, value, "http://cache.example:5080")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(key, f"expected a base URL such as http://cache.example:5080, got {value!r}")
     return str(value).rstrip("/")
+
+
+def parse_platforms(key: str, value: object) -> str | tuple[str, ...]:
+    """`auto`, `all`, or a list of platforms such as `[linux/amd64, linux/arm64/v8]`."""
+    if value in ("auto", "all"):
+        return str(value)
+    if isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not _PLATFORM_RE.fullmatch(item):
+                raise ConfigError(f"{key}[{i}]", f"expected OS/ARCH[/VARIANT] such as linux/amd64, got {item!r}")
+        return tuple(value)
+    raise ConfigError(key, f"expected auto, all or a list such as [linux/amd64, linux/arm64], got {value!r}")
 
 
 def _bool(key: str, value: object) -> bool:
@@ -321,6 +350,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "mirrors",
         "header_timeout",
         "idle_timeout",
+        "platforms",
     }
     for key in raw:
         if key not in known:
@@ -364,6 +394,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["blob_listen"] = parse_listen("blob_listen", raw["blob_listen"], "127.0.0.1:5080")
     if raw.get("blob_url") is not None:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
+    if "platforms" in raw:
+        values["platforms"] = parse_platforms("platforms", raw["platforms"])
     cached = Settings(**values)  # type: ignore[arg-type]
     if "mirrors" in raw:
         mirrors = parse_mirrors("mirrors", raw["mirrors"] or {}, cached)
@@ -372,14 +404,25 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
     return replace(cached, mirrors=mirrors)
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; ValueError saying so when it is not UTF-8 text."""
+    data = Path(path).expanduser().read_bytes()
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from err
+
+
 def load_settings(path: str | None) -> Settings:
     """Read the YAML file at `path` (None or empty: all defaults)."""
     if not path:
         return Settings()
     try:
-        text = Path(path).expanduser().read_text()
+        text = read_text(path)
     except OSError as err:
-        raise ConfigError("regcache_config", f"cannot read {path}: {err.strerror}") from err
+        raise ConfigError("regcache_config", f"cannot read {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise ConfigError("regcache_config", str(err)) from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -14,12 +14,20 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
 from .access import Access, credential, repository
 from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
-from .routes import DIGEST_RE, RegistryRequest, is_acceptable, normalize_media_type
+from .routes import (
+    CACHEABLE_MEDIA_TYPES,
+    DIGEST_RE,
+    SCHEMA1_MEDIA_TYPES,
+    RegistryRequest,
+    is_acceptable,
+    normalize_media_type,
+)
 from .store import (
     DigestMismatch,
     Manifest,
@@ -39,14 +47,6 @@ log = logging.getLogger(__name__)
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
 
-SCHEMA1_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        "application/vnd.docker.distribution.manifest.v1+json",
-    }
-)
-
-
 def manifest_media_type(body: bytes, content_type: str) -> str:
     """The manifest's own `mediaType` field if it has one, else the Content-Type, parameters
     dropped (some registries send `...+json; charset=utf-8`)."""
@@ -55,16 +55,6 @@ def manifest_media_type(body: bytes, content_type: str) -> str:
     except (ValueError, AttributeError):
         declared = None
     return normalize_media_type(declared if isinstance(declared, str) and declared else content_type)
-
-
-CACHEABLE_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    }
-)
 
 
 def not_cacheable(body: bytes, media_type: str) -> str:
@@ -93,6 +83,9 @@ class ManifestService:
         self._access = access
         self._offline = offline
         self._inflight: dict[tuple[str, str, str, str], asyncio.Future[Answer]] = {}
+        # Called with a tag HEAD's request and the digest its upstream HEAD named, when the store
+        # lacks that manifest (completion.Completions.schedule).
+        self.complete_later: Callable[[RegistryRequest, str], None] | None = None
 
     async def serve(self, req: RegistryRequest) -> Answer:
         if self._offline:
@@ -149,7 +142,11 @@ class ManifestService:
                 # the same pull can be replayed from the store when the upstream is down.
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
                 record = TagRecord(digest, media_type, 0, time.time())
-                await asyncio.to_thread(self._remember, req, digest, None, record)
+                stored = await asyncio.to_thread(self._remember_head, req, digest, record)
+                # A client that holds the image may GET nothing: the store gets it anyway (not
+                # schema 1, which is never stored).
+                if not stored and media_type not in SCHEMA1_MEDIA_TYPES and self.complete_later is not None:
+                    self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
             answer = await self._fetch(req, None)
@@ -233,6 +230,11 @@ class ManifestService:
             return None
         self._remember(req, digest, stored, new_tag_record(stored, digest))
         return stored
+
+    def _remember_head(self, req: RegistryRequest, digest: str, record: TagRecord) -> bool:
+        """Record what a tag HEAD named; whether the store has that manifest."""
+        self._remember(req, digest, None, record)
+        return self._store.has_manifest(digest)
 
     def _remember(
         self,

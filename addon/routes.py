@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -88,18 +88,53 @@ def parse_path(path: str) -> Route:
     return Route(kind, name, reference)
 
 
-def accepted_media_types(accept_headers: list[str]) -> tuple[str, ...]:
-    """The media types a client accepts, normalised (parameters dropped, sorted, unique).
+# The manifest media types a tag can resolve to: the only `Accept` entries that change what a
+# registry answers for a tag, so the only ones a tag record is keyed by (with `*/*`, which keeps
+# its meaning: any of them). Regcache's own requests ask for the cacheable ones, in this order.
+CACHEABLE_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+SCHEMA1_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    }
+)
+ANY_MEDIA_TYPE = "*/*"
+ACCEPT_KEY_TYPES = frozenset({*CACHEABLE_MEDIA_TYPES, *SCHEMA1_MEDIA_TYPES, ANY_MEDIA_TYPE})
+# What reading a client's `Accept` headers may cost: dockerd sends 6 entries in about 400 bytes.
+# Anything beyond is not read, so a hostile list costs every later request nothing.
+MAX_ACCEPT_BYTES = 8 * 1024
+MAX_ACCEPT_ENTRIES = 64
+
+
+def accept_entries(accept_headers: Iterable[str]) -> list[str]:
+    """The comma-separated entries of a request's `Accept` headers, up to `MAX_ACCEPT_BYTES` of
+    them (an entry cut off there is dropped) and `MAX_ACCEPT_ENTRIES` entries."""
+    entries: list[str] = []
+    budget = MAX_ACCEPT_BYTES
+    for header in accept_headers:
+        parts = header[:budget].split(",", MAX_ACCEPT_ENTRIES)
+        if len(header) > budget:
+            parts.pop()  # cut off mid-entry
+        entries += parts
+        budget -= len(header)
+        if budget <= 0 or len(entries) >= MAX_ACCEPT_ENTRIES:
+            break
+    return entries[:MAX_ACCEPT_ENTRIES]
+
+
+def accepted_media_types(accept_headers: Iterable[str]) -> tuple[str, ...]:
+    """The manifest media types a client accepts, normalised: known types only (`ACCEPT_KEY_TYPES`;
+    others say nothing about manifests), parameters dropped, sorted, unique.
 
     Clients send several `Accept` headers or one comma-separated list; both mean the same.
     """
-    types = set()
-    for header in accept_headers:
-        for part in header.split(","):
-            media_type = normalize_media_type(part)
-            if media_type:
-                types.add(media_type)
-    return tuple(sorted(types))
+    types = {normalize_media_type(entry) for entry in accept_entries(accept_headers)}
+    return tuple(sorted(types & ACCEPT_KEY_TYPES))
 
 
 def normalize_media_type(media_type: str) -> str:
@@ -109,7 +144,7 @@ def normalize_media_type(media_type: str) -> str:
 
 def is_acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
     """Would a client with this Accept list take a manifest of this media type?"""
-    return not accepted or "*/*" in accepted or normalize_media_type(media_type) in accepted
+    return not accepted or ANY_MEDIA_TYPE in accepted or normalize_media_type(media_type) in accepted
 
 
 def error_body(code: str, message: str, detail: object = None) -> bytes:

@@ -1,7 +1,8 @@
 """Everything one configuration builds, and the one entry point both fronts share.
 
-A `Runtime` owns the store, the upstream client, the services (manifests, blobs, access), the blob
-endpoint and the registry mirror. `decide` turns a parsed registry read (`RegistryRequest`) into a
+A `Runtime` owns the store, the upstream client, the services (manifests, blobs, access), the
+background completion of tags clients only `HEAD`ed (completion.py), the blob endpoint and the
+registry mirror. `decide` turns a parsed registry read (`RegistryRequest`) into a
 `Decision`, whether it came through the proxy (cache.py) or to the mirror's own port (mirror.py),
 so both apply the same cache, revalidation and access rules.
 """
@@ -18,6 +19,7 @@ from .access import Access
 from .answers import Answer, Decision, error_answer, relay
 from .blobs import BlobService, Fills
 from .blobserver import BlobServer
+from .completion import Completions
 from .config import Settings
 from .listener import Listener, Timeouts
 from .manifests import ManifestService, upstream_failed
@@ -59,6 +61,8 @@ class Runtime:
         self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen, timeouts)
         self.access = Access(self.store, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
+        self.completions = Completions(self.store, self.manifests, self.fills, settings.platforms)
+        self.manifests.complete_later = self.completions.schedule
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
         mirrors = [MirrorServer(self, host, listen, timeouts) for host, listen in settings.mirrors.items()]
         try:
@@ -146,8 +150,9 @@ class Runtime:
 
     async def close(self) -> None:
         self.stop_accepting()
-        # Fills first: a server's cleanup waits for its handlers, and followers of a running
-        # fill would keep it waiting until the fill ends.
+        # Fills first (after the completions that start them): a server's cleanup waits for its
+        # handlers, and followers of a running fill would keep it waiting until the fill ends.
+        await self.completions.close()
         await self.fills.close()
         await self.upstream.close()
         for listener in self.listeners():

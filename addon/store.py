@@ -46,7 +46,7 @@ from typing import BinaryIO, Protocol
 import diskcache
 from diskcache.core import DBNAME, MODE_BINARY
 
-from .writes import UseRecorder
+from .writes import StoreError, UseRecorder
 
 
 class DigestMismatch(ValueError):
@@ -103,6 +103,18 @@ def accept_key(accepted: tuple[str, ...]) -> str:
     return ",".join(accepted)
 
 
+# Records per tag: one per distinct Accept list clients send (a handful of known media types, see
+# routes.accepted_media_types); every request for the tag reads and rewrites them all.
+MAX_TAG_RECORDS = 8
+
+
+def capped_records(records: dict[str, TagRecord], key: str, record: TagRecord) -> dict[str, TagRecord]:
+    """`records` with `record` put under `key`, and only the `MAX_TAG_RECORDS` most recently
+    recorded of them (the new one always among them: revalidation rewrites a record in use)."""
+    others = sorted((item for item in records.items() if item[0] != key), key=lambda item: item[1].recorded_at)
+    return dict([*others[-(MAX_TAG_RECORDS - 1) :], (key, record)])
+
+
 def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """(child manifest descriptors, blob descriptors) of an index or an image manifest.
     Raises ValueError when the body is not a JSON object."""
@@ -130,6 +142,24 @@ def _manifest_of(raw: object) -> Manifest | None:
         return None
     media_type, _, body = raw.partition(b"\n")
     return Manifest(media_type.decode(), body)
+
+
+def lacking(root: str, needs: Callable[[str], list[str]], present: Callable[[str], bool]) -> list[str]:
+    """The store keys an image lacks, from its manifest `root` (`manifest:<digest>`) down: that
+    manifest; an image manifest's blobs; for an index, what its platform manifests that are stored
+    lack, or all of them when none is (a platform nobody pulled is not missing while another is
+    there)."""
+    if not present(root):
+        return [root]
+    needed = needs(root)
+    platforms = [key for key in needed if key.startswith("manifest:")]
+    held = [key for key in platforms if present(key)]
+    missing = [key for key in needed if key.startswith("blob:") and not present(key)]
+    if platforms and not held:
+        return missing + platforms
+    for platform in held:
+        missing += lacking(platform, needs, present)
+    return missing
 
 
 def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[str]:
@@ -229,6 +259,8 @@ class Store(Protocol):
     def stage_blob(self, digest: str) -> BlobStaging: ...
     def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
     def get_manifest(self, digest: str) -> Manifest | None: ...
+    def has_manifest(self, digest: str) -> bool: ...
+    def has_entry(self, key: str) -> bool: ...
     def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
     def tag_refs(self) -> list[TagRef]: ...
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
@@ -258,6 +290,35 @@ class Store(Protocol):
     def seen_pairs(self) -> list[tuple[str, str]]: ...
     def remove(self, keys: Iterable[str]) -> tuple[int, int]: ...
     def close(self) -> None: ...
+
+
+def require_store(cache_dir: Path) -> Path:
+    """The index directory of the existing store in `cache_dir` (StoreError if there is none):
+    for the tools that look at a cache, so a mistyped path is an error, not a new empty cache."""
+    if not cache_dir.exists():
+        raise StoreError(f"cache_dir {cache_dir} does not exist: there is no cache there")
+    if not cache_dir.is_dir():
+        raise StoreError(f"cache_dir {cache_dir} is not a directory")
+    if not (cache_dir / "store" / "cache.db").is_file():
+        raise StoreError(f"cache_dir {cache_dir} holds no regcache store (no store/cache.db)")
+    return cache_dir / "store"
+
+
+def require_writable(cache_dir: Path) -> None:
+    """Create the store's directories in `cache_dir` if missing, and check that this process can
+    write there (StoreError naming cache_dir if not). Up front, because SQLite and diskcache fail
+    only at the first write, with errors that do not say where."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise StoreError(f"cache_dir {cache_dir} is not a directory")
+    index = cache_dir / "store"
+    try:
+        for directory in (cache_dir, index, cache_dir / "staging"):
+            directory.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        if (index / "cache.db").exists():
+            os.close(os.open(index / "cache.db", os.O_RDWR))
+    except OSError as err:
+        raise StoreError(f"cache_dir {cache_dir} is not writable: {err.strerror or err}") from err
 
 
 @dataclass
@@ -334,22 +395,32 @@ def unlock_cache_dir(cache_dir: Path) -> None:
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
 
-    def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True) -> None:
+    def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True, read_only: bool = False) -> None:
         """`owner`: this process runs the cache: it holds the cache_dir's lock until `close`
         (CacheDirBusy if another process does) and clears `staging/` when it takes the lock
         (a reload in the same process keeps the running fills' files); tools that only look at
-        a store another process is using pass False."""
+        a store another process is using pass False. `read_only`: only read an existing store,
+        changing nothing in it, not even SQLite's own files (writes raise StoreError). Close it
+        before opening a writable store of the same cache in this process: SQLite shares one
+        mapping of the `-shm` file per process. A cache_dir that cannot be used raises StoreError
+        naming it."""
         self.cache_dir = cache_dir
         self.staging_dir = cache_dir / "staging"
-        self._owner = owner
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = owner and not read_only
         self.size_limit = size_limit
         self.uses = UseRecorder()
-        self.read_only = ""  # why the store could be opened only for reading ("": it is writable)
+        self.read_only = ""  # why the store is open for reading only ("": it is writable)
         self._directory = cache_dir / "store"
         self._disk = diskcache.Disk(str(self._directory))  # reads values (public Disk API)
         self._readers = threading.local()  # read-only connections, one per thread
         self._cache: diskcache.Cache | None = None
+        self._holds_lock = False
+        if read_only:
+            require_store(cache_dir)
+            self.read_only = "opened for reading only"
+            self._readers.connection = self._read_only_connection()
+            return
+        require_writable(cache_dir)
         took_lock = owner and lock_cache_dir(cache_dir)  # False: this process held it already
         self._holds_lock = owner
         try:
@@ -388,7 +459,7 @@ class DiskStore:
     def _writer(self) -> diskcache.Cache:
         """diskcache, for writes; a store opened read-only refuses them as its disk did."""
         if self._cache is None:
-            raise sqlite3.OperationalError(f"the store is open read-only: {self.read_only}")
+            raise StoreError(f"the store in {self.cache_dir} is open read-only: {self.read_only}")
         return self._cache
 
     def _query(self, statement: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
@@ -403,20 +474,31 @@ class DiskStore:
         return connection.execute(statement, args)
 
     def _read_only_connection(self) -> sqlite3.Connection:
-        """A connection that never writes. When there is no room even for SQLite's WAL index, no
-        process has the store open (it would have one): a tool may then read the database file as
-        it is, if no WAL is left over (`immutable`). regcache itself does not: others may write
-        to the store while it runs."""
+        """A connection to the index that writes nothing, not even SQLite's own files.
+
+        With a write-ahead log (`-wal`: kept by a running regcache, and by a stopped one until the
+        next opens it), the log is read with a read-only `-shm` index (`readonly_shm`; a plain
+        read-only reader would update `-shm`). Without one no process has the store open, and a
+        tool reads the database file as it is (`immutable`, which creates no files; also what is
+        left when a full disk has no room even for the `-shm` index). regcache itself never reads
+        immutably: others may write to the store while it runs."""
         database = self._directory / DBNAME
-        try:
-            return _connect(f"{database.as_uri()}?mode=ro")
-        except sqlite3.OperationalError as err:
-            wal = database.with_name(f"{DBNAME}-wal")
-            if self._owner or getattr(err, "sqlite_errorcode", None) != SQLITE_IOERR_SHMSIZE:
-                raise
-            if wal.exists() and wal.stat().st_size:
-                raise
-            return _connect(f"{database.as_uri()}?mode=ro&immutable=1")
+        uri = database.resolve().as_uri()
+        wal = database.with_name(f"{DBNAME}-wal")
+        immutable = [] if self._owner else ["immutable=1"]
+        if not wal.exists() or not wal.stat().st_size:
+            attempts = ["mode=ro", *immutable] if self._owner else immutable
+        else:
+            shm = database.with_name(f"{DBNAME}-shm")
+            attempts = ["mode=ro&readonly_shm=1"] if shm.exists() else []
+            attempts.append("mode=ro")  # creates a missing -shm: only if it must
+        failure: sqlite3.Error | None = None
+        for parameters in attempts:
+            try:
+                return _connect(f"{uri}?{parameters}")
+            except sqlite3.Error as err:
+                failure = err
+        raise failure or StoreError(f"the store in {self.cache_dir} cannot be read")
 
     def _value(self, key: str, read: bool = False) -> object:
         """A value, or None; `read`: a file's value as an open file. Never counts as a use."""
@@ -483,6 +565,14 @@ class DiskStore:
         key = f"manifest:{digest}"
         return _manifest_of(self._used(key, self._value(key)))
 
+    def has_manifest(self, digest: str) -> bool:
+        """Is it stored? (Not read, and not counted as a use.)"""
+        return self.has_entry(f"manifest:{digest}")
+
+    def has_entry(self, key: str) -> bool:
+        """Is there an entry under this store key (`blob:…`, `manifest:…`, `tag:…`)? Not a use."""
+        return self._has(key)
+
     def put_manifest(self, digest: str, manifest: Manifest) -> None:
         verify_digest(digest, manifest.body)
         self._writer.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
@@ -503,8 +593,7 @@ class DiskStore:
 
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
         with self._writer.transact():
-            records = self.tag_records(ref)
-            records[accept_key(accepted)] = record
+            records = capped_records(self.tag_records(ref), accept_key(accepted), record)
             self._writer.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
 
     # which repository holds which digest (for access checks) ------------------------------
@@ -543,7 +632,8 @@ class DiskStore:
         with self._writer.transact():
             pins = self.pins()
             found = pins.pop(str(ref), None) is not None
-            self._writer.set("pins", json.dumps(pins, sort_keys=True))
+            if found:
+                self._writer.set("pins", json.dumps(pins, sort_keys=True))
         return found
 
     def protected_digests(self, needs: Callable[[str], list[str]] | None = None) -> set[str]:

@@ -1,40 +1,29 @@
 """`regcache warm`: fetch images from their upstream registries into the store, no container
 runtime needed — all platforms of a multi-arch image, or only the ones named.
 
-It uses the same services as the proxy (manifest service, single-flight blob fills), so what it
-stores and records is exactly what a pull through regcache would have stored and recorded. It
-gets an anonymous pull token the way registry clients do (`/v2/` challenge → token realm).
+It fetches through the same services as the proxy, and with the same code as the proxy's background
+completion (`completion.ImageFetcher`), so what it stores and records is exactly what a pull
+through regcache would have stored and recorded. It gets an anonymous pull token the way registry
+clients do (`/v2/` challenge → token realm).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from .access import Access
-from .blobs import Fill, Fills
-from .bundle import BundleError, children, descriptor_digest
+from .blobs import Fills
+from .bundle import BundleError
+from .completion import FetchError, ImageFetcher, ImageSource
 from .config import Settings
 from .manifests import ManifestService
-from .routes import Kind, RegistryRequest, Route, accepted_media_types
-from .store import DiskStore, Manifest, TagRef
+from .routes import CACHEABLE_MEDIA_TYPES
+from .store import DiskStore, TagRef
 from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
-
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-PARALLEL_BLOBS = 4
-
-
-class WarmError(Exception):
-    pass
 
 
 @dataclass
@@ -45,50 +34,41 @@ class Warmed:
     blobs: int
 
 
-def platform_of(descriptor: dict[str, object]) -> str:
-    platform = descriptor.get("platform")
-    if not isinstance(platform, dict):
-        return "?"
-    parts = [platform.get("os", "?"), platform.get("architecture", "?"), platform.get("variant")]
-    return "/".join(str(p) for p in parts if p)
+def default_platforms(settings: Settings) -> set[str] | None:
+    """What `warm` fetches without `--platform`: the `platforms` setting when it is a list, else
+    every platform (None)."""
+    return set(settings.platforms) if isinstance(settings.platforms, tuple) else None
 
 
-def platform_wanted(platform: str, wanted: set[str] | None) -> bool:
-    """`linux/arm64` selects `linux/arm64/v8` too; no selection means every platform."""
-    return wanted is None or platform in wanted or "/".join(platform.split("/")[:2]) in wanted
+class Bars:
+    """One progress bar per blob fill."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, what: str, written: int, expected: int | None) -> None:
+        if what not in self._tasks:
+            self._tasks[what] = self._progress.add_task(what, total=None)
+        self._progress.update(self._tasks[what], completed=written, total=expected)
 
 
 class Warmer:
     def __init__(self, settings: Settings, store: DiskStore, progress: Progress) -> None:
         self._settings = settings
-        self._store = store
         self._upstream = UpstreamClient(settings)
-        self._manifests = ManifestService(store, self._upstream, Access(store, self._upstream, False), offline=False)
+        manifests = ManifestService(store, self._upstream, Access(store, self._upstream, False), offline=False)
         self._fills = Fills(store, self._upstream)
-        self._progress = progress
-        self._parallel = asyncio.Semaphore(PARALLEL_BLOBS)
-
-    def _host(self, namespace: str) -> str:
-        """The registry host of a cache namespace (docker.io → registry-1.docker.io)."""
-        return next((h for h, ns in self._settings.registries.items() if ns == namespace), namespace)
+        self._fetcher = ImageFetcher(store, manifests, self._fills, Bars(progress))
 
     async def warm(self, ref: TagRef, platforms: set[str] | None) -> Warmed:
-        base = f"https://{self._host(ref.namespace)}"
-        headers = CIMultiDict({"Accept": ", ".join(MANIFEST_TYPES)})
+        base = f"https://{self._settings.registry_host(ref.namespace) or ref.namespace}"
+        headers = CIMultiDict({"Accept": ", ".join(CACHEABLE_MEDIA_TYPES)})
         authorization = await self._token(base, ref.name)
         if authorization:
             headers["Authorization"] = authorization
-        digest, top = await self._manifest(base, ref, ref.tag, headers)
-        images = [top]
-        manifests = 1
-        child_manifests, _ = children(top)
-        for child in child_manifests:
-            if platform_wanted(platform_of(child), platforms):
-                images.append((await self._manifest(base, ref, descriptor_digest(child), headers))[1])
-                manifests += 1
-        blobs = {descriptor_digest(blob): blob for image in images for blob in children(image)[1]}
-        await asyncio.gather(*(self._blob(base, ref, digest, headers) for digest in blobs))
-        return Warmed(ref, digest, manifests, len(blobs))
+        fetched = await self._fetcher.fetch(ImageSource(ref.namespace, ref.name, base, headers), ref.tag, platforms)
+        return Warmed(ref, fetched.digest, fetched.manifests, fetched.blobs)
 
     async def _token(self, base: str, name: str) -> str | None:
         ping = await self._upstream.fetch("GET", f"{base}/v2/", CIMultiDict())
@@ -97,55 +77,8 @@ class Warmer:
             return None
         token = await self._upstream.realm_token(challenge, f"repository:{name}:pull", None)
         if token is None:
-            raise WarmError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
+            raise FetchError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
         return token[0]
-
-    async def _manifest(
-        self, base: str, ref: TagRef, reference: str, headers: CIMultiDict[str]
-    ) -> tuple[str, Manifest]:
-        route = Route(Kind.MANIFEST, ref.name, reference)
-        req = RegistryRequest(
-            ref.namespace,
-            f"{base}/v2/{ref.name}/manifests/{reference}",
-            "GET",
-            route,
-            headers,
-            accepted_media_types([headers["Accept"]]),
-        )
-        answer = await self._manifests.serve(req)
-        answer_headers = dict(answer.headers)
-        if answer.status != 200:
-            raise WarmError(f"{req.describe()}: {answer.status} {answer.body[:300].decode(errors='replace')}")
-        digest = answer_headers.get("Docker-Content-Digest") or reference
-        stored = self._store.get_manifest(digest)
-        if stored is None:
-            raise WarmError(f"{req.describe()}: manifest {digest} was not stored")
-        return digest, stored
-
-    async def _blob(self, base: str, ref: TagRef, digest: str, headers: CIMultiDict[str]) -> None:
-        if await asyncio.to_thread(self._store.has_blob, digest):
-            return
-        async with self._parallel:
-            url = f"{base}/v2/{ref.name}/blobs/{digest}"
-            fill, _ = self._fills.start(
-                digest,
-                url,
-                CIMultiDict((k, v) for k, v in headers.items() if k != "Accept"),
-                f"{ref.namespace}/{ref.name}",
-            )
-            task = self._progress.add_task(f"{ref.name} {digest[7:19]}", total=None)
-            await self._follow(fill, task)
-        if fill.upstream_refusal is not None:
-            raise WarmError(f"{url}: upstream answered {fill.upstream_refusal.status}")
-        if fill.pass_through:
-            raise WarmError(f"{url}: not cached: {fill.pass_through}")
-        if not fill.committed:
-            raise WarmError(f"{url}: {fill.error}")
-
-    async def _follow(self, fill: Fill, task: object) -> None:
-        while not fill.finished:
-            await fill.wait_beyond(fill.written)
-            self._progress.update(task, completed=fill.written, total=fill.expected_size)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self._fills.close(wait=True)  # each fill ends by bringing the store under size_limit
@@ -164,7 +97,7 @@ async def warm_all(
             for ref in refs:
                 try:
                     results.append(await warmer.warm(ref, platforms))
-                except (WarmError, BundleError, UpstreamUnavailable, ValueError) as err:
+                except (FetchError, BundleError, UpstreamUnavailable, ValueError) as err:
                     results.append(f"{ref}: {err}")
         finally:
             await warmer.close()

@@ -25,7 +25,14 @@ import diskcache
 log = logging.getLogger("regcache")
 
 # What a store read or write raises when the disk or the index fails (full, read-only, I/O, locked).
-STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+
+
+class StoreError(Exception):
+    """A cache_dir regcache cannot use as asked (or a write to a store open read-only); the message
+    names it and says why."""
+
+
+STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout, StoreError)
 USE_FLUSH_SECONDS = 5.0
 
 P = ParamSpec("P")

@@ -25,7 +25,8 @@ from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
-from addon.store import DiskStore
+from addon.routes import ACCEPT_KEY_TYPES
+from addon.store import MAX_TAG_RECORDS, DiskStore, TagRef
 
 from .mitm import Mitmdump
 
@@ -286,6 +287,33 @@ def test_large_monolithic_push_goes_to_the_mapped_upstream(
     assert [(r.method, r.status) for r in upstream_registry.requests(mark)] == [("POST", 202), ("PUT", 201)]
     status, _, pulled = request_through(regcache, f"{blobs}/{digest}", auth)
     assert (status, hashlib.sha256(pulled).hexdigest()) == (200, digest.removeprefix("sha256:"))
+
+
+def test_unique_accept_lists_keep_the_tag_record_small(
+    images: ImageSet, regcache: Mitmdump, store: DiskStore, token_server: TokenServer, skopeo: Skopeo, tmp_path: Path
+) -> None:
+    """120 requests for one tag, each with an Accept list of its own (50-100 KB, some known media
+    types among junk): the tag's record stays a few small entries, and clients still get the right
+    manifest."""
+    image = images.docker_multi
+    url = f"https://registry-1.docker.io/v2/{image.repo}/manifests/{image.tag}"
+    auth = {"Authorization": f"Bearer {token_server.mint(image.repo)}"}
+    choose = random.Random(4)
+    known = sorted(ACCEPT_KEY_TYPES)
+    for n in range(120):
+        junk = ", ".join(f"application/x-junk-{n}-{i}" for i in range(choose.randint(2500, 5000)))  # 50-100 KB
+        listed = ", ".join(choose.sample(known, choose.randint(1, len(known))))
+        status, _, _ = request_through(regcache, url, {**auth, "Accept": f"{listed}, {junk}"}, method="HEAD")
+        assert status < 500
+    ref = TagRef("docker.io", image.repo, image.tag)
+    assert 0 < len(store.tag_records(ref)) <= MAX_TAG_RECORDS
+    assert store.entries()[f"tag:{ref}"].size <= MAX_TAG_RECORDS * 1024
+
+    assert skopeo.copy_to_dir(image.ref, tmp_path / "after", all_platforms=True) == image.digest
+    dockerd_accept = ", ".join([*image.child_media_types.values(), image.media_type, "application/json"])
+    status, headers, body = request_through(regcache, url, {**auth, "Accept": dockerd_accept})
+    assert (status, headers["Docker-Content-Digest"], headers["X-Cache"]) == (200, image.digest, "REVALIDATED")
+    assert body == image.manifest
 
 
 def request_through(

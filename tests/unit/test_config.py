@@ -95,6 +95,15 @@ blob_url: http://cache.internal:5080/
         ("blob_listen: '0.0.0.0:http'", "blob_listen"),
         ("blob_url: cache.example:5080", "blob_url"),
         ("blob_url: http://cache.example/?x=1", "blob_url"),
+        ("upstreams: {registry-1.docker.io: 'http://[::1'}", "upstreams.registry-1.docker.io"),
+        ("blob_url: 'http://[::1'", "blob_url"),
+        ("blob_listen: '[::1:5080'", "blob_listen"),
+        ("metrics_listen: '[::1'", "metrics_listen"),
+        ("mirrors: {docker.io: '[::1'}", "mirrors.docker.io"),
+        ("platforms: linux/amd64", "platforms"),
+        ("platforms: []", "platforms"),
+        ("platforms: [linux/amd64, linux]", "platforms[1]"),
+        ("platforms: [Linux/AMD64]", "platforms[0]"),
         ("[1, 2]", "regcache_config"),
         ("a: [", "regcache_config"),
     ],
@@ -104,6 +113,29 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
         load_settings(write(tmp_path, text))
     assert raised.value.key == key
     assert str(raised.value).startswith(f"{key}: ")
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "regcache.yaml"
+    path.write_bytes("cache_dir: /srv/caché\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^regcache_config: {path} is not UTF-8 text \(byte 20: "):
+        load_settings(str(path))
+    (tmp_path / "pw").write_bytes(b"\xff\xfe")
+    credentials = f"credentials: {{ghcr.io: {{username: bot, password_file: {tmp_path / 'pw'}}}}}"
+    with pytest.raises(ConfigError, match=r"^credentials.ghcr.io.password_file: .* is not UTF-8 text"):
+        load_settings(write(tmp_path, credentials))
+
+
+@pytest.mark.parametrize(
+    ("text", "platforms"),
+    [
+        ("", "auto"),
+        ("platforms: all", "all"),
+        ("platforms: [linux/amd64, linux/arm64/v8]", ("linux/amd64", "linux/arm64/v8")),
+    ],
+)
+def test_platforms(tmp_path: Path, text: str, platforms: object) -> None:
+    assert load_settings(write(tmp_path, text)).platforms == platforms
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from addon.routes import Kind, accepted_media_types, error_body, is_acceptable, parse_path
+from addon.routes import (
+    MAX_ACCEPT_BYTES,
+    MAX_ACCEPT_ENTRIES,
+    Kind,
+    accept_entries,
+    accepted_media_types,
+    error_body,
+    is_acceptable,
+    parse_path,
+)
 
 SHA = "sha256:" + "a" * 64
 
@@ -51,8 +60,40 @@ def test_invalid_paths_name_their_error(path: str, code: str) -> None:
 
 def test_accept_is_normalised_across_headers() -> None:
     one = accepted_media_types(["application/vnd.oci.image.index.v1+json, application/json;q=0.5"])
-    two = accepted_media_types(["application/json", "application/vnd.oci.image.index.v1+json"])
-    assert one == two == ("application/json", "application/vnd.oci.image.index.v1+json")
+    two = accepted_media_types(["application/json", "Application/VND.oci.image.index.v1+json; q=1"])
+    assert one == two == ("application/vnd.oci.image.index.v1+json",)
+
+
+DOCKERD_ACCEPT = [
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/json",
+]
+
+
+def test_accept_keeps_only_manifest_media_types_sorted_and_unique() -> None:
+    accepted = accepted_media_types([*DOCKERD_ACCEPT, DOCKERD_ACCEPT[0], "text/html, */*;q=0.1, image/png"])
+    assert accepted == tuple(sorted({*DOCKERD_ACCEPT[:5], "*/*"}))
+    assert accepted_media_types(["application/x-junk-1, application/x-junk-2"]) == ()
+    assert accepted_media_types([]) == ()
+
+
+def test_accept_parsing_is_capped_in_bytes_and_entries() -> None:
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    junk = ", ".join(f"application/x-{n}" for n in range(10_000))  # about 180 KB
+    assert accepted_media_types([f"{oci}, {junk}"]) == (oci,)
+    assert accepted_media_types([f"{junk}, {oci}"]) == ()  # beyond the byte budget: not read
+    assert accepted_media_types(["," * (MAX_ACCEPT_ENTRIES) + oci]) == ()  # beyond the entry cap
+    assert accepted_media_types(["," * (MAX_ACCEPT_ENTRIES - 1) + oci]) == (oci,)
+    assert accepted_media_types([""] * MAX_ACCEPT_ENTRIES + [oci]) == ()  # many headers count too
+    # A known type cut off by the byte budget is dropped, not read as its prefix.
+    cut = "x" * (MAX_ACCEPT_BYTES - len(oci) - 1) + "," + oci + "-and-more"
+    assert accepted_media_types([cut]) == ()
+    assert accept_entries([cut])[-1] == "x" * (MAX_ACCEPT_BYTES - len(oci) - 1)
+    assert accepted_media_types(["x" * (MAX_ACCEPT_BYTES - len(oci) - 1) + "," + oci]) == (oci,)
 
 
 def test_acceptable() -> None:

@@ -1,6 +1,7 @@
 """The content-addressed store: verified commits, no partial entries, survives reopening."""
 
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -12,7 +13,19 @@ from pathlib import Path
 import pytest
 from bed.tmpfs import Tmpfs
 
-from addon.store import CacheDirBusy, DigestMismatch, DiskStore, Manifest, TagRecord, TagRef, accept_key, digest_of
+from addon.routes import ACCEPT_KEY_TYPES
+from addon.store import (
+    MAX_TAG_RECORDS,
+    CacheDirBusy,
+    DigestMismatch,
+    DiskStore,
+    Manifest,
+    StoreError,
+    TagRecord,
+    TagRef,
+    accept_key,
+    digest_of,
+)
 from addon.writes import best_effort
 
 DATA = b"layer bytes " * 10_000
@@ -86,6 +99,24 @@ def test_tag_records_are_keyed_by_registry_and_accept(tmp_path: Path) -> None:
     store.put_tag(hub, docker, single)
     assert store.tag_records(hub) == {accept_key(oci): index, accept_key(docker): single}
     assert store.tag_records(ghcr) == {}
+
+
+def test_tag_records_are_capped_least_recently_recorded_first(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    ref = TagRef("docker.io", "library/x", "1")
+    keys = list(itertools.combinations(sorted(ACCEPT_KEY_TYPES), 2))[: MAX_TAG_RECORDS + 3]  # different lists
+    for when, accepted in enumerate(keys):
+        store.put_tag(ref, accepted, TagRecord(DIGEST, "application/vnd.oci.image.index.v1+json", 10, float(when)))
+    records = store.tag_records(ref)
+    assert len(records) == MAX_TAG_RECORDS
+    assert set(records) == {accept_key(accepted) for accepted in keys[-MAX_TAG_RECORDS:]}  # the oldest went
+    # Re-recording the oldest kept one makes it the newest: the next new list drops the next oldest.
+    index = "application/vnd.oci.image.index.v1+json"
+    store.put_tag(ref, keys[-MAX_TAG_RECORDS], TagRecord(DIGEST, index, 10, 99.0))
+    # A record with an older time than all the others is still the one just recorded: it stays.
+    store.put_tag(ref, ("*/*",), TagRecord(DIGEST, index, 10, 0.0))
+    kept = [keys[-MAX_TAG_RECORDS], *keys[-MAX_TAG_RECORDS + 2 :], ("*/*",)]
+    assert set(store.tag_records(ref)) == {accept_key(accepted) for accepted in kept}
 
 
 def manifest_for(*blob_digests: str) -> tuple[str, Manifest]:
@@ -219,7 +250,7 @@ def test_a_full_disk_serves_every_read_and_opens_read_only(tmpfs: Tmpfs, caplog:
     looking = DiskStore(disk / "cache", 10**9, owner=False)  # `regcache stats` on a full disk
     assert "full" in looking.read_only
     read_like_a_hit(looking, digest, ref)
-    with pytest.raises(sqlite3.OperationalError, match="read-only"):
+    with pytest.raises(StoreError, match="read-only"):
         looking.pin(ref, digest)
     looking.flush_uses()
     assert looking.get_manifest(digest) is not None
@@ -289,3 +320,75 @@ print("holding", flush=True)
 sys.stdin.read()
 store.close()
 """
+
+
+def files(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below `directory`: its bytes and mtime."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in directory.rglob("*") if p.is_file()}
+
+
+# Another process with the store open: it writes, says so, and on the next line exits without
+# closing the store (as a killed regcache would), leaving its write-ahead log behind.
+WRITER = """
+import os, sys
+from pathlib import Path
+from addon.store import DiskStore
+DiskStore(Path(sys.argv[1]), 10**9, owner=False).add_counters({"requests": 1})
+print("written", flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+def test_a_read_only_store_reads_everything_and_changes_nothing(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 10**9)
+    fill(store, DIGEST, DATA, len(DATA))
+    digest, manifest = manifest_for(DIGEST)
+    store.put_manifest(digest, manifest)
+    ref = TagRef("docker.io", "library/x", "1")
+    record = TagRecord(digest, manifest.media_type, len(manifest.body), 1.0)
+    store.put_tag(ref, (), record)
+    store.pin(ref, digest)
+    store.close()
+
+    def look() -> None:
+        before = files(tmp_path)
+        looking = DiskStore(tmp_path, 10**9, read_only=True)
+        assert looking.tag_refs() == [ref]
+        assert looking.tag_records(ref) == {"": record}
+        assert looking.get_manifest(digest) == manifest
+        assert looking.pins() == {str(ref): digest}
+        assert looking.has_blob(DIGEST) and looking.blob_size(DIGEST) == len(DATA)
+        assert looking.needs(f"tag:{ref}") == [f"manifest:{digest}"]
+        assert set(looking.entries()) == {f"blob:{DIGEST}", f"manifest:{digest}", f"tag:{ref}"}
+        assert looking.counters() == {"requests": 1}  # the other process's write
+        with pytest.raises(StoreError, match="open read-only"):
+            looking.unpin(ref)
+        looking.close()
+        assert files(tmp_path) == before
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    assert writer.stdout.readline() == "written\n"
+    look()  # while it has the store open
+    writer.communicate("\n", timeout=30)
+    assert (tmp_path / "store" / "cache.db-wal").stat().st_size > 0
+    look()  # its log left behind
+    DiskStore(tmp_path, 10**9).close()
+    assert not (tmp_path / "store" / "cache.db-wal").exists()
+    look()  # closed cleanly: the database file alone
+
+
+def test_a_read_only_store_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist: there is no cache there"):
+        DiskStore(tmp_path / "typo", 10**9, read_only=True)
+    with pytest.raises(StoreError, match="holds no regcache store"):
+        DiskStore(tmp_path, 10**9, read_only=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    for read_only in (True, False):
+        with pytest.raises(StoreError, match="is not a directory"):
+            DiskStore(tmp_path / "file", 10**9, read_only=read_only)
