@@ -1,8 +1,9 @@
 """regcache's mitmproxy addon — the entry point for `mitmdump -s addon/cache.py`.
 
 It owns the mapping between mitmproxy flows and the registry services: which connections are
-intercepted at all, which requests are registry reads, and how a service's decision becomes a
-response (`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
+intercepted at all (registries, re-targeted hosts, the hosts of recorded auth realms), which
+requests are registry reads or token requests, and how a service's decision becomes a response
+(`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
 Everything else lives in the package: routes (parsing), manifests, blobs, store, upstream, config.
 """
 
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
+from multidict import CIMultiDict
 
 if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by path (`mitmdump -s addon/cache.py`): make the package importable even when it was
     # not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from addon.answers import Answer, LocalStream, log_request, offline_token, redirect_answer
+from addon.answers import Answer, LocalStream, log_request, redirect_answer
 from addon.bloburls import is_loopback, reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
@@ -64,10 +66,10 @@ def send_to_blob_server(flow: http.HTTPFlow, runtime: Runtime, stream: LocalStre
     flow.metadata[STREAMED] = True
 
 
-def logical_url(request: http.Request) -> str:
+def logical_url(request: http.Request, path: str | None = None) -> str:
     default_port = 443 if request.scheme == "https" else 80
     port = "" if request.port == default_port else f":{request.port}"
-    return f"{request.scheme}://{request.host.lower()}{port}{request.path}"
+    return f"{request.scheme}://{request.host.lower()}{port}{request.path if path is None else path}"
 
 
 def make_response(answer: Answer) -> http.Response:
@@ -100,7 +102,8 @@ class RegistryCache:
             bool,
             False,
             "Replay the cache with no upstream at all (same as `offline: true` in the YAML): never "
-            "connect upstream; answer /v2/, tokens, tags, manifests and blobs from the store.",
+            "connect upstream; answer /v2/, tokens, tags, manifests and blobs from the store "
+            "(private content to recorded credentials only, unless offline_access: open).",
         )
         loader.add_option(
             "regcache_connection_log",
@@ -166,7 +169,7 @@ class RegistryCache:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address or ("", None)
         host = (data.client_hello.sni or address[0]).lower()
-        answers_tokens = self.runtime is not None and self.runtime.answers_tokens(host)
+        answers_tokens = self.runtime is not None and self.runtime.tokens.intercepts(host, address[1])
         if host and not self.settings.intercepts(host, address[1]) and not answers_tokens:
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
@@ -175,12 +178,14 @@ class RegistryCache:
         runtime = self.runtime
         if flow.response is not None or runtime is None:
             return
+        if runtime.tokens.intercepts(flow.request.host, flow.request.port):
+            path, _, query = flow.request.path.partition("?")
+            realm = runtime.tokens.realm_for(logical_url(flow.request, path))
+            if realm is not None:
+                await self._token(flow, runtime, realm, query)
+                return
         namespace = self.settings.namespace_for(flow.request.host, flow.request.port)
         route = parse_path(flow.request.path)
-        if namespace is None and runtime.answers_tokens(flow.request.host.lower()):
-            flow.response = make_response(offline_token())
-            flow.metadata[META] = ("HIT", f"token {flow.request.host}", "offline")
-            return
         if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
             retarget(flow, self.settings)
             return
@@ -203,6 +208,15 @@ class RegistryCache:
         else:
             retarget(flow, self.settings)
             flow.metadata[STREAMED] = True
+
+    @staticmethod
+    async def _token(flow: http.HTTPFlow, runtime: Runtime, realm: str, query: str) -> None:
+        """A request for exactly a recorded auth realm: the token service answers it."""
+        body = flow.request.content if flow.request.method == "POST" else None
+        headers = CIMultiDict(flow.request.headers.items(multi=True))
+        answer = await runtime.tokens.answer(realm, flow.request.method, query, headers, body)
+        flow.response = make_response(answer)
+        flow.metadata[META] = (answer.result, f"token {flow.request.host}", answer.note)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if META not in flow.metadata or flow.response is None:

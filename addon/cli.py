@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .access_records import DiskAccessRecords
 from .admin import (
     Plan,
     carry_out,
@@ -143,7 +144,11 @@ def open_store(options: argparse.Namespace, settings: Settings | None = None) ->
 def export(options: argparse.Namespace) -> int:
     store = open_store(options)
     refs = [parse_image_ref(image) for image in options.images] if options.images else None
-    contents = collect_for_export(store, refs)
+    records = DiskAccessRecords(store.cache_dir)
+    try:
+        contents = collect_for_export(store, refs, records)
+    finally:
+        records.close()
     write_bundle(store, contents, Path(options.output))
     print(f"regcache: exported {contents.summary()} to {options.output}")
     return 0
@@ -152,7 +157,13 @@ def export(options: argparse.Namespace) -> int:
 def import_(options: argparse.Namespace) -> int:
     store = open_store(options)
     as_ref = parse_image_ref(options.as_ref) if options.as_ref else None
-    contents = import_bundle(store, Path(options.bundle), as_ref, pin=options.pin)
+    records = DiskAccessRecords(store.cache_dir)
+    try:
+        contents = import_bundle(
+            store, Path(options.bundle), as_ref, pin=options.pin, records=records, private=options.private
+        )
+    finally:
+        records.close()
     print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
     for ref, _, record in contents.tags:
         print(f"  {ref} -> {record.digest}")
@@ -402,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
     )
     import_parser.add_argument("--pin", action="store_true", help="pin every imported image (never evicted)")
+    import_parser.add_argument(
+        "--private",
+        action="store_true",
+        help="mark no imported repository readable anonymously (default: as the bundle says; a layout "
+        "from another tool counts as public)",
+    )
     import_parser.set_defaults(handler=import_)
 
     for name, handler, text in (

@@ -3,7 +3,8 @@ runtime needed — all platforms of a multi-arch image, or only the ones named.
 
 It uses the same services as the proxy (manifest service, single-flight blob fills), so what it
 stores and records is exactly what a pull through regcache would have stored and recorded. It
-gets an anonymous pull token the way registry clients do (`/v2/` challenge → token realm).
+gets an anonymous pull token the way registry clients do (`/v2/` challenge → token realm), and
+records it as anonymous: what the upstream serves with it is readable anonymously (access.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from .access import Access
+from .access_records import DiskAccessRecords
 from .blobs import Fill, Fills
 from .bundle import BundleError, children, descriptor_digest
 from .config import Settings
+from .identity import ANONYMOUS
 from .manifests import ManifestService
 from .routes import Kind, RegistryRequest, Route, accepted_media_types
 from .store import DiskStore, Manifest, TagRef
@@ -63,7 +66,9 @@ class Warmer:
         self._settings = settings
         self._store = store
         self._upstream = UpstreamClient(settings)
-        self._manifests = ManifestService(store, self._upstream, Access(store, self._upstream, False), offline=False)
+        self._records = DiskAccessRecords(store.cache_dir)
+        self._access = Access(store, self._records, self._upstream, settings, offline=False)
+        self._manifests = ManifestService(store, self._upstream, self._access, offline=False)
         self._fills = Fills(store, self._upstream)
         self._progress = progress
         self._parallel = asyncio.Semaphore(PARALLEL_BLOBS)
@@ -98,7 +103,9 @@ class Warmer:
         token = await self._upstream.realm_token(challenge, f"repository:{name}:pull", None)
         if token is None:
             raise WarmError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
-        return token[0]
+        authorization, lifetime = token
+        self._access.record_token(authorization.removeprefix("Bearer "), ANONYMOUS, lifetime)
+        return authorization
 
     async def _manifest(
         self, base: str, ref: TagRef, reference: str, headers: CIMultiDict[str]
@@ -150,6 +157,8 @@ class Warmer:
     async def close(self) -> None:
         await self._fills.close(wait=True)  # each fill ends by bringing the store under size_limit
         await self._upstream.close()
+        await self._access.close()
+        self._records.close()
 
 
 async def warm_all(
