@@ -89,13 +89,14 @@ class DiskAccessRecords:
 
     def put_grant(self, identity: str, repository: str, grant: Grant) -> None:
         value = json.dumps({"accepted_at": grant.accepted_at, "until": grant.until})
-        self._cache.set(f"grant {identity} {repository}", value, expire=_seconds_left(grant.until))
+        if not self._set(f"grant {identity} {repository}", value, grant.until):
+            return
         if identity == ANONYMOUS or grant.until is None:
             return
         with self._cache.transact():
             held = self._cache.get(f"held {identity}")
             until = max(grant.until, held if isinstance(held, float) else 0.0)
-            self._cache.set(f"held {identity}", until, expire=_seconds_left(until))
+            self._set(f"held {identity}", until, until)
 
     def drop_grant(self, identity: str, repository: str) -> None:
         key = f"grant {identity} {repository}"
@@ -113,7 +114,7 @@ class DiskAccessRecords:
 
     def put_token(self, key: str, record: TokenRecord) -> None:
         value = json.dumps({"identity": record.identity, "until": record.until})
-        self._cache.set(f"token {key}", value, expire=_seconds_left(record.until))
+        self._set(f"token {key}", value, record.until)
 
     def realms(self) -> set[str]:
         raw = self._cache.get("realms")
@@ -141,9 +142,14 @@ class DiskAccessRecords:
     def close(self) -> None:
         self._cache.close()
 
-
-def _seconds_left(until: float | None) -> float | None:
-    return None if until is None else max(1.0, until - time.time())
+    def _set(self, key: str, value: object, until: float | None) -> bool:
+        """Store `value` until `until` (None: for good); False (nothing stored) if that is past."""
+        left = None if until is None else until - time.time()
+        if left is not None and left <= 0:
+            self._cache.delete(key)
+            return False
+        self._cache.set(key, value, expire=left)
+        return True
 
 
 class RecordWriter:
