@@ -111,6 +111,7 @@ class Access:
         self._unsaved: dict[tuple[str, str], Grant] = {}  # accepted again since last saved
         self._tokens: dict[str, TokenRecord | None] = {}  # token key → record (None: looked up, unknown)
         self._held: set[str] = set()  # identities granted something this run
+        self._revoked: set[tuple[str, str]] = set()  # this run: not to be read back from the store
         self._challenges = records.challenges()
 
     # identities ----------------------------------------------------------------------------
@@ -141,7 +142,9 @@ class Access:
         if until is not None and until <= now:
             return ()
         own = Identity(key, until if until is not None else now + UNKNOWN_TOKEN_LIFETIME)
-        return (own, Identity(record.identity)) if record is not None else (own,)
+        if record is None:
+            return (own,)
+        return own, Identity(record.identity, judged=frozenset(record.repositories))
 
     async def requester(self, method: str, authorization: str, body: bytes | None) -> str:
         """The identity asking a token realm for a token."""
@@ -157,16 +160,23 @@ class Access:
         carried = self.keyer.verify(who.value, time.time()) if who.kind == "issued" else None
         return carried.key if carried is not None else self.keyer.key("authorization", who.value)
 
-    def record_token(self, token: str, identity: str, lifetime: float | None, kind: str = "bearer") -> None:
-        """Regcache saw `identity` obtain `token` (kind `bearer`, or `refresh` for a refresh token,
-        remembered as long as a grant)."""
+    def record_token(
+        self,
+        token: str,
+        identity: str,
+        lifetime: float | None,
+        repositories: tuple[str, ...] = (),
+        kind: str = "bearer",
+    ) -> None:
+        """Regcache saw `identity` obtain `token` for `repositories` (kind `bearer`, or `refresh`
+        for a refresh token, remembered as long as a grant)."""
         now = time.time()
         longest = now + max(self._ttl, UNKNOWN_TOKEN_LIFETIME)
         default = now + UNKNOWN_TOKEN_LIFETIME if kind == "bearer" else longest
         until = min(jwt_expiry(token) or (now + lifetime if lifetime else default), longest)
         if until <= now:
             return
-        key, record = self.keyer.key(kind, token), TokenRecord(identity, until)
+        key, record = self.keyer.key(kind, token), TokenRecord(identity, until, repositories)
         self._remember_token(key, record)
         self.writer.write("a token record", lambda: self._records.put_token(key, record))
 
@@ -198,7 +208,7 @@ class Access:
         if status == 200:
             self._accepted(repository(req), client)
         elif status in (401, 403) and judged(client, status, challenge):
-            self._refused(repository(req), client)
+            self._refused(repository(req), req.route.name, client)
 
     def _accepted(self, repo: str, client: Client) -> None:
         now = time.time()
@@ -216,6 +226,7 @@ class Access:
         if len(self._grants) > MAX_REMEMBERED:
             self._forget_expired(now)
         self._grants[key] = grant
+        self._revoked.discard(key)
         if now - self._saved_at.get(key, 0.0) < SAVE_EVERY:
             self._unsaved[key] = grant  # saved at the next acceptance after SAVE_EVERY, or at close
             return
@@ -226,12 +237,17 @@ class Access:
     def _save(self, identity: str, repo: str, grant: Grant) -> None:
         self.writer.write(f"an access grant for {repo}", lambda: self._records.put_grant(identity, repo, grant))
 
-    def _refused(self, repo: str, client: Client) -> None:
+    def _refused(self, repo: str, name: str, client: Client) -> None:
         for identity in client.identities:
+            if not identity.judged_for(name):
+                continue
             key = (identity.key, repo)
             self._grants.pop(key, None)
             self._unsaved.pop(key, None)
             self._saved_at.pop(key, None)
+            if len(self._revoked) > MAX_REMEMBERED:
+                self._revoked.clear()  # the store has caught up with these long ago
+            self._revoked.add(key)
             drop = lambda i=identity.key: self._records.drop_grant(i, repo)  # noqa: E731
             self.writer.write(f"a revoked grant for {repo}", drop)
 
@@ -264,7 +280,7 @@ class Access:
         """An unexpired grant: from memory, else from the store (after a restart)."""
         now = time.time()
         grant = self._grants.get((identity, repo))
-        if grant is None:
+        if grant is None and (identity, repo) not in self._revoked:  # the store may lag a revocation
             try:
                 grant = await asyncio.to_thread(self._records.grant, identity, repo)
             except STORE_ERRORS:

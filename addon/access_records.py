@@ -50,6 +50,7 @@ class Grant:
 class TokenRecord:
     identity: str  # who obtained the token
     until: float
+    repositories: tuple[str, ...] = ()  # the repository names it was asked for
 
 
 class AccessRecords(Protocol):
@@ -110,10 +111,13 @@ class DiskAccessRecords:
 
     def token(self, key: str) -> TokenRecord | None:
         raw = self._cache.get(f"token {key}")
-        return TokenRecord(**json.loads(raw)) if isinstance(raw, str) else None
+        if not isinstance(raw, str):
+            return None
+        fields = json.loads(raw)
+        return TokenRecord(fields["identity"], fields["until"], tuple(fields.get("repositories", ())))
 
     def put_token(self, key: str, record: TokenRecord) -> None:
-        value = json.dumps({"identity": record.identity, "until": record.until})
+        value = json.dumps({"identity": record.identity, "until": record.until, "repositories": record.repositories})
         self._set(f"token {key}", value, record.until)
 
     def realms(self) -> set[str]:

@@ -36,6 +36,13 @@ ISSUED_LIFETIME = 3600.0
 class Identity:
     key: str
     until: float | None = None  # a bearer token's expiry: nothing it holds outlives it
+    # The repositories a refusal of this request says anything about for this identity (None:
+    # any). A token is scoped: its refusal for R judges whoever obtained it only if it was
+    # asked for R (otherwise it only says the token does not cover R).
+    judged: frozenset[str] | None = None
+
+    def judged_for(self, name: str) -> bool:
+        return self.judged is None or name in self.judged
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,26 @@ class Requester:
     value: str = ""
 
 
+def _form(method: str, body: bytes | None) -> dict[str, list[str]]:
+    return parse_qs((body or b"").decode("utf-8", "replace"), keep_blank_values=True) if method == "POST" else {}
+
+
+def requested_repositories(method: str, query: str, body: bytes | None) -> tuple[str, ...]:
+    """The repository names a token request asks for: `scope=repository:library/alpine:pull`
+    (several scopes, space-separated or repeated; a name may hold `:`, as in `host:port/x`)."""
+    scopes = [*parse_qs(query).get("scope", []), *_form(method, body).get("scope", [])]
+    names = set()
+    for scope in (part for value in scopes for part in value.split()):
+        kind, _, rest = scope.partition(":")
+        name, _, _ = rest.rpartition(":")
+        if kind == "repository" and name:
+            names.add(name)
+    return tuple(sorted(names))
+
+
 def token_requester(method: str, authorization: str, body: bytes | None) -> Requester:
     """The credential a token request presents (distribution's token.md GET, oauth.md POST)."""
-    form = parse_qs((body or b"").decode("utf-8", "replace"), keep_blank_values=True) if method == "POST" else {}
+    form = _form(method, body)
 
     def field(name: str) -> str:
         return (form.get(name) or [""])[0]

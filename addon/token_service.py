@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from .access import Access, upstream_failed
 from .access_records import AccessRecords
 from .answers import Answer, error_answer, relay
-from .identity import ANONYMOUS, ISSUED_LIFETIME
+from .identity import ANONYMOUS, ISSUED_LIFETIME, requested_repositories
 from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
 
 MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
@@ -172,13 +172,13 @@ class TokenService:
         if len(answer.body) > MAX_TOKEN_ANSWER:
             return error_answer(502, "UNAVAILABLE", f"auth realm answered more than {MAX_TOKEN_ANSWER} bytes")
         if answer.status == 200:
-            self._observe(answer.body, requester)
+            self._observe(answer.body, requester, requested_repositories(method, query, body))
         return relay(answer, "PASS")
 
-    def _observe(self, body: bytes, requester: str) -> None:
+    def _observe(self, body: bytes, requester: str, repositories: tuple[str, ...]) -> None:
         tokens, refresh, lifetime = issued_tokens(body)
         for token in tokens:
-            self._access.record_token(token, requester, lifetime)
+            self._access.record_token(token, requester, lifetime, repositories)
         if refresh is not None:
             self._access.record_token(refresh, requester, None, kind="refresh")
 

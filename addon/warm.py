@@ -104,7 +104,7 @@ class Warmer:
         if token is None:
             raise WarmError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
         authorization, lifetime = token
-        self._access.record_token(authorization.removeprefix("Bearer "), ANONYMOUS, lifetime)
+        self._access.record_token(authorization.removeprefix("Bearer "), ANONYMOUS, lifetime, (name,))
         return authorization
 
     async def _manifest(

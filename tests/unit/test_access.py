@@ -23,7 +23,16 @@ from addon.access import Access, judged, with_scope
 from addon.access_records import DiskAccessRecords, Grant, TokenRecord
 from addon.answers import Answer
 from addon.config import ConfigError, Credential, Settings, load_settings
-from addon.identity import ANONYMOUS, Client, Identity, Keyer, jwt_expiry, split_authorization, token_requester
+from addon.identity import (
+    ANONYMOUS,
+    Client,
+    Identity,
+    Keyer,
+    jwt_expiry,
+    requested_repositories,
+    split_authorization,
+    token_requester,
+)
 from addon.routes import RegistryRequest, parse_path
 from addon.store import DiskStore
 from addon.token_service import realm_key, remove_dot_segments
@@ -300,9 +309,10 @@ def test_identities_of_a_request(tmp_path: Path, clock: list[float]) -> None:
         assert unknown.identities[0].until == clock[0] + 300  # no expiry known: 5 minutes
 
         token = a_jwt(int(clock[0]) + 120)
-        access.record_token(token, alice, 300)
+        access.record_token(token, alice, 300, ("a/b",))
         seen = await access.client(request("a/b", f"Bearer {token}"))
-        assert seen.identities == (Identity(keyer.key("bearer", token), int(clock[0]) + 120), Identity(alice))
+        own = Identity(keyer.key("bearer", token), int(clock[0]) + 120)
+        assert seen.identities == (own, Identity(alice, judged=frozenset({"a/b"})))
         assert (await access.client(request("a/b", f"Bearer {a_jwt(int(clock[0]) - 1)}"))).identities == ()
 
         issued = await access.client(request("a/b", f"Bearer {access.issue(alice)}"))
@@ -419,6 +429,33 @@ def test_decision_table(
             await world.close()
 
     asyncio.run(go())
+
+
+def test_a_token_refused_for_another_repository_judges_only_itself(tmp_path: Path, clock: list[float]) -> None:
+    """An anonymous token asked for library/secret, presented for a public repository: the
+    registry refuses it (wrong scope), and the public repository stays readable anonymously."""
+
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            world = World(tmp_path, port)
+            await world.accept(request("pub/lic"))
+            token = a_jwt(int(clock[0]) + 300)
+            world.access.record_token(token, ANONYMOUS, 300, ("library/secret",))
+            server.challenge, server.status = 'Bearer realm="x",error="insufficient_scope"', 401
+            clock[0] += 400
+            assert await world.decide(request("pub/lic", f"Bearer {token}")) == 401
+            server.status = 503
+            assert await world.decide(request("pub/lic")) == 200  # still readable anonymously
+            await world.close()
+
+    asyncio.run(go())
+
+
+def test_token_requests_name_their_repositories() -> None:
+    query = "service=s&scope=repository:library/a:pull&scope=repository:host:5000/b:pull,push registry:catalog:*"
+    assert requested_repositories("GET", query, None) == ("host:5000/b", "library/a")
+    assert requested_repositories("POST", "", b"grant_type=refresh_token&scope=repository:c:pull") == ("c",)
+    assert requested_repositories("GET", "service=s", None) == ()
 
 
 def test_fast_path_asks_nothing_and_refusals_revoke(tmp_path: Path, clock: list[float]) -> None:
