@@ -307,11 +307,6 @@ class Access:
                 return True
         return False
 
-    def mark_public(self, repo: str) -> None:
-        """The repository is readable anonymously (a bundle's importer vouches for it)."""
-        now = time.time()
-        self._set_grant(ANONYMOUS, repo, Grant(now, None), now)
-
     # decisions --------------------------------------------------------------------------------
     async def seen(self, req: RegistryRequest, digest: str, manifest: Manifest | None = None) -> None:
         """`digest` (and what its manifest references) belongs to the request's repository."""
