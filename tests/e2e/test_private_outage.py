@@ -125,6 +125,15 @@ def token_through(regcache: Mitmdump, repo: str, creds: str | None = None) -> st
     return str(json.loads(body)["token"])
 
 
+def cache_private_and_public(
+    regcache: Mitmdump, skopeo_factory: Callable[..., Skopeo], private: PushedImage, public: PushedImage, tmp: Path
+) -> None:
+    """alice pulls her private image, an anonymous client a public one: both cached."""
+    skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
+    assert skopeo.copy_to_dir(private.ref, tmp / "alice", creds=ALICE) == private.digest
+    assert skopeo.copy_to_dir(public.ref, tmp / "public") == public.digest
+
+
 @pytest.fixture
 def fault_relay(upstream_registry: Registry) -> Iterator[FaultRelay]:
     relay = FaultRelay(upstream_registry.url)
@@ -183,10 +192,8 @@ def test_private_image_probe_matrix(
     """Probed while the upstream is up (its answers rule), then in the condition: the same
     regcache, so nothing a hostile client did while it was up opens anything later."""
     regcache = regcache_with(upstreams=relayed(bed_hostmap, fault_relay))
-    skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
-    assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice", creds=ALICE) == secret.digest
     public = images.oci_single
-    assert skopeo.copy_to_dir(public.ref, tmp_path / "public") == public.digest
+    cache_private_and_public(regcache, skopeo_factory, secret, public, tmp_path)
     others = {
         "none": {},
         "made-up": bearer("made-up-12345"),
@@ -318,9 +325,7 @@ def test_offline_serves_private_images_to_recorded_credentials_only(
     upstream_gone: Callable[[], None],
     tmp_path: Path,
 ) -> None:
-    online = skopeo_factory(regcache.url, regcache.ca_cert)
-    assert online.copy_to_dir(secret.ref, tmp_path / "alice", creds=ALICE) == secret.digest
-    assert online.copy_to_dir(images.oci_single.ref, tmp_path / "public") == images.oci_single.digest
+    cache_private_and_public(regcache, skopeo_factory, secret, images.oci_single, tmp_path)
     regcache.stop()
     upstream_gone()
     cache = regcache.workdir / "cache"
@@ -352,9 +357,7 @@ def test_a_bundle_keeps_a_private_image_private(
     upstream_gone: Callable[[], None],
     tmp_path: Path,
 ) -> None:
-    online = skopeo_factory(regcache.url, regcache.ca_cert)
-    assert online.copy_to_dir(secret.ref, tmp_path / "alice", creds=ALICE) == secret.digest
-    assert online.copy_to_dir(images.oci_single.ref, tmp_path / "public") == images.oci_single.digest
+    cache_private_and_public(regcache, skopeo_factory, secret, images.oci_single, tmp_path)
     bundle = tmp_path / "bundle"
     regcache_cli("export", "--cache-dir", str(regcache.workdir / "cache"), "-o", str(bundle))
     index = json.loads((bundle / "index.json").read_text())
@@ -408,20 +411,3 @@ def test_a_realm_under_v2_works_through_the_mirror_and_only_that_realm(
         status, _, body = plain(relay + trick + query)
         assert (status, json.loads(body)["errors"][0]["code"]) == (404, "NAME_UNKNOWN"), trick
     assert {r.path for r in token_server.requests(mark)} == {"/v2/auth"}  # exactly the realm, always
-
-
-def test_skopeo_pulls_a_private_image_through_the_mirror_in_an_outage_as_its_owner_only(
-    secret: PushedImage,  # noqa: F811 - the fixture
-    regcache: Mitmdump,
-    skopeo_factory: Callable[..., Skopeo],
-    upstream_registry: Registry,
-    tmp_path: Path,
-) -> None:
-    ref = mirror_ref(regcache.mirror_url(), secret)
-    skopeo = skopeo_factory(None)
-    assert skopeo.copy_to_dir(ref, tmp_path / "alice", creds=ALICE, tls_verify=False) == secret.digest
-    upstream_registry.stop()
-    assert skopeo.copy_to_dir(ref, tmp_path / "alice-down", creds=ALICE, tls_verify=False) == secret.digest
-    for name, creds in (("anonymous", None), ("bob", BOB)):
-        with pytest.raises(Exception, match=r"503|unauthorized|denied"):
-            skopeo.copy_to_dir(ref, tmp_path / name, creds=creds, tls_verify=False)
