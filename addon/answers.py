@@ -13,10 +13,8 @@ nothing to cache), ERROR (answered with an error made here).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from .bloburls import BlobSource
 from .routes import API_VERSION_HEADER, HOP_BY_HOP, error_body
@@ -104,15 +102,6 @@ def answer_from_head(answer: UpstreamAnswer, head: bool, not_found_code: str, re
     headers.append(("Content-Type", "application/json"))
     body = error_body(code, f"upstream answered {answer.status}")
     return Answer(answer.status, headers, body, result, note=note)
-
-
-def offline_token() -> Answer:
-    """A token for clients that ask for one offline; the offline cache does not check it."""
-    issued_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    body = json.dumps(
-        {"token": "regcache-offline", "access_token": "regcache-offline", "expires_in": 3600, "issued_at": issued_at}
-    ).encode()
-    return Answer(200, [("Content-Type", "application/json")], body, "HIT", note="offline")
 
 
 def log_request(

@@ -28,7 +28,8 @@ from multidict import CIMultiDict
 
 from .access import Access, repository
 from .answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
-from .manifests import not_in_offline_cache, unavailable
+from .identity import Client
+from .manifests import ISSUED_HERE, not_in_offline_cache, unavailable
 from .metrics import METRICS
 from .routes import RegistryRequest
 from .store import BlobStaging, DigestMismatch, Store
@@ -383,42 +384,49 @@ class BlobService:
 
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
         digest = req.route.reference
+        client = await self._access.client(req)
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
             if stored := await asyncio.to_thread(find_stored, self._store, digest, repository(req)):
-                return await self._access.check(req, digest, "blobs", stored.seen) or self._hit(req, stored)
+                return await self._access.check(req, client, digest, "blobs", stored.seen) or self._hit(req, stored)
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
+        if client.issued_here:
+            return unavailable(req, ISSUED_HERE)
         if req.head:
             try:
-                return relay(await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers)), "PASS")
+                answer = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
             except UpstreamUnavailable as err:
                 return unavailable(req, str(err))
+            self._access.observe_answer(req, client, answer)
+            return relay(answer, "PASS")
         if ranged:
             return PassThrough(note="range request for an uncached blob")
         fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), repository(req))
         fill.promise()  # before the fill runs: should its disk fail, it keeps its bytes for this client
         decision: Decision | None = None
         try:
-            decision = await self._join(req, fill, started)
+            decision = await self._join(req, client, fill, started)
             return decision
         finally:
             if not isinstance(decision, LocalStream):  # refused, sent elsewhere, or gone
                 fill.unpromise()
 
-    async def _join(self, req: RegistryRequest, fill: Fill, started: bool) -> Decision:
+    async def _join(self, req: RegistryRequest, client: Client, fill: Fill, started: bool) -> Decision:
         """Follow the fill (`started`: this request started it), or what this client gets instead."""
         digest = req.route.reference
-        if not started and (denied := await self._access.check(req, digest, "blobs")):
+        if not started and (denied := await self._access.check(req, client, digest, "blobs")):
             return denied  # someone else's fill: this client must be allowed too
         await fill.started.wait()  # bounded: the upstream client times out
         if fill.upstream_refusal is not None:
+            if started:
+                self._access.observe_answer(req, client, fill.upstream_refusal)
             return relay(fill.upstream_refusal, "PASS")
         if started and not fill.error:
-            self._access.grant(req)
+            self._access.observe(req, client, 200)
         if fill.pass_through:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
         if fill.spilled and not started:  # the disk is in trouble: this client fetches for itself

@@ -4,7 +4,11 @@ A bundle is a plain OCI image layout (`oci-layout`, `index.json`, `blobs/<alg>/<
 containerd and other OCI tools can read it, and a layout they wrote can seed the cache. Each
 `index.json` entry is one tag; its annotations say which registry, repository and tag it is
 (`io.regcache.*`, plus the conventional `org.opencontainers.image.ref.name` and
-`io.containerd.image.name` holding the full reference) and for which Accept list it was recorded.
+`io.containerd.image.name` holding the full reference), for which Accept list it was recorded, and
+whether its repository is readable anonymously (`io.regcache.access: public|private`). Import marks
+the public ones public; an entry without that annotation (a layout skopeo or others wrote) counts as
+public — whoever imports their own files vouches for them — unless imported with `private`.
+Credentials and grants never go into a bundle: a private image stays private after import.
 
 Import is all or nothing: every manifest and blob is hashed and checked against its digest and
 size while it is staged, and only when the whole bundle is good is anything committed.
@@ -23,7 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .access_records import AccessRecords, Grant
 from .config import DOCKER_HUB
+from .identity import ANONYMOUS
 from .routes import DIGEST_RE, NAME_RE, TAG_RE
 from .store import (
     BlobStaging,
@@ -46,6 +52,7 @@ REGISTRY = "io.regcache.registry"
 REPOSITORY = "io.regcache.repository"
 TAG = "io.regcache.tag"
 ACCEPT = "io.regcache.accept"
+ACCESS = "io.regcache.access"
 COPY_CHUNK = 4 * 1024 * 1024
 
 
@@ -108,6 +115,7 @@ class Contents:
     blobs: dict[str, int] = field(default_factory=dict)  # digest → size
     tags: list[tuple[TagRef, str, TagRecord]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # why images were left out (incomplete)
+    public: set[str] = field(default_factory=set)  # repositories an import marks readable anonymously
 
     def summary(self) -> str:
         size = sum(self.blobs.values()) + sum(len(m.body) for m in self.manifests.values())
@@ -146,9 +154,12 @@ def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) 
     return f"{ref} is incomplete in the cache ({', '.join(counts)} missing): complete it with regcache warm {ref}"
 
 
-def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
+def collect_for_export(
+    store: DiskStore, refs: list[TagRef] | None, records: AccessRecords | None = None
+) -> Contents:
     """Every complete image of `refs` (None: of the whole store); an incomplete one is skipped,
-    saying so, and is an error when it was named and nothing else of its tag was complete."""
+    saying so, and is an error when it was named and nothing else of its tag was complete.
+    `records`: to tell public repositories (without them, every entry says private)."""
     contents = Contents()
     for ref in refs if refs is not None else sorted(store.tag_refs(), key=str):
         exported = False
@@ -166,6 +177,7 @@ def collect_for_export(store: DiskStore, refs: list[TagRef] | None) -> Contents:
                 REPOSITORY: ref.name,
                 TAG: ref.tag,
                 ACCEPT: accepted,
+                ACCESS: "public" if records is not None and is_public(records, repository_of(ref)) else "private",
             }
             descriptor = {"mediaType": manifest.media_type, "digest": record.digest, "size": len(manifest.body)}
             contents.entries.append({**descriptor, "annotations": annotations})
@@ -293,8 +305,9 @@ def _entry_ref(entry: dict[str, object], as_ref: TagRef | None, unnamed: int) ->
     )
 
 
-def read_layout(root: Path, as_ref: TagRef | None) -> Contents:
-    """Parse and verify every manifest of a layout (blobs are verified when staged)."""
+def read_layout(root: Path, as_ref: TagRef | None, private: bool = False) -> Contents:
+    """Parse and verify every manifest of a layout (blobs are verified when staged). `private`:
+    mark no repository readable anonymously, whatever the layout says."""
     if _read_json(root / "oci-layout").get("imageLayoutVersion") != "1.0.0":
         raise BundleError("oci-layout: imageLayoutVersion is not 1.0.0")
     entries = _read_json(root / "index.json").get("manifests")
@@ -308,8 +321,11 @@ def read_layout(root: Path, as_ref: TagRef | None) -> Contents:
         digest = descriptor_digest(entry)
         manifest = _load_manifest(root, entry, contents, required=True)
         assert manifest is not None
-        accepted = str((entry.get("annotations") or {}).get(ACCEPT) or accept_key((manifest.media_type,)))
+        annotations = entry.get("annotations") or {}
+        accepted = str(annotations.get(ACCEPT) or accept_key((manifest.media_type,)))
         contents.tags.append((ref, accepted, TagRecord(digest, manifest.media_type, len(manifest.body), now)))
+        if not private and annotations.get(ACCESS, "public") == "public":
+            contents.public.add(repository_of(ref))
     return contents
 
 
@@ -377,10 +393,19 @@ def bundled_needs(manifests: dict[str, Manifest]) -> Callable[[str], list[str]]:
     return needs
 
 
-def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bool = False) -> Contents:
+def import_bundle(
+    store: DiskStore,
+    source: Path,
+    as_ref: TagRef | None,
+    pin: bool = False,
+    records: AccessRecords | None = None,
+    private: bool = False,
+) -> Contents:
+    """Merge a layout into the store; with `records`, its public repositories are marked readable
+    anonymously (see the module docstring)."""
     with opened_layout(source, store.staging_dir) as root:
         try:
-            contents = read_layout(root, as_ref)
+            contents = read_layout(root, as_ref, private)
         except (ValueError, TypeError, AttributeError, KeyError, AssertionError) as err:
             raise BundleError(f"malformed index.json or manifest: {err!r}") from err
         staged = stage_blobs(store, root, contents.blobs)
@@ -396,8 +421,19 @@ def import_bundle(store: DiskStore, source: Path, as_ref: TagRef | None, pin: bo
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
         needed = reachable([record.digest], bundled_needs(contents.manifests))
-        store.mark_seen(f"{ref.namespace}/{ref.name}", sorted(needed))
+        store.mark_seen(repository_of(ref), sorted(needed))
         if pin:
             store.pin(ref, record.digest)
+    for repository in sorted(contents.public) if records is not None else []:
+        records.put_grant(ANONYMOUS, repository, Grant(time.time(), None))
     store.evict()
     return contents
+
+
+def repository_of(ref: TagRef) -> str:
+    """The repository as access records name it (access.py): `docker.io/library/alpine`."""
+    return f"{ref.namespace}/{ref.name}"
+
+
+def is_public(records: AccessRecords, repository: str) -> bool:
+    return records.grant(ANONYMOUS, repository) is not None

@@ -1,8 +1,9 @@
 """regcache's mitmproxy addon — the entry point for `mitmdump -s addon/cache.py`.
 
 It owns the mapping between mitmproxy flows and the registry services: which connections are
-intercepted at all, which requests are registry reads, and how a service's decision becomes a
-response (`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
+intercepted at all (registries, re-targeted hosts, the hosts of recorded auth realms), which
+requests are registry reads or token requests, and how a service's decision becomes a response
+(`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
 Everything else lives in the package: routes (parsing), manifests, blobs, store, upstream, config.
 """
 
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, http, tls
 from mitmproxy.addonmanager import Loader
+from multidict import CIMultiDict
 
 if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by path (`mitmdump -s addon/cache.py`): make the package importable even when it was
@@ -28,7 +30,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from addon import logsafe
-from addon.answers import Answer, LocalStream, log_request, offline_token, redirect_answer
+from addon.answers import Answer, LocalStream, log_request, redirect_answer
 from addon.bloburls import is_loopback, reachable_host, redirect_base
 from addon.config import ConfigError, Settings, load_settings
 from addon.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
@@ -128,7 +130,8 @@ class RegistryCache:
             bool,
             False,
             "Replay the cache with no upstream at all (same as `offline: true` in the YAML): never "
-            "connect upstream; answer /v2/, tokens, tags, manifests and blobs from the store.",
+            "connect upstream; answer /v2/, tokens, tags, manifests and blobs from the store "
+            "(private content to recorded credentials only, unless offline_access: open).",
         )
         loader.add_option(
             "regcache_connection_log",
@@ -206,7 +209,7 @@ class RegistryCache:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address or ("", None)
         host = (data.client_hello.sni or address[0]).lower()
-        answers_tokens = self.runtime is not None and self.runtime.answers_tokens(host)
+        answers_tokens = self.runtime is not None and self.runtime.tokens.intercepts(host, address[1])
         if host and not self.settings.intercepts(host, address[1]) and not answers_tokens:
             # Not ours: let the TLS session through untouched, with the real server's certificate.
             data.ignore_connection = True
@@ -225,12 +228,14 @@ class RegistryCache:
             return
         self.requestheaders(flow)  # a flow that did not come through it (a replay, a test)
         origin: Origin = flow.metadata[ORIGIN]
+        if runtime.tokens.intercepts(origin.host, origin.port):
+            path, _, query = origin.path.partition("?")
+            realm = runtime.tokens.realm_for(origin._replace(path=path).url)
+            if realm is not None:
+                await self._token(flow, runtime, origin, realm, query)
+                return
         namespace = self.settings.namespace_for(origin.host, origin.port)
         route = parse_path(origin.path)
-        if namespace is None and runtime.answers_tokens(origin.host):
-            flow.response = make_response(offline_token())
-            flow.metadata[META] = ("HIT", f"token {origin.host}", "offline")
-            return
         if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
             METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
             return
@@ -253,6 +258,15 @@ class RegistryCache:
         else:
             METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
             flow.metadata[STREAMED] = True
+
+    @staticmethod
+    async def _token(flow: http.HTTPFlow, runtime: Runtime, origin: Origin, realm: str, query: str) -> None:
+        """A request for exactly a recorded auth realm: the token service answers it."""
+        body = flow.request.content if flow.request.method == "POST" else None
+        headers = CIMultiDict(flow.request.headers.items(multi=True))
+        answer = await runtime.tokens.answer(realm, flow.request.method, query, headers, body)
+        flow.response = make_response(answer)
+        flow.metadata[META] = (answer.result, f"token {origin.host}", answer.note)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if META not in flow.metadata or flow.response is None:

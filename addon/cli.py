@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .access_records import DiskAccessRecords
 from .admin import (
     Plan,
     carry_out,
@@ -158,10 +159,25 @@ def open_store(
     return DiskStore(cache_dir, settings.size_limit, owner=False, read_only=read_only)
 
 
+def access_records_for_reading(store: DiskStore) -> DiskAccessRecords | None:
+    """The store's access records, to tell which images are public; None where they cannot be
+    opened (a read-only store): every image then counts as private, which fails closed."""
+    try:
+        return DiskAccessRecords(store.cache_dir)
+    except (OSError, sqlite3.Error) as err:
+        print(f"regcache: access records not readable ({err}): every image is exported as private", file=sys.stderr)
+        return None
+
+
 def export(options: argparse.Namespace) -> int:
     store = open_store(options, read_only=True)
     refs = [parse_image_ref(image) for image in options.images] if options.images else None
-    contents = collect_for_export(store, refs)
+    records = access_records_for_reading(store)
+    try:
+        contents = collect_for_export(store, refs, records)
+    finally:
+        if records is not None:
+            records.close()
     for skipped in contents.skipped:
         print(f"regcache export: skipped: {skipped}", file=sys.stderr)
     write_bundle(store, contents, Path(options.output))
@@ -174,7 +190,13 @@ def import_(options: argparse.Namespace) -> int:
     if not Path(options.bundle).exists():
         raise UsageError(f"{options.bundle}: no such file or directory")
     store = open_store(options)
-    contents = import_bundle(store, Path(options.bundle), as_ref, pin=options.pin)
+    records = DiskAccessRecords(store.cache_dir)
+    try:
+        contents = import_bundle(
+            store, Path(options.bundle), as_ref, pin=options.pin, records=records, private=options.private
+        )
+    finally:
+        records.close()
     print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
     for ref, _, record in contents.tags:
         print(f"  {ref} -> {record.digest}")
@@ -450,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
     )
     import_parser.add_argument("--pin", action="store_true", help="pin every imported image (never evicted)")
+    import_parser.add_argument(
+        "--private",
+        action="store_true",
+        help="mark no imported repository readable anonymously (default: as the bundle says; a layout "
+        "from another tool counts as public)",
+    )
     import_parser.set_defaults(handler=import_)
 
     for name, handler, text in (

@@ -114,6 +114,12 @@ class Settings:
     # The platforms of multi-arch images this cache serves (completion.py): `auto`, `all`, or a
     # tuple such as ("linux/amd64", "linux/arm64").
     platforms: str | tuple[str, ...] = "auto"
+    # Offline, who gets cached private content: `recorded` (clients with credentials the upstream
+    # accepted for it, access.py) or `open` (every client of the proxy).
+    offline_access: str = "recorded"
+    # How long a credential the upstream accepted for a repository lets regcache serve it without a
+    # fresh upstream answer (outage, 429, 5xx, offline); seconds.
+    access_grant_ttl: float = 24 * 3600.0
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -327,6 +333,15 @@ def _bool(key: str, value: object) -> bool:
     return value
 
 
+OFFLINE_ACCESS = ("recorded", "open")
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 def _positive_number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(key, f"expected a number of seconds larger than zero, got {value!r}")
@@ -351,6 +366,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "header_timeout",
         "idle_timeout",
         "platforms",
+        "offline_access",
+        "access_grant_ttl",
     }
     for key in raw:
         if key not in known:
@@ -388,6 +405,10 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["metrics_listen"] = parse_optional_listen("metrics_listen", raw["metrics_listen"], "127.0.0.1:9464")
     if "offline" in raw:
         values["offline"] = _bool("offline", raw["offline"])
+    if "offline_access" in raw:
+        values["offline_access"] = _choice("offline_access", raw["offline_access"], OFFLINE_ACCESS)
+    if "access_grant_ttl" in raw:
+        values["access_grant_ttl"] = parse_duration("access_grant_ttl", raw["access_grant_ttl"])
     if "blob_redirect" in raw:
         values["blob_redirect"] = _bool("blob_redirect", raw["blob_redirect"])
     if "blob_listen" in raw:

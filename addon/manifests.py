@@ -4,8 +4,8 @@ Tag rule: the upstream is asked with a `HEAD` (free on Docker Hub) carrying the 
 `Authorization` and `Accept`. If the digest it names is stored and acceptable to the client, the
 stored bytes are served (REVALIDATED); otherwise the manifest is fetched and stored (MISS). If the
 upstream cannot answer (unreachable, time-out, 5xx, 429), the last digest recorded for the same
-registry, repository, tag and accepted media types is served (STALE). A client `HEAD` never becomes
-an upstream `GET`.
+registry, repository, tag and accepted media types is served (STALE) — to clients access.py lets
+have it without a fresh answer. A client `HEAD` never becomes an upstream `GET`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from collections.abc import Callable
 from multidict import CIMultiDict
 
 from .access import Access, credential, repository
+from .access import upstream_failed as failed_status
 from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
+from .identity import Client
 from .routes import (
     CACHEABLE_MEDIA_TYPES,
     DIGEST_RE,
@@ -73,7 +75,7 @@ def not_cacheable(body: bytes, media_type: str) -> str:
 
 def upstream_failed(answer: UpstreamAnswer) -> bool:
     """Answers that say nothing about the tag: the upstream is overloaded or broken."""
-    return answer.status == 429 or answer.status >= 500
+    return failed_status(answer.status)
 
 
 class ManifestService:
@@ -88,13 +90,14 @@ class ManifestService:
         self.complete_later: Callable[[RegistryRequest, str], None] | None = None
 
     async def serve(self, req: RegistryRequest) -> Answer:
+        client = await self._access.client(req)
         if self._offline:
-            return await self._replay(req)
+            return await self._replay(req, client)
         if req.route.is_digest:
-            return await self._by_digest(req)
-        return await self._by_tag(req)
+            return await self._by_digest(req, client)
+        return await self._by_tag(req, client)
 
-    async def _replay(self, req: RegistryRequest) -> Answer:
+    async def _replay(self, req: RegistryRequest, client: Client) -> Answer:
         """Offline: only what was recorded, and a clear error naming what was not."""
         if req.route.is_digest:
             stored = await asyncio.to_thread(self._store.get_manifest, req.route.reference)
@@ -103,17 +106,22 @@ class ManifestService:
             found = await asyncio.to_thread(self._recorded, req)
         if found is None:
             return not_in_offline_cache(req, "MANIFEST_UNKNOWN")
-        return manifest_answer(found[1], found[0], req.head, "HIT")
+        digest, stored = found
+        return await self._access.check(req, client, digest, "manifests") or manifest_answer(
+            stored, digest, req.head, "HIT"
+        )
 
-    async def _by_digest(self, req: RegistryRequest) -> Answer:
+    async def _by_digest(self, req: RegistryRequest, client: Client) -> Answer:
         digest = req.route.reference
         stored, seen = await asyncio.to_thread(self._stored_and_seen, req, digest)
         if stored is not None:
-            return await self._access.check(req, digest, "manifests", seen) or manifest_answer(
+            return await self._access.check(req, client, digest, "manifests", seen) or manifest_answer(
                 stored, digest, req.head, "HIT"
             )
+        if client.issued_here:
+            return unavailable(req, ISSUED_HERE)
         try:
-            return await self._fetch(req, digest)
+            return await self._fetch(req, client, digest)
         except UpstreamUnavailable as err:
             return unavailable(req, str(err))
 
@@ -121,17 +129,18 @@ class ManifestService:
         """The stored manifest and whether it is seen in the request's repository: one thread hop."""
         return self._store.get_manifest(digest), self._store.is_seen(repository(req), digest)
 
-    async def _by_tag(self, req: RegistryRequest) -> Answer:
+    async def _by_tag(self, req: RegistryRequest, client: Client) -> Answer:
+        if client.issued_here:
+            return await self._stale(req, client, ISSUED_HERE)
         try:
             check = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
-            return await self._stale(req, str(err))
+            return await self._stale(req, client, str(err))
         if upstream_failed(check):
             failed = answer_from_head(check, req.head, "MANIFEST_UNKNOWN", "PASS")
-            return await self._stale(req, f"upstream answered {check.status}", failed)
+            return await self._stale(req, client, f"upstream answered {check.status}", failed)
         digest = check.headers.get("Docker-Content-Digest", "")
-        if check.status == 200:
-            self._access.grant(req)
+        self._access.observe_answer(req, client, check)
         if check.status == 200 and DIGEST_RE.fullmatch(digest):
             stored = await asyncio.to_thread(self._revalidated, req, digest)
             if stored is not None:
@@ -149,29 +158,30 @@ class ManifestService:
                     self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
-            answer = await self._fetch(req, None)
+            answer = await self._fetch(req, client, None)
         except UpstreamUnavailable as err:
-            return await self._stale(req, str(err))
-        if answer.status == 429 or answer.status >= 500:  # Docker Hub's rate limit hits GETs, not HEADs
-            return await self._stale(req, f"upstream answered {answer.status}", answer)
+            return await self._stale(req, client, str(err))
+        if failed_status(answer.status):  # Docker Hub's rate limit hits GETs, not HEADs
+            return await self._stale(req, client, f"upstream answered {answer.status}", answer)
         return answer
 
-    async def _fetch(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
+    async def _fetch(self, req: RegistryRequest, client: Client, expected_digest: str | None) -> Answer:
         """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
         # Shared between clients the upstream has lately let read this repository (every tag
         # request is, by its HEAD); anyone else shares only with its own credentials.
-        key = (req.method, req.url, accept_key(req.accepted), "" if self._access.granted(req) else credential(req))
+        shared = self._access.granted_recently(client, repository(req))
+        key = (req.method, req.url, accept_key(req.accepted), "" if shared else credential(req))
         fetch = self._inflight.get(key)
         if fetch is None:
-            fetch = self._inflight[key] = asyncio.ensure_future(self._fetch_once(req, expected_digest))
+            fetch = self._inflight[key] = asyncio.ensure_future(self._fetch_once(req, client, expected_digest))
             fetch.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(fetch)  # a client that goes away does not cancel it for others
 
-    async def _fetch_once(self, req: RegistryRequest, expected_digest: str | None) -> Answer:
+    async def _fetch_once(self, req: RegistryRequest, client: Client, expected_digest: str | None) -> Answer:
         answer = await self._upstream.fetch(req.method, req.url, CIMultiDict(req.headers), MAX_MANIFEST_SIZE)
+        self._access.observe_answer(req, client, answer)
         if answer.status != 200 or req.head:
             return relay(answer, "MISS" if answer.status == 200 else "PASS")
-        self._access.grant(req)
         if len(answer.body) > MAX_MANIFEST_SIZE:
             return error_answer(502, "MANIFEST_INVALID", f"upstream manifest larger than {MAX_MANIFEST_SIZE} bytes")
         media_type = manifest_media_type(answer.body, answer.headers.get("Content-Type", ""))
@@ -193,15 +203,19 @@ class ManifestService:
             relayed.headers.append(("Docker-Content-Digest", digest))
         return relayed
 
-    async def _stale(self, req: RegistryRequest, reason: str, failed: Answer | None = None) -> Answer:
-        """The recorded manifest for this tag; else the upstream's own failure, else a 503."""
+    async def _stale(self, req: RegistryRequest, client: Client, reason: str, failed: Answer | None = None) -> Answer:
+        """The recorded manifest for this tag, if this client may have it without a fresh answer;
+        else the upstream's own failure, else a 503."""
+        if failed is not None:
+            failed.note = reason
         if not req.route.is_digest:
             found = await asyncio.to_thread(self._recorded, req)
             if found is not None:
                 digest, stored = found
-                return manifest_answer(stored, digest, req.head, "STALE", note=reason)
+                if await self._access.may_serve(req, client, digest):
+                    return manifest_answer(stored, digest, req.head, "STALE", note=reason)
+                return self._access.cannot_check(req, failed)
         if failed is not None:
-            failed.note = reason
             return failed
         return unavailable(req, reason)
 
@@ -260,6 +274,11 @@ class ManifestService:
 
 def tag_ref(req: RegistryRequest) -> TagRef:
     return TagRef(req.namespace, req.route.name, req.route.reference)
+
+
+# Why a request bearing a token regcache issued (offline, or while the auth realm was down) is not
+# sent upstream: the upstream would refuse it, and that refusal would say nothing about the client.
+ISSUED_HERE = "a token regcache issued: the upstream is not asked"
 
 
 def unavailable(req: RegistryRequest, reason: str) -> Answer:

@@ -200,7 +200,7 @@ class Metrics:
         if result is None:
             return
         req: RegistryRequest | None = flow.metadata.get(FLOW_REQUEST)
-        if req is None:  # an offline token answer
+        if req is None:  # a token request (token_service.py)
             self.request_answered(host, "token", flow.request.method, result, "")
         else:
             self.request_decided(req, result)

@@ -11,9 +11,10 @@ cached registry. Requests go through the same `Runtime.decide` as proxied ones: 
 revalidation and access rules, with the client's own `Authorization` forwarded upstream.
 
 - Bearer challenges are rewritten so the client asks the mirror for its token (`/_token/…`), and
-  the mirror relays that request to the registry's own auth realm: only to realms a cached
-  registry's challenge named, never anywhere a client says, and with the client's credentials
-  only. Tag lists and other reads it cannot cache are relayed with the client's rights only, too.
+  the mirror hands that request to the token service the proxy uses too (token_service.py): only
+  for exactly a realm a cached registry's challenge named, never anywhere a client says, and with
+  the client's credentials only. Tag lists and other reads it cannot cache are relayed with the
+  client's rights only, too.
 - Blob bytes go out from the store by sendfile, or follow a running fill; no redirect, since this
   port is plain HTTP already.
 - Read-only: anything but `GET` and `HEAD` (and token `POST`s) is refused.
@@ -35,12 +36,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
-from .answers import Answer, LocalStream, PassThrough, error_answer, log_request, offline_token, relay
+from .answers import Answer, LocalStream, PassThrough, error_answer, log_request
 from .bloburls import base_url, is_loopback
 from .config import Settings
 from .listener import Listener, Timeouts, application
 from .metrics import METRICS
 from .routes import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
+from .token_service import MAX_TOKEN_REQUEST
 from .upstream import (
     UpstreamClient,
     UpstreamUnavailable,
@@ -55,10 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("regcache")
 
 TOKEN_PATH = "/_token/"
-MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
-MAX_TOKEN_ANSWER = 1024 * 1024  # a token answer is a small JSON document
 RELAY_CHUNK = 256 * 1024
-_TOKEN_HEADERS = ("Authorization", "Content-Type", "Accept", "User-Agent")
 _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?")
 _REALM_RE = re.compile(r'realm="([^"]*)"', re.IGNORECASE)
 
@@ -85,12 +84,6 @@ def mirror_base(host_header: str | None, listen: tuple[str, int], forwarded_prot
     if host_header and _HOST_HEADER_RE.fullmatch(host_header):
         return f"{scheme}://{host_header}"
     return base_url(*listen, scheme=scheme)
-
-
-def realm_key(url: str) -> str:
-    """What identifies a realm the relay may talk to: scheme, host, port and path (no query)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def sendable(value: str) -> str:
@@ -137,7 +130,6 @@ class MirrorServer:
         app = application(client_max_size=MAX_TOKEN_REQUEST)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.listener = Listener(f"mirror of {registry_host}", app, listen, timeouts)
-        self._realms: set[str] = set()  # realm_key of every realm a challenge named this run
 
     @property
     def url(self) -> str:
@@ -155,8 +147,8 @@ class MirrorServer:
         log.warning(
             "regcache: WARNING: the mirror at %s is plain HTTP on a non-loopback address: token requests "
             "carry clients' credentials in clear text, and anyone who can reach it can pull what "
-            "regcache's own credentials can read (offline: everything cached). Put a TLS front end before it "
-            "(X-Forwarded-Proto: https).",
+            "regcache's own credentials can read (offline with offline_access open: everything cached). "
+            "Put a TLS front end before it (X-Forwarded-Proto: https).",
             self.url,
         )
 
@@ -201,38 +193,20 @@ class MirrorServer:
         return await self._relay(request, req, what, started, decision)
 
     async def _token(self, request: web.Request) -> tuple[str, Answer]:
-        """Relay a token request to the auth realm it names, if a cached registry named it.
-
-        Only the client's own credentials go along (never regcache's `credentials`), only to a
-        realm a challenge named — exactly, this run; or, after a restart, a realm host saved in
-        the store on the https port — and never to a registry API path."""
-        runtime = self._runtime
-        realm = realm_of(request.rel_url.raw_path, request.rel_url.raw_query_string)
-        parts = urlsplit(realm or "")
-        what = f"token {parts.hostname or '?'}"
-        saved = parts.scheme == "https" and parts.netloc == parts.hostname and parts.hostname in runtime.realm_hosts
-        known = realm is not None and (realm_key(realm) in self._realms or saved)
-        if not known or parts.path.startswith("/v2/") or parts.path == "/v2":
+        """A token request: answered by the token service if it names exactly a recorded realm."""
+        tokens = self._runtime.tokens
+        named = realm_of(request.rel_url.raw_path, "")
+        realm = tokens.realm_for(named) if named is not None else None
+        what = f"token {urlsplit(realm or named or '').hostname or '?'}"
+        if realm is None:
             return what, error_answer(404, "NAME_UNKNOWN", "not the auth realm of a registry regcache caches")
-        if runtime.offline:
-            return what, offline_token()
-        if request.method not in ("GET", "POST"):
-            return what, error_answer(405, "UNSUPPORTED", "token requests are GET or POST")
         if (request.content_length or 0) > MAX_TOKEN_REQUEST:
             return what, error_answer(413, "SIZE_INVALID", "token request too large")
         body = await request.read() if request.method == "POST" else None
-        headers = CIMultiDict((k, request.headers[k]) for k in _TOKEN_HEADERS if k in request.headers)
-        headers["Accept-Encoding"] = "identity"  # relayed as it comes: no compression to undo
-        try:
-            answer = await runtime.upstream.fetch(
-                request.method, realm, headers, MAX_TOKEN_ANSWER, data=body, own_credentials=False
-            )
-        except UpstreamUnavailable as err:
-            return what, error_answer(503, "UNAVAILABLE", f"auth realm unavailable: {err}")
-        if len(answer.body) > MAX_TOKEN_ANSWER:
-            return what, error_answer(502, "UNAVAILABLE", f"auth realm answered more than {MAX_TOKEN_ANSWER} bytes")
-        METRICS.request_answered(parts.hostname or "", "token", request.method, "PASS", "")
-        return what, relay(answer, "PASS")
+        query = request.rel_url.raw_query_string
+        answer = await tokens.answer(realm, request.method, query, request.headers, body)
+        METRICS.request_answered(urlsplit(realm).hostname or "", "token", request.method, answer.result, "")
+        return what, answer
 
     async def _relay(
         self, request: web.Request, req: RegistryRequest, what: str, started: float, why: PassThrough
@@ -293,10 +267,7 @@ class MirrorServer:
             if name.lower() in HOP_BY_HOP:
                 continue
             if name.lower() == "www-authenticate":
-                realm = urlsplit((bearer_challenge(value) or {}).get("realm", ""))
-                if realm.scheme in ("http", "https") and realm.hostname:
-                    self._realms.add(realm_key(realm.geturl()))
-                    await self._runtime.learn_realm(realm.hostname)
+                self._runtime.tokens.learn_realm(value)
                 value = mirrored_challenge(value, self._base(request))
             out.add(name, sendable(value))
         return out

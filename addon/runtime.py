@@ -1,8 +1,8 @@
 """Everything one configuration builds, and the one entry point both fronts share.
 
-A `Runtime` owns the store, the upstream client, the services (manifests, blobs, access), the
-background completion of tags clients only `HEAD`ed (completion.py), the blob endpoint and the
-registry mirror. `decide` turns a parsed registry read (`RegistryRequest`) into a
+A `Runtime` owns the store, the access records, the upstream client, the services (manifests, blobs,
+access, tokens), the background completion of tags clients only `HEAD`ed (completion.py), the blob
+endpoint and the registry mirror. `decide` turns a parsed registry read (`RegistryRequest`) into a
 `Decision`, whether it came through the proxy (cache.py) or to the mirror's own port (mirror.py),
 so both apply the same cache, revalidation and access rules.
 """
@@ -16,18 +16,21 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from .access import Access
+from .access_records import DiskAccessRecords
 from .answers import Answer, Decision, error_answer, relay
 from .blobs import BlobService, Fills
 from .blobserver import BlobServer
 from .completion import Completions
 from .config import Settings
+from .identity import Client
 from .listener import Listener, Timeouts
 from .manifests import ManifestService, upstream_failed
 from .metrics import flush_usage, flush_usage_periodically
 from .mirror import MirrorServer
-from .routes import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest
+from .routes import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest, error_body
 from .store import DiskStore
-from .upstream import UpstreamClient, UpstreamUnavailable, bearer_realm_host
+from .token_service import TokenService
+from .upstream import UpstreamClient, UpstreamUnavailable
 from .writes import STORE_ERRORS, USE_FLUSH_SECONDS
 
 log = logging.getLogger("regcache")
@@ -54,12 +57,13 @@ class Runtime:
                 settings.cache_dir,
                 self.store.read_only,
             )
-        self.realm_hosts = self.store.realm_hosts()
+        self.records = DiskAccessRecords(settings.cache_dir)
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
         timeouts = Timeouts(settings.header_timeout, settings.idle_timeout)
         self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen, timeouts)
-        self.access = Access(self.store, self.upstream, offline)
+        self.access = Access(self.store, self.records, self.upstream, settings, offline)
+        self.tokens = TokenService(self.access, self.records, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
         self.completions = Completions(self.store, self.manifests, self.fills, settings.platforms)
         self.manifests.complete_later = self.completions.schedule
@@ -155,11 +159,13 @@ class Runtime:
         await self.completions.close()
         await self.fills.close()
         await self.upstream.close()
+        await self.access.close()
         for listener in self.listeners():
             await listener.stop()
         await asyncio.to_thread(flush_usage, self.store)
         await asyncio.to_thread(self.store.flush_uses)
         self.store.close()
+        self.records.close()
 
     async def decide(self, req: RegistryRequest, ranged: bool) -> Decision:
         """What a registry read gets; a bug or a broken store becomes a 503, never an exception."""
@@ -168,44 +174,57 @@ class Runtime:
                 case Kind.INVALID:
                     return error_answer(400, req.route.error_code, INVALID_MESSAGES[req.route.error_code])
                 case Kind.MANIFEST:
-                    return await self.manifests.serve(req)
+                    decision: Decision = await self.manifests.serve(req)
                 case Kind.BLOB:
-                    return await self.blobs.serve(req, ranged)
+                    decision = await self.blobs.serve(req, ranged)
                 case _:
-                    return await self._ping(req)
+                    decision = await self._ping(req)
         except Exception as err:
             log.exception("regcache: %s %s failed", req.method, req.describe())
             return error_answer(503, "UNAVAILABLE", "regcache failed on this request; retry", note=repr(err))
+        if isinstance(decision, Answer):  # a cached registry's challenge names its auth realm
+            for name, value in decision.headers:
+                if name.lower() == "www-authenticate":
+                    self.tokens.learn_realm(value)
+        return decision
 
     async def _ping(self, req: RegistryRequest) -> Answer:
-        """`/v2/` is always asked upstream (never cached); if the upstream cannot answer, or we
-        are offline, say "no auth needed" so clients go on to stored content."""
-        no_auth_needed = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
-        if self.offline:
-            return Answer(200, no_auth_needed, b"{}", "HIT", note="offline")
+        """`/v2/` is always asked upstream (never cached). If the upstream cannot answer, or we are
+        offline, the registry's last challenge, so that clients with credentials present them;
+        "no auth needed" when it asked for none (or regcache authenticates itself)."""
+        if self.access.open_offline:
+            return no_auth_needed("HIT", "offline")
         url = urlsplit(req.url)
         if "Authorization" not in req.headers and self.settings.credential_for(url.hostname or "", url.port):
             # regcache authenticates to this registry itself: clients need not.
-            return Answer(200, no_auth_needed, b"{}", "PASS", note="regcache's own credentials")
+            return no_auth_needed("PASS", "regcache's own credentials")
+        client = await self.access.client(req)
+        if self.offline:
+            return await self._recorded_ping(req, client, "HIT", "offline")
+        if client.issued_here:
+            return await self._recorded_ping(req, client, "STALE", "a token regcache issued")
         try:
             answer = await self.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
-            return Answer(200, no_auth_needed, b"{}", "STALE", note=str(err))
+            return await self._recorded_ping(req, client, "STALE", str(err))
         if upstream_failed(answer):
-            return Answer(200, no_auth_needed, b"{}", "STALE", note=f"upstream answered {answer.status}")
-        await self.learn_realm(bearer_realm_host(answer.headers.get("WWW-Authenticate", "")))
+            return await self._recorded_ping(req, client, "STALE", f"upstream answered {answer.status}")
+        self.access.learn_challenge(req.url, answer, authorized="Authorization" in req.headers)
         return relay(answer, "PASS")
 
-    async def learn_realm(self, realm_host: str | None) -> None:
-        """A cached registry named this auth realm: offline, regcache answers for it; the mirror
-        relays token requests to it (and to no other host)."""
-        if realm_host and realm_host not in self.realm_hosts:
-            self.realm_hosts.add(realm_host)
-            try:
-                await asyncio.to_thread(self.store.add_realm_host, realm_host)
-            except STORE_ERRORS as err:  # known for this run anyway
-                log.warning("auth realm %s not saved in the store: %s", realm_host, err)
+    async def _recorded_ping(self, req: RegistryRequest, client: Client, result: str, note: str) -> Answer:
+        """`/v2/` without the upstream: 200 for clients regcache can serve something, else the
+        registry's recorded challenge (none recorded: the registry asks for no credentials)."""
+        challenge = self.access.challenge(req.url)
+        if challenge is None:
+            return no_auth_needed(result, note)
+        if "Authorization" in req.headers and await self.access.recognised(client):
+            return no_auth_needed(result, note)
+        headers = [("Content-Type", "application/json"), ("WWW-Authenticate", challenge), *API_VERSION_HEADER.items()]
+        return Answer(401, headers, error_body("UNAUTHORIZED", "authentication required"), result, note=note)
 
-    def answers_tokens(self, host: str) -> bool:
-        """Offline, regcache is the token service of every auth realm it has seen."""
-        return self.offline and host in self.realm_hosts
+
+def no_auth_needed(result: str, note: str) -> Answer:
+    """`/v2/` answered here: the registry API, no credentials asked."""
+    headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
+    return Answer(200, headers, b"{}", result, note=note)

@@ -23,8 +23,9 @@ Consistency rules:
   `<cache_dir>/regcache.lock` (which names its PID), so a second one can neither clear the first's
   `staging/` nor fill beside it. Admin tools open the store without it.
 
-Besides content, the store keeps small bookkeeping entries that are never evicted: `pins`,
-`realm-hosts` and `usage-counters` (the totals `regcache stats` shows, added to in batches).
+Besides content, the store keeps small bookkeeping entries that are never evicted: `pins` and
+`usage-counters` (the totals `regcache stats` shows, added to in batches). What regcache knows about
+access (grants, tokens, realms) is kept apart, in access_records.py.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[st
 
 # The entry kinds in the store, by key prefix (`blob:<digest>`, `tag:<ref>`, ...).
 ENTRY_TYPES = ("blob", "manifest", "tag", "seen")
-# Bookkeeping entries: never evicted, expired or purged.
+# Bookkeeping entries: never evicted, expired or purged (`realm-hosts`: stores written before the
+# access records had them).
 BOOKKEEPING_KEYS = ("pins", "realm-hosts", "usage-counters")
 
 
@@ -267,8 +269,6 @@ class Store(Protocol):
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None: ...
     def mark_seen(self, repository: str, digests: list[str]) -> None: ...
     def is_seen(self, repository: str, digest: str) -> bool: ...
-    def realm_hosts(self) -> set[str]: ...
-    def add_realm_host(self, host: str) -> None: ...
     def pins(self) -> dict[str, str]: ...
     def pin(self, ref: TagRef, digest: str) -> None: ...
     def unpin(self, ref: TagRef) -> bool: ...
@@ -605,18 +605,6 @@ class DiskStore:
     def is_seen(self, repository: str, digest: str) -> bool:
         key = f"seen:{repository}@{digest}"
         return self._used(key, self._has(key) or None) is not None
-
-    # auth realms ---------------------------------------------------------------------------
-    # Hosts that registries sent clients to for tokens; offline, regcache answers them itself.
-    def realm_hosts(self) -> set[str]:
-        raw = self._value("realm-hosts")
-        return set(json.loads(raw)) if isinstance(raw, str) else set()
-
-    def add_realm_host(self, host: str) -> None:
-        with self._writer.transact():
-            hosts = self.realm_hosts()
-            if host not in hosts:
-                self._writer.set("realm-hosts", json.dumps(sorted(hosts | {host})))
 
     # pins and eviction ---------------------------------------------------------------------
     def pins(self) -> dict[str, str]:

@@ -4,7 +4,8 @@ runtime needed — all platforms of a multi-arch image, or only the ones named.
 It fetches through the same services as the proxy, and with the same code as the proxy's background
 completion (`completion.ImageFetcher`), so what it stores and records is exactly what a pull
 through regcache would have stored and recorded. It gets an anonymous pull token the way registry
-clients do (`/v2/` challenge → token realm).
+clients do (`/v2/` challenge → token realm), and records it as anonymous: what the upstream serves
+with it is readable anonymously (access.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from .access import Access
+from .access_records import DiskAccessRecords
 from .blobs import Fills
 from .bundle import BundleError
 from .completion import FetchError, ImageFetcher, ImageSource
 from .config import Settings
+from .identity import ANONYMOUS
 from .manifests import ManifestService
 from .routes import CACHEABLE_MEDIA_TYPES
 from .store import DiskStore, TagRef
@@ -57,7 +60,9 @@ class Warmer:
     def __init__(self, settings: Settings, store: DiskStore, progress: Progress) -> None:
         self._settings = settings
         self._upstream = UpstreamClient(settings)
-        manifests = ManifestService(store, self._upstream, Access(store, self._upstream, False), offline=False)
+        self._records = DiskAccessRecords(store.cache_dir)
+        self._access = Access(store, self._records, self._upstream, settings, offline=False)
+        manifests = ManifestService(store, self._upstream, self._access, offline=False)
         self._fills = Fills(store, self._upstream)
         self._fetcher = ImageFetcher(store, manifests, self._fills, Bars(progress))
 
@@ -78,11 +83,15 @@ class Warmer:
         token = await self._upstream.realm_token(challenge, f"repository:{name}:pull", None)
         if token is None:
             raise FetchError(f"the token service {challenge['realm']} gave no anonymous pull token for {name}")
-        return token[0]
+        authorization, lifetime = token
+        self._access.record_token(authorization.removeprefix("Bearer "), ANONYMOUS, lifetime, (name,))
+        return authorization
 
     async def close(self) -> None:
         await self._fills.close(wait=True)  # each fill ends by bringing the store under size_limit
         await self._upstream.close()
+        await self._access.close()
+        self._records.close()
 
 
 async def warm_all(

@@ -21,7 +21,7 @@ from .images import ImageSet, push_standard_images
 from .mitm import MitmDump, passthrough
 from .registry import Registry
 from .skopeo import Skopeo
-from .tokens import Policy, TokenServer
+from .tokens import DEFAULT_REALM_PATHS, Policy, TokenServer
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +120,7 @@ def _bed_reset(request: pytest.FixtureRequest) -> Iterator[None]:
         t: TokenServer = request.getfixturevalue("token_server")
         t.set_failing(None)
         t.policy = Policy()
+        t.realm_paths = set(DEFAULT_REALM_PATHS)
         if not t.running:
             t.start()
     if "upstream_registry" in names:

@@ -34,6 +34,7 @@ from ._http import BackgroundHTTPServer
 
 DEFAULT_SERVICE = "registry.docker.io"
 DEFAULT_ISSUER = "auth.docker.io"
+DEFAULT_REALM_PATHS = frozenset({"/token"})
 
 
 def libtrust_kid(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -159,7 +160,8 @@ class TokenServer(BackgroundHTTPServer[TokenRequest]):
 
     ``cert_dir`` receives ``token-ca.pem`` (see :attr:`cert_path`) for the
     registry's ``auth.token.rootcertbundle``. :meth:`set_failing` fails every
-    request (an auth outage).
+    request (an auth outage). :attr:`realm_paths`: the paths it answers
+    tokens on (Docker Hub's ``/token``; quay.io's is ``/v2/auth``), 404 elsewhere.
     """
 
     handler_class = _Handler
@@ -178,6 +180,7 @@ class TokenServer(BackgroundHTTPServer[TokenRequest]):
         self.issuer = issuer
         self.policy = policy or Policy()
         self.ttl = ttl
+        self.realm_paths: set[str] = set(DEFAULT_REALM_PATHS)
         self._refresh: dict[str, str] = {}
         # ES256 keys are generated in microseconds; RSA would cost ~50 ms per run.
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -257,7 +260,7 @@ class TokenServer(BackgroundHTTPServer[TokenRequest]):
     ) -> tuple[int, dict[str, object], str | None]:
         if self._failing is not None:
             return self._failing, {"details": "token server failing (bed control)"}, None
-        if path.rstrip("/") != "/token":
+        if path.rstrip("/") not in self.realm_paths:
             return 404, {"details": "not found"}, None
 
         def one(name: str) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
 from bed.skopeo import Skopeo
+from bed.tokens import Policy, TokenServer
 
 from .mitm import Mitmdump
 
@@ -17,13 +18,21 @@ from .mitm import Mitmdump
 def record(
     images: ImageSet,
     regcache: Mitmdump,
+    token_server: TokenServer,
     dockerd_factory: Callable[..., Dockerd],
     skopeo_factory: Callable[..., Skopeo],
     tmp_path: Path,
 ) -> None:
-    """dockerd pulls the OCI index (amd64 only) and the single image; skopeo copies the Docker list whole."""
+    """dockerd pulls the OCI index (amd64 only) and the single image; skopeo copies the Docker list
+    whole. Then dockerd logs in as `ci` and pulls again: offline, regcache answers token requests
+    only for credentials the upstream accepted while it was online (and anonymous ones)."""
     online = dockerd_factory(regcache.url, regcache.ca_cert)
     online.pull(images.oci_multi.ref)
+    online.pull(images.oci_single.ref)
+    token_server.policy = Policy(users={"ci": "secret"})
+    # Docker Hub's default server name: the CLI then sends these credentials with pulls.
+    assert "Login Succeeded" in online.cli("login", "-u", "ci", "-p", "secret").stdout
+    online.rmi(images.oci_single.ref)
     online.pull(images.oci_single.ref)
     online.close()
     recorder = skopeo_factory(regcache.url, regcache.ca_cert)
@@ -34,7 +43,7 @@ def record(
 def replay(
     images: ImageSet, offline: Mitmdump, dockerd: Dockerd, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
 ) -> None:
-    # `docker login` works offline too (the cache answers /v2/ itself), and pulls after it.
+    # `docker login` works offline too, with credentials recorded online, and pulls after it.
     assert "Login Succeeded" in dockerd.cli("login", "-u", "ci", "-p", "secret", "registry-1.docker.io").stdout
     for image in (images.oci_multi, images.oci_single):
         dockerd.pull(image.ref)

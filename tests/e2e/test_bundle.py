@@ -10,6 +10,7 @@ from bed.dockerd import Dockerd
 from bed.images import ImageSet
 from bed.registry import Registry
 from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
 
 from addon.store import DiskStore
 
@@ -21,6 +22,7 @@ from .scenario import record, replay
 def test_export_import_replay(
     images: ImageSet,
     regcache: Mitmdump,
+    token_server: TokenServer,
     dockerd_factory: Callable[..., Dockerd],
     skopeo_factory: Callable[..., Skopeo],
     offline_regcache: Callable[[Path], Mitmdump],
@@ -28,7 +30,7 @@ def test_export_import_replay(
     tmp_path: Path,
 ) -> None:
     """The CI recipe: record online, export to a tar, import into a fresh cache, replay offline."""
-    record(images, regcache, dockerd_factory, skopeo_factory, tmp_path)
+    record(images, regcache, token_server, dockerd_factory, skopeo_factory, tmp_path)
     bundle = tmp_path / "ci-cache" / "images.tar"
     regcache_cli("export", "--cache-dir", str(regcache.workdir / "cache"), "-o", str(bundle))
     regcache.stop()

@@ -128,7 +128,7 @@ def test_private_image_through_the_mirror_needs_the_owners_credentials(
     tmp_path: Path,
 ) -> None:
     """Token requests go through the mirror's relay with the client's password; the cache serves
-    the stored image again to alice only."""
+    the stored image again to alice only, also while the registry is down."""
     ref = mirror_ref(regcache.mirror_url(), secret)
     skopeo = skopeo_factory(None)
     assert skopeo.copy_to_dir(ref, tmp_path / "alice", creds=ALICE, tls_verify=False) == secret.digest
@@ -138,6 +138,13 @@ def test_private_image_through_the_mirror_needs_the_owners_credentials(
     mark = upstream_registry.mark()
     assert skopeo.copy_to_dir(ref, tmp_path / "alice-warm", creds=ALICE, tls_verify=False) == secret.digest
     assert [r for r in upstream_registry.requests(mark) if r.method == "GET" and r.kind != "base"] == []
+
+    # The registry down: still alice's only (her password was accepted for it through the relay).
+    upstream_registry.stop()
+    assert skopeo.copy_to_dir(ref, tmp_path / "alice-down", creds=ALICE, tls_verify=False) == secret.digest
+    for name, creds in (("anonymous-down", None), ("bob-down", BOB)):
+        with pytest.raises(Exception, match=r"503|unauthorized|denied"):
+            skopeo.copy_to_dir(ref, tmp_path / name, creds=creds, tls_verify=False)
 
 
 def test_mirror_protocol_rules(images: ImageSet, regcache: Mitmdump) -> None:

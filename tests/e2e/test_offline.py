@@ -12,6 +12,7 @@ from pathlib import Path
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
 from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
 
 from .mitm import Mitmdump
 from .scenario import record, replay
@@ -20,13 +21,14 @@ from .scenario import record, replay
 def test_record_online_then_replay_offline(
     images: ImageSet,
     regcache: Mitmdump,
+    token_server: TokenServer,
     dockerd_factory: Callable[..., Dockerd],
     skopeo_factory: Callable[..., Skopeo],
     offline_regcache: Callable[[Path], Mitmdump],
     upstream_gone: Callable[[], None],
     tmp_path: Path,
 ) -> None:
-    record(images, regcache, dockerd_factory, skopeo_factory, tmp_path)
+    record(images, regcache, token_server, dockerd_factory, skopeo_factory, tmp_path)
     regcache.stop()
     upstream_gone()
     offline = offline_regcache(regcache.workdir / "cache")

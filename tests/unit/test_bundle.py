@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.bundle import BundleError, import_bundle, parse_image_ref
+from addon.bundle import BundleError, import_bundle, parse_image_ref, read_layout
 from addon.store import DiskStore, TagRef, digest_of
 
 
@@ -79,3 +79,32 @@ def test_layout_without_names_needs_as(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=f"blob sha256:{'0' * 64} is missing"):
         import_bundle(store, bundle, TagRef("docker.io", "library/x", "1"))
     assert store.get_manifest(digest) is None
+
+
+def layout_dir(path: Path, annotations: list[dict[str, str]]) -> Path:
+    """A layout with one manifest, tagged once per annotations dict."""
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:" + "0" * 64, "size": 0}}).encode()
+    digest = digest_of(manifest)
+    descriptor = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": len(manifest)}
+    entries = [{**descriptor, "annotations": a} for a in annotations]
+    (path / "blobs" / "sha256").mkdir(parents=True)
+    (path / "blobs" / "sha256" / digest[7:]).write_bytes(manifest)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": entries}))
+    return path
+
+
+def test_what_an_import_marks_readable_anonymously(tmp_path: Path) -> None:
+    """regcache's own bundles say so per entry; another tool's layout is vouched for by whoever
+    imports it, unless --private."""
+    names = {"io.regcache.registry": "docker.io", "io.regcache.tag": "1"}
+    layout = layout_dir(
+        tmp_path / "layout",
+        [
+            {**names, "io.regcache.repository": "library/pub", "io.regcache.access": "public"},
+            {**names, "io.regcache.repository": "library/priv", "io.regcache.access": "private"},
+            {"org.opencontainers.image.ref.name": "docker.io/library/skopeo-made:1"},
+        ],
+    )
+    assert read_layout(layout, None).public == {"docker.io/library/pub", "docker.io/library/skopeo-made"}
+    assert read_layout(layout, None, private=True).public == set()

@@ -10,7 +10,6 @@ from addon.config import ConfigError, Settings, load_settings
 from addon.mirror import (
     mirror_base,
     mirrored_challenge,
-    realm_key,
     realm_of,
     target_registry,
     token_path,
@@ -69,11 +68,6 @@ def test_mirror_base_is_what_the_client_addressed() -> None:
     assert mirror_base(None, ("::1", 5055)) == "http://[::1]:5055"
     assert mirror_base("cache.lan", ("0.0.0.0", 5055), "https") == "https://cache.lan"
     assert mirror_base("cache.lan", ("0.0.0.0", 5055), "gopher") == "http://cache.lan"
-
-
-def test_realm_key_is_scheme_host_port_and_path() -> None:
-    assert realm_key("https://auth.docker.io/token?service=x") == "https://auth.docker.io/token"
-    assert realm_key("http://127.0.0.1:8080/auth") != realm_key("http://127.0.0.1:8081/auth")
 
 
 def test_mirrors_config(tmp_path: Path) -> None:

@@ -204,7 +204,7 @@ def read_like_a_hit(store: DiskStore, digest: str, ref: TagRef) -> None:
     assert store.is_seen("docker.io/library/x", DIGEST) and store.has_blob(DIGEST)
     assert store.blob_size(DIGEST) == len(DATA) and store.blob_path(DIGEST) is not None
     assert store.tag_refs() == [ref] and store.entries() and store.entry_totals()["blob"] == (1, len(DATA))
-    assert store.pins() == {} and store.realm_hosts() == set() and store.counters() == {}
+    assert store.pins() == {} and store.counters() == {}
 
 
 def test_reads_never_write(tmp_path: Path) -> None:
