@@ -57,6 +57,18 @@ def listed(cache: Path, image: PushedImage) -> dict[str, object]:
     return next(row for row in rows if row["ref"] == f"docker.io/{image.ref}" and row["digest"] == image.digest)
 
 
+def anonymous_token(regcache: Mitmdump, image: PushedImage) -> str:
+    """A pull token fetched anonymously through regcache, as registry clients do (`/v2/` challenge,
+    then the realm it names): regcache sees it issued to nobody, so what the upstream serves with
+    it is readable anonymously (public), and the offline cache serves it to every client."""
+    status, headers, _ = request_through(regcache, "https://registry-1.docker.io/v2/")
+    assert status == 401 and headers["WWW-Authenticate"].startswith('Bearer realm="https://auth.docker.io/token"')
+    scope = f"repository:{image.repo}:pull"
+    status, _, body = request_through(regcache, f"https://auth.docker.io/token?service=registry.docker.io&scope={scope}")
+    assert status == 200
+    return str(json.loads(body)["token"])
+
+
 def head_tag(regcache: Mitmdump, image: PushedImage, token: str) -> dict[str, str]:
     """A client that sends only the tag HEAD (with its token and dockerd's Accept list)."""
     url = f"https://registry-1.docker.io/v2/{image.repo}/manifests/{image.tag}"
@@ -80,7 +92,7 @@ def test_a_tag_head_alone_is_completed_once_and_replays(
 ) -> None:
     image, cache = images.docker_multi, regcache.workdir / "cache"
     mark, cdn_mark = upstream_registry.mark(), cdn.mark()
-    token = token_server.mint(image.repo)
+    token = anonymous_token(regcache, image)
     assert head_tag(regcache, image, token)["X-Cache"] == "MISS"
     assert head_tag(regcache, image, token)["X-Cache"] == "MISS"  # still lacking: no second completion
     assert "linux/amd64" in completion_line(regcache, image)  # this host's platform
@@ -125,7 +137,8 @@ def test_dockerd_that_holds_the_image_sends_only_the_head(
     regcache.start()
     mark, log_mark = upstream_registry.mark(), regcache.mark()
     dockerd.pull(image.ref)
-    assert regcache.results(log_mark) == [("PASS", "GET", "docker.io/v2/"), ("MISS", "HEAD", f"docker.io/{image.ref}")]
+    expected = [("PASS", "GET", "docker.io/v2/"), ("PASS", "GET", "token"), ("MISS", "HEAD", f"docker.io/{image.ref}")]
+    assert regcache.results(log_mark) == expected
     completion_line(regcache, image, since=log_mark)
     assert manifest_gets(upstream_registry, mark) == {image.digest: 1, image.amd64_digest: 1}
     assert listed(cache, image)["size"] == stored_size(image)
