@@ -125,7 +125,7 @@ from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 from e2e.mitm import RESULT_LINE, Mitmdump
 
-from addon.config import ConfigError, parse_size
+from regcache.config import ConfigError, parse_size
 
 MB = 1_000_000
 DIRECT, REFERENCE, REGCACHE, MIRROR = "direct", "reference", "regcache", "mirror"

@@ -44,7 +44,7 @@ SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
 SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
 # The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py,
 # whose `addon.cli` names the addon script mitmdump loads: SRC/addon/cache.py.
-sys.path[:0] = [str(SRC / "tests"), str(SRC)]
+sys.path[:0] = [str(SRC / "tests"), str(SRC / "addon")]
 
 import mitmproxy.version  # noqa: E402
 from bed.cdn import Cdn, CdnRequest, _parse_range  # noqa: E402
@@ -52,7 +52,7 @@ from bed.registry import AccessRecord, Registry  # noqa: E402
 from bed.tokens import TokenServer  # noqa: E402
 from e2e.mitm import Mitmdump  # noqa: E402
 
-import addon.cli  # noqa: E402
+import regcache.ops.cli  # noqa: E402
 
 MIB = 1024 * 1024
 _STORED = re.compile(r"STORED blob (sha256:[0-9a-f]{64}) ")
@@ -373,7 +373,7 @@ def code_facts() -> str:
     dirty = "uncommitted changes in addon/" if git("status", "--porcelain", "--", "addon") else "addon/ clean"
     frozen = f"a copy of {ROOT} made at start (--snapshot)" if SRC != ROOT else "the working tree"
     return (
-        f"code: {addon.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
+        f"code: {regcache.ops.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
         f"{ROOT} at start: git HEAD {git('rev-parse', '--short', 'HEAD') or '?'}, {dirty}"
     )
 

@@ -14,7 +14,7 @@ from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .mitm import Mitmdump
 

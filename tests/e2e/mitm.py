@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from bed.mitm import MitmDump
 
-from addon.cli import mitmdump_args
+from regcache.ops.cli import mitmdump_args
 
 RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD) (\S+)")
 METRICS_LINE = re.compile(r"regcache: metrics at (http://\S+/metrics)")

@@ -20,7 +20,7 @@ from bed.dockerd import Dockerd, DockerdError
 from bed.images import ImageSet
 from bed.skopeo import Skopeo
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .mitm import Mitmdump
 from .test_pull import assert_stored

@@ -20,7 +20,7 @@ import yaml
 from bed.images import ImageSet
 from bed.skopeo import Skopeo
 
-from addon.cli import mitmdump_args
+from regcache.ops.cli import mitmdump_args
 
 from .conftest import regcache_cli
 from .mitm import Mitmdump

@@ -20,7 +20,7 @@ from bed.images import ImageSet
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .mitm import Mitmdump
 

@@ -22,7 +22,7 @@ from bed.images import ImageSet
 from bed.skopeo import Skopeo
 from bed.tmpfs import Tmpfs
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
 from .mitm import Mitmdump

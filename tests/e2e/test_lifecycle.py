@@ -17,7 +17,7 @@ from bed.images import ImageSet
 from bed.mitm import MitmError
 from bed.skopeo import Skopeo, SkopeoError
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
 from .mitm import Mitmdump

@@ -22,7 +22,7 @@ from bed.images import ImageSet, PushedImage
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .mitm import Mitmdump
 from .test_access import ALICE, BOB, secret  # noqa: F401 - the fixture

@@ -19,8 +19,8 @@ from bed.registry import Registry
 from bed.skopeo import Skopeo
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon.bundle import parse_image_ref
-from addon.store import DiskStore
+from regcache.ops.bundle import parse_image_ref
+from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
 from .mitm import Mitmdump

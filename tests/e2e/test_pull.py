@@ -25,8 +25,8 @@ from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
-from addon.routes import ACCEPT_KEY_TYPES
-from addon.store import MAX_TAG_RECORDS, DiskStore, TagRef
+from regcache.oci.api import ACCEPT_KEY_TYPES
+from regcache.store.disk import MAX_TAG_RECORDS, DiskStore, TagRef
 
 from .mitm import Mitmdump
 

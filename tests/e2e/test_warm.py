@@ -12,7 +12,7 @@ from bed.images import ImageSet
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
 from .mitm import Mitmdump

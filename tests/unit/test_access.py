@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from addon import access as access_module
-from addon.access import Access, judged, with_scope
-from addon.access_records import DiskAccessRecords, Grant, TokenRecord
-from addon.answers import Answer
-from addon.config import ConfigError, Credential, Settings, load_settings
-from addon.identity import (
+import regcache.services.access as access_module
+from regcache.config import ConfigError, Credential, Settings, load_settings
+from regcache.oci.api import RegistryRequest, parse_path
+from regcache.services.access import Access, judged, with_scope
+from regcache.services.answers import Answer
+from regcache.services.identity import (
     ANONYMOUS,
     Client,
     Identity,
@@ -33,10 +33,10 @@ from addon.identity import (
     split_authorization,
     token_requester,
 )
-from addon.routes import RegistryRequest, parse_path
-from addon.store import DiskStore
-from addon.token_service import realm_key, remove_dot_segments
-from addon.upstream import UpstreamClient
+from regcache.services.tokens import realm_key, remove_dot_segments
+from regcache.services.upstream import UpstreamClient
+from regcache.store.access import DiskAccessRecords, Grant, TokenRecord
+from regcache.store.disk import DiskStore
 
 DIGEST = "sha256:" + "a" * 64
 SECRET = b"s" * 32

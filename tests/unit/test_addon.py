@@ -16,9 +16,9 @@ import yaml
 from mitmproxy.addons import proxyauth
 from mitmproxy.test import taddons
 
-from addon import cache as cache_module
-from addon.cache import RegistryCache, warn_if_exposed
-from addon.store import lock_cache_dir, unlock_cache_dir
+import regcache.fronts.proxy as cache_module
+from regcache.fronts.proxy import RegistryCache, warn_if_exposed
+from regcache.store.disk import lock_cache_dir, unlock_cache_dir
 
 from .flows import registry_flow, write_config
 

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from addon.admin import RefPattern, carry_out, find_corrupt, parse_ref_pattern, plan_gc, plan_purge, summarize_usage
-from addon.bundle import BundleError
-from addon.config import DEFAULT_REGISTRIES
-from addon.store import DiskStore, Manifest, TagRef, digest_of, new_tag_record
+from regcache.config import DEFAULT_REGISTRIES
+from regcache.ops.admin import (
+    RefPattern,
+    carry_out,
+    find_corrupt,
+    parse_ref_pattern,
+    plan_gc,
+    plan_purge,
+    summarize_usage,
+)
+from regcache.ops.bundle import BundleError
+from regcache.store.disk import DiskStore, Manifest, TagRef, digest_of, new_tag_record
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

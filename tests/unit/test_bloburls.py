@@ -4,7 +4,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from addon.bloburls import URL_LIFETIME_SECONDS, BlobUrls, is_loopback, redirect_base
+from regcache.fronts.bloburls import URL_LIFETIME_SECONDS, BlobUrls, is_loopback, redirect_base
 
 DIGEST = "sha256:" + "ab" * 32
 

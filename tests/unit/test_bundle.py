@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from addon.bundle import BundleError, import_bundle, parse_image_ref, read_layout
-from addon.store import DiskStore, TagRef, digest_of
+from regcache.ops.bundle import BundleError, import_bundle, parse_image_ref, read_layout
+from regcache.store.disk import DiskStore, TagRef, digest_of
 
 
 @pytest.mark.parametrize(

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import configparser
 import json
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 from bed.setup_scripts import SCRIPTS, run_setup, systemd_environment
 
-from addon.config import DEFAULT_REGISTRIES
-
-sys.path.insert(0, str(SCRIPTS))
-import client_setup
-import fileplan
+from regcache.config import DEFAULT_REGISTRIES
+from regcache.ops.setup import client as client_setup
+from regcache.ops.setup import fileplan
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIBregcachetest\n-----END CERTIFICATE-----\n"
 DOCKER_DROPIN = "etc/systemd/system/docker.service.d/regcache.conf"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from addon.completion import held_platforms, host_platform, platform_wanted, selected_platforms
-from addon.store import DiskStore, Manifest, TagRecord, TagRef, digest_of, lacking
+from regcache.services.completion import held_platforms, host_platform, platform_wanted, selected_platforms
+from regcache.store.disk import DiskStore, Manifest, TagRecord, TagRef, digest_of, lacking
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE = "application/vnd.oci.image.manifest.v1+json"

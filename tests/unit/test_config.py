@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.config import (
+from regcache.config import (
     DEFAULT_REGISTRIES,
     ConfigError,
     Credential,
@@ -13,7 +13,7 @@ from addon.config import (
     parse_duration,
     parse_size,
 )
-from addon.upstream import registrable_domain
+from regcache.services.upstream import registrable_domain
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from addon.blobs import RELAY_BUFFER, Fill, RelayStalled
+from regcache.services.blobs import RELAY_BUFFER, Fill, RelayStalled
 
 CHUNK = b"x" * (RELAY_BUFFER // 4)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from addon.logsafe import escape_controls, install
+from regcache.logs import escape_controls, install
 
 
 def test_control_characters_become_escapes_and_text_stays() -> None:

@@ -16,9 +16,9 @@ import yaml
 from aiohttp import web
 from mitmproxy.test import taddons
 
-from addon.cache import RegistryCache
-from addon.metrics import METRICS, MetricsEndpoint, UsageCounts, parse_ratelimit
-from addon.store import DiskStore
+from regcache.fronts.proxy import RegistryCache
+from regcache.metrics import METRICS, MetricsEndpoint, UsageCounts, parse_ratelimit
+from regcache.store.disk import DiskStore
 
 from .flows import registry_flow
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from multidict import MultiDict, MultiDictProxy
 
-from addon.config import ConfigError, Settings, load_settings
-from addon.mirror import (
+from regcache.config import ConfigError, Settings, load_settings
+from regcache.fronts.mirror import (
     mirror_base,
     mirrored_challenge,
     realm_of,

@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.routes import DIGEST_RE, NAME_RE, TAG_RE, Kind, accepted_media_types, parse_path
-from addon.store import DigestMismatch, DiskStore, Manifest, digest_of
+from regcache.oci.api import DIGEST_RE, NAME_RE, TAG_RE, Kind, accepted_media_types, parse_path
+from regcache.store.disk import DigestMismatch, DiskStore, Manifest, digest_of
 
 path_text = st.text(alphabet=st.characters(codec="ascii"), max_size=300)
 path_parts = st.lists(

@@ -16,8 +16,8 @@ from aiohttp import web
 from mitmproxy import http
 from mitmproxy.test import taddons
 
-from addon.cache import RegistryCache
-from addon.store import digest_of
+from regcache.fronts.proxy import RegistryCache
+from regcache.store.disk import digest_of
 
 from .flows import registry_flow, write_config
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from addon.routes import (
+from regcache.oci.api import (
     MAX_ACCEPT_BYTES,
     MAX_ACCEPT_ENTRIES,
     Kind,

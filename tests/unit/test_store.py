@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from bed.tmpfs import Tmpfs
 
-from addon.routes import ACCEPT_KEY_TYPES
-from addon.store import (
+from regcache.oci.api import ACCEPT_KEY_TYPES
+from regcache.store.disk import (
     MAX_TAG_RECORDS,
     CacheDirBusy,
     DigestMismatch,
@@ -26,7 +26,7 @@ from addon.store import (
     accept_key,
     digest_of,
 )
-from addon.writes import best_effort
+from regcache.store.errors import best_effort
 
 DATA = b"layer bytes " * 10_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
@@ -314,7 +314,7 @@ def hold_briefly(cache_dir: Path) -> subprocess.CompletedProcess[str]:
 HOLD_THE_STORE = """
 import sys
 from pathlib import Path
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 store = DiskStore(Path(sys.argv[1]), 10**9)
 print("holding", flush=True)
 sys.stdin.read()
@@ -333,7 +333,7 @@ def files(directory: Path) -> dict[str, tuple[bytes, int]]:
 WRITER = """
 import os, sys
 from pathlib import Path
-from addon.store import DiskStore
+from regcache.store.disk import DiskStore
 DiskStore(Path(sys.argv[1]), 10**9, owner=False).add_counters({"requests": 1})
 print("written", flush=True)
 sys.stdin.readline()

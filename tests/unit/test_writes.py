@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from addon.writes import UseRecorder, best_effort
+from regcache.store.errors import UseRecorder, best_effort
 
 
 def test_uses_are_written_in_batches_with_the_latest_use_of_each_entry() -> None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .bundle import BundleError, repository_name, split_registry
-from .routes import NAME_RE, TAG_RE
-from .store import Store, TagRef, lacking, reachable, tag_ref_of, verify_digest
+from regcache.oci.api import NAME_RE, TAG_RE
+from regcache.ops.bundle import BundleError, repository_name, split_registry
+from regcache.store.disk import Store, TagRef, lacking, reachable, tag_ref_of, verify_digest
 
 HASH_CHUNK = 1024 * 1024
 

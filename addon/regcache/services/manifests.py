@@ -18,11 +18,7 @@ from collections.abc import Callable
 
 from multidict import CIMultiDict
 
-from .access import Access, credential, repository
-from .access import upstream_failed as failed_status
-from .answers import Answer, answer_from_head, error_answer, manifest_answer, relay
-from .identity import Client
-from .routes import (
+from regcache.oci.api import (
     CACHEABLE_MEDIA_TYPES,
     DIGEST_RE,
     SCHEMA1_MEDIA_TYPES,
@@ -30,7 +26,12 @@ from .routes import (
     is_acceptable,
     normalize_media_type,
 )
-from .store import (
+from regcache.services.access import Access, credential, repository
+from regcache.services.access import upstream_failed as failed_status
+from regcache.services.answers import Answer, answer_from_head, error_answer, manifest_answer, relay
+from regcache.services.identity import Client
+from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
+from regcache.store.disk import (
     DigestMismatch,
     Manifest,
     Store,
@@ -41,8 +42,7 @@ from .store import (
     new_tag_record,
     referenced_digests,
 )
-from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
-from .writes import best_effort
+from regcache.store.errors import best_effort
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .access_records import AccessRecords, Grant
-from .config import DOCKER_HUB
-from .identity import ANONYMOUS
-from .routes import DIGEST_RE, NAME_RE, TAG_RE
-from .store import (
+from regcache.config import DOCKER_HUB
+from regcache.oci.api import DIGEST_RE, NAME_RE, TAG_RE
+from regcache.services.identity import ANONYMOUS
+from regcache.store.access import AccessRecords, Grant
+from regcache.store.disk import (
     BlobStaging,
     DigestMismatch,
     DiskStore,

@@ -47,7 +47,7 @@ from typing import BinaryIO, Protocol
 import diskcache
 from diskcache.core import DBNAME, MODE_BINARY
 
-from .writes import StoreError, UseRecorder
+from regcache.store.errors import StoreError, UseRecorder
 
 
 class DigestMismatch(ValueError):

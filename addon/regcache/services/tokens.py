@@ -27,11 +27,11 @@ from urllib.parse import unquote, urlsplit
 
 from multidict import CIMultiDict
 
-from .access import Access, upstream_failed
-from .access_records import AccessRecords
-from .answers import Answer, error_answer, relay
-from .identity import ANONYMOUS, ISSUED_LIFETIME, requested_repositories
-from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
+from regcache.services.access import Access, upstream_failed
+from regcache.services.answers import Answer, error_answer, relay
+from regcache.services.identity import ANONYMOUS, ISSUED_LIFETIME, requested_repositories
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
+from regcache.store.access import AccessRecords
 
 MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
 MAX_TOKEN_ANSWER = 1024 * 1024  # a token answer is a small JSON document

@@ -34,7 +34,7 @@ from mitmproxy.addons import (
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.main import run
 
-from .cache import RegistryCache
+from regcache.fronts.proxy import RegistryCache
 
 
 class RegcacheMaster(master.Master):

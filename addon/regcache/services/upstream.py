@@ -27,9 +27,9 @@ from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import Credential, Settings
-from .metrics import METRICS, registry_label
-from .routes import HOP_BY_HOP, parse_path
+from regcache.config import Credential, Settings
+from regcache.metrics import METRICS, registry_label
+from regcache.oci.api import HOP_BY_HOP, parse_path
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from .access_records import STORE_ERRORS, AccessRecords, Grant, RecordWriter, TokenRecord
-from .answers import Answer, answer_from_head, error_answer
-from .config import Settings
-from .identity import (
+from regcache.config import Settings
+from regcache.oci.api import RegistryRequest
+from regcache.services.answers import Answer, answer_from_head, error_answer
+from regcache.services.identity import (
     ANONYMOUS,
     ISSUED_PREFIX,
     UNKNOWN_TOKEN_LIFETIME,
@@ -44,10 +44,10 @@ from .identity import (
     split_authorization,
     token_requester,
 )
-from .routes import RegistryRequest
-from .store import Manifest, Store, referenced_digests
-from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of
-from .writes import best_effort
+from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of
+from regcache.store.access import STORE_ERRORS, AccessRecords, Grant, RecordWriter, TokenRecord
+from regcache.store.disk import Manifest, Store, referenced_digests
+from regcache.store.errors import best_effort
 
 GRANT_SECONDS = 300.0
 SAVE_EVERY = 60.0  # a grant accepted again is saved to the store at most this often

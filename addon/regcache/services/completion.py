@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import diskcache
 from multidict import CIMultiDict
 
-from .access import repository
-from .blobs import Fill, Fills
-from .bundle import BundleError, children, descriptor_digest
-from .manifests import ManifestService
-from .routes import Kind, RegistryRequest, Route, accepted_media_types
-from .store import Manifest, Store, manifest_references
-from .upstream import UpstreamUnavailable
+from regcache.oci.api import Kind, RegistryRequest, Route, accepted_media_types
+from regcache.ops.bundle import BundleError, children, descriptor_digest
+from regcache.services.access import repository
+from regcache.services.blobs import Fill, Fills
+from regcache.services.manifests import ManifestService
+from regcache.services.upstream import UpstreamUnavailable
+from regcache.store.disk import Manifest, Store, manifest_references
 
 log = logging.getLogger("regcache")
 

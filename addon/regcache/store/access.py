@@ -29,7 +29,7 @@ from typing import Protocol
 
 import diskcache
 
-from .identity import ANONYMOUS
+from regcache.services.identity import ANONYMOUS
 
 log = logging.getLogger("regcache")
 

@@ -39,11 +39,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .bloburls import base_url
-from .config import Settings
-from .routes import RegistryRequest
-from .store import Store
-from .writes import best_effort
+from regcache.config import Settings
+from regcache.fronts.bloburls import base_url
+from regcache.oci.api import RegistryRequest
+from regcache.store.disk import Store
+from regcache.store.errors import best_effort
 
 log = logging.getLogger(__name__)
 

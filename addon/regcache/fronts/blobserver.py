@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .blobs import Fill, Fills
-from .bloburls import BlobSource, BlobUrls
-from .listener import Listener, Timeouts, application
-from .metrics import METRICS
-from .routes import API_VERSION_HEADER, error_body
-from .store import Store
+from regcache.fronts.bloburls import BlobSource, BlobUrls
+from regcache.fronts.listener import Listener, Timeouts, application
+from regcache.metrics import METRICS
+from regcache.oci.api import API_VERSION_HEADER, error_body
+from regcache.services.blobs import Fill, Fills
+from regcache.store.disk import Store
 
 log = logging.getLogger(__name__)
 

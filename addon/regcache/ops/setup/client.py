@@ -1,6 +1,7 @@
-"""What each client of regcache needs on a node, and the command line of scripts/setup-dockerd,
-setup-containerd, setup-podman and setup-service (Python 3 standard library only: they run as
-root on nodes that may not have regcache's venv).
+"""What each client of regcache needs on a node, and the command line of `regcache setup dockerd|
+containerd|podman|service` and of its thin wrappers scripts/setup-dockerd, setup-containerd,
+setup-podman and setup-service (Python 3 standard library only: the wrappers run as root on nodes
+that may not have regcache's venv, importing this package from the checkout).
 
 Owns: the files each set-up wants (`dockerd_files`, `containerd_files`, `podman_files`,
 `service_files`: pure functions of the options), the commands that follow a change of them
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fileplan import (
+from regcache.ops.setup.fileplan import (
     STATE_PATH,
     JsonKey,
     Printer,
@@ -35,17 +36,28 @@ from fileplan import (
     read_state,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+
+def checkout_root() -> Path | None:
+    """The regcache checkout this package runs from (addon/regcache/ops/setup/ in it), or None
+    when it is installed elsewhere (a wheel in a venv)."""
+    root = Path(__file__).resolve().parents[4]
+    return root if (root / "addon" / "cache.py").is_file() and (root / "scripts" / "setup").is_file() else None
+
+
+# A checkout: its certs/ and .venv, as scripts/run and scripts/setup make them. Installed: the
+# directory `regcache run` is started in (its --confdir default is ./certs) and this venv.
+REPO = checkout_root()
+HOME = REPO or Path.cwd()
 DEFAULT_PROXY = "http://127.0.0.1:3128"
 DEFAULT_NO_PROXY = "localhost,127.0.0.1,::1"
 DEFAULT_MIRROR = "http://127.0.0.1:5055"
 DAEMON_JSON = "/etc/docker/daemon.json"
-DEFAULT_CA = REPO / "certs" / "mitmproxy-ca-cert.pem"
+DEFAULT_CA = HOME / "certs" / "mitmproxy-ca-cert.pem"
 SERVICE_TEMPLATE = Path(__file__).resolve().parent / "regcache.service"
 DEFAULT_SERVICE_CONFIG = "/etc/regcache/regcache.yaml"
 
-# A copy of the hosts of addon.config.DEFAULT_REGISTRIES, for nodes where addon.config cannot be
-# imported (no PyYAML, or the scripts copied alone); tests/unit/test_client_setup.py checks they agree.
+# A copy of the hosts of regcache.config.DEFAULT_REGISTRIES, for nodes where regcache.config cannot be
+# imported (no PyYAML: a checkout without its venv); tests/unit/test_client_setup.py checks they agree.
 FALLBACK_REGISTRIES = (
     "registry-1.docker.io",
     "index.docker.io",
@@ -60,14 +72,11 @@ _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 
 
 def default_registries() -> tuple[str, ...]:
-    """The registry hosts regcache intercepts by default: from addon/config.py when importable."""
-    sys.path.insert(0, str(REPO))
+    """The registry hosts regcache intercepts by default: from regcache.config when importable."""
     try:
-        from addon.config import DEFAULT_REGISTRIES
+        from regcache.config import DEFAULT_REGISTRIES
     except ImportError:
         return FALLBACK_REGISTRIES
-    finally:
-        sys.path.remove(str(REPO))
     return tuple(DEFAULT_REGISTRIES)
 
 
@@ -250,14 +259,18 @@ def podman_files(proxy: str, no_proxy: str, ca: bytes, hosts: tuple[str, ...]) -
     return [*certs, WholeFile("/etc/containers/containers.conf.d/regcache.conf", conf, secret_mode(proxy))]
 
 
+def regcache_command() -> Path:
+    """The `regcache` command the service starts: the checkout's venv's, else this venv's."""
+    return (REPO / ".venv" / "bin" if REPO else Path(sys.executable).parent) / "regcache"
+
+
 def service_unit(template: str, config: str, listen_host: str, port: int, proxyauth: str | None) -> bytes:
-    venv = REPO / ".venv" / "bin" / "regcache"
-    words = [str(venv), "run", "--config", config, "--confdir", str(REPO / "certs")]
+    words = [str(regcache_command()), "run", "--config", config, "--confdir", str(HOME / "certs")]
     words += ["--listen-host", listen_host, "--port", str(port)]
     if proxyauth:
         words += ["--", "--set", f"proxyauth={proxyauth}"]
     values = {
-        "@REPO@": str(REPO).replace("%", "%%"),
+        "@REPO@": str(HOME).replace("%", "%%"),
         "@EXEC_START@": " ".join(systemd_word(word) for word in words),
     }
     for name, value in values.items():
@@ -376,8 +389,9 @@ def service_options(parser: argparse.ArgumentParser) -> None:
 
 def checked_venv() -> None:
     """The service starts the venv's regcache: scripts/run would reinstall (needs a package index) on each start."""
-    if not (REPO / ".venv" / "bin" / "regcache").exists():
-        raise SetupError(f"no {REPO}/.venv/bin/regcache: run {REPO}/scripts/setup once first")
+    if not regcache_command().exists():
+        hint = f"run {REPO}/scripts/setup once first" if REPO else "install regcache into this venv"
+        raise SetupError(f"no {regcache_command()}: {hint}")
 
 
 def service_notes(options: argparse.Namespace) -> list[str]:

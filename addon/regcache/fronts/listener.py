@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from aiohttp import http_exceptions, typedefs, web
 
-from .bloburls import base_url
-from .routes import error_body
+from regcache.fronts.bloburls import base_url
+from regcache.oci.api import error_body
 
 log = logging.getLogger("regcache")
 

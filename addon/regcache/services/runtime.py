@@ -15,23 +15,23 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from .access import Access
-from .access_records import DiskAccessRecords
-from .answers import Answer, Decision, error_answer, relay
-from .blobs import BlobService, Fills
-from .blobserver import BlobServer
-from .completion import Completions
-from .config import Settings
-from .identity import Client
-from .listener import Listener, Timeouts
-from .manifests import ManifestService, upstream_failed
-from .metrics import flush_usage, flush_usage_periodically
-from .mirror import MirrorServer
-from .routes import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest, error_body
-from .store import DiskStore
-from .token_service import TokenService
-from .upstream import UpstreamClient, UpstreamUnavailable
-from .writes import STORE_ERRORS, USE_FLUSH_SECONDS
+from regcache.config import Settings
+from regcache.fronts.blobserver import BlobServer
+from regcache.fronts.listener import Listener, Timeouts
+from regcache.fronts.mirror import MirrorServer
+from regcache.metrics import flush_usage, flush_usage_periodically
+from regcache.oci.api import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest, error_body
+from regcache.services.access import Access
+from regcache.services.answers import Answer, Decision, error_answer, relay
+from regcache.services.blobs import BlobService, Fills
+from regcache.services.completion import Completions
+from regcache.services.identity import Client
+from regcache.services.manifests import ManifestService, upstream_failed
+from regcache.services.tokens import TokenService
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable
+from regcache.store.access import DiskAccessRecords
+from regcache.store.disk import DiskStore
+from regcache.store.errors import STORE_ERRORS, USE_FLUSH_SECONDS
 
 log = logging.getLogger("regcache")
 

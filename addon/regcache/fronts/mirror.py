@@ -36,14 +36,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
-from .answers import Answer, LocalStream, PassThrough, error_answer, log_request
-from .bloburls import base_url, is_loopback
-from .config import Settings
-from .listener import Listener, Timeouts, application
-from .metrics import METRICS
-from .routes import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
-from .token_service import MAX_TOKEN_REQUEST
-from .upstream import (
+from regcache.config import Settings
+from regcache.fronts.bloburls import base_url, is_loopback
+from regcache.fronts.listener import Listener, Timeouts, application
+from regcache.metrics import METRICS
+from regcache.oci.api import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
+from regcache.services.answers import Answer, LocalStream, PassThrough, error_answer, log_request
+from regcache.services.tokens import MAX_TOKEN_REQUEST
+from regcache.services.upstream import (
     UpstreamClient,
     UpstreamUnavailable,
     bearer_challenge,
@@ -52,7 +52,7 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from regcache.services.runtime import Runtime
 
 log = logging.getLogger("regcache")
 

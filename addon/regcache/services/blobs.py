@@ -26,14 +26,13 @@ from pathlib import Path
 import aiohttp
 from multidict import CIMultiDict
 
-from .access import Access, repository
-from .answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
-from .identity import Client
-from .manifests import ISSUED_HERE, not_in_offline_cache, unavailable
-from .metrics import METRICS
-from .routes import RegistryRequest
-from .store import BlobStaging, DigestMismatch, Store
-from .upstream import (
+from regcache.metrics import METRICS
+from regcache.oci.api import RegistryRequest
+from regcache.services.access import Access, repository
+from regcache.services.answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
+from regcache.services.identity import Client
+from regcache.services.manifests import ISSUED_HERE, not_in_offline_cache, unavailable
+from regcache.services.upstream import (
     MAX_ERROR_BODY,
     UpstreamAnswer,
     UpstreamClient,
@@ -41,7 +40,8 @@ from .upstream import (
     describe_error,
     read_limited,
 )
-from .writes import STORE_ERRORS, best_effort
+from regcache.store.disk import BlobStaging, DigestMismatch, Store
+from regcache.store.errors import STORE_ERRORS, best_effort
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .access_records import DiskAccessRecords
-from .admin import (
+from regcache.config import ConfigError, Settings, load_settings, parse_duration, read_text
+from regcache.fronts.bloburls import base_url
+from regcache.fronts.master import serve
+from regcache.ops.admin import (
     Plan,
     carry_out,
     find_corrupt,
@@ -37,15 +39,21 @@ from .admin import (
     summarize_usage,
     verify_total,
 )
-from .blobs import FREE_SPACE_RESERVE
-from .bloburls import base_url
-from .bundle import BundleError, collect_for_export, import_bundle, incomplete_message, parse_image_ref, write_bundle
-from .config import ConfigError, Settings, load_settings, parse_duration, read_text
-from .server import serve
-from .store import DiskStore, StoreError, require_store, require_writable
-from .warm import default_platforms, warm_all
+from regcache.ops.bundle import (
+    BundleError,
+    collect_for_export,
+    import_bundle,
+    incomplete_message,
+    parse_image_ref,
+    write_bundle,
+)
+from regcache.ops.warm import default_platforms, warm_all
+from regcache.services.blobs import FREE_SPACE_RESERVE
+from regcache.store.access import DiskAccessRecords
+from regcache.store.disk import DiskStore, StoreError, require_store, require_writable
 
-ADDON = Path(__file__).resolve().parent / "cache.py"
+# mitmdump's entry script, beside the package in a checkout (the source root addon/); not installed.
+ADDON = Path(__file__).resolve().parents[2] / "cache.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .bloburls import BlobSource
-from .routes import API_VERSION_HEADER, HOP_BY_HOP, error_body
-from .store import Manifest
-from .upstream import UpstreamAnswer
+from regcache.fronts.bloburls import BlobSource
+from regcache.oci.api import API_VERSION_HEADER, HOP_BY_HOP, error_body
+from regcache.services.upstream import UpstreamAnswer
+from regcache.store.disk import Manifest
 
 log = logging.getLogger("regcache")
 

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
-from .access import Access
-from .access_records import DiskAccessRecords
-from .blobs import Fills
-from .bundle import BundleError
-from .completion import FetchError, ImageFetcher, ImageSource
-from .config import Settings
-from .identity import ANONYMOUS
-from .manifests import ManifestService
-from .routes import CACHEABLE_MEDIA_TYPES
-from .store import DiskStore, TagRef
-from .upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
+from regcache.config import Settings
+from regcache.oci.api import CACHEABLE_MEDIA_TYPES
+from regcache.ops.bundle import BundleError
+from regcache.services.access import Access
+from regcache.services.blobs import Fills
+from regcache.services.completion import FetchError, ImageFetcher, ImageSource
+from regcache.services.identity import ANONYMOUS
+from regcache.services.manifests import ManifestService
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
+from regcache.store.access import DiskAccessRecords
+from regcache.store.disk import DiskStore, TagRef
 
 
 @dataclass
