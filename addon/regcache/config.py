@@ -18,7 +18,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
-DOCKER_HUB = "docker.io"
+from regcache.oci.reference import DOCKER_HUB
+
 T = TypeVar("T")
 
 # Docker Hub answers under two names (crane uses index.docker.io); both are one cache namespace.

@@ -5,14 +5,18 @@ Owns:
 - the metric definitions, on regcache's own `CollectorRegistry` (never prometheus-client's global
   one, so nothing else in the process adds series to ours or clashes with them); one `METRICS`
   per process, so counters survive mitmproxy re-reading the configuration;
-- what is counted where: the addon hands every registry flow to `record_flow` once its answer is
-  out (or it failed); `upstream.py` reports every answer regcache itself got from upstream, blob
-  fills report their bytes and failures, the blob server the bytes it sent from stored blobs;
-- the store gauges, read from the store at scrape time by one aggregate query;
+- what is counted where: the fronts report every registry request once its answer is out (the
+  proxy's flows: fronts/proxy.py); `upstream.py` reports every answer regcache itself got from
+  upstream, blob fills report their bytes and failures, the blob server the bytes it sent from
+  stored blobs;
+- the store gauges, asked at scrape time from whatever the running configuration gives
+  `watch_store` (one aggregate query of its store);
 - `MetricsEndpoint`: prometheus-client's HTTP server in a daemon thread, so a scrape never waits
   for mitmproxy's event loop nor holds it up;
-- `UsageCounts`: the same counts as deltas, added into the store in batches (`flush_usage`, every
-  `USAGE_FLUSH_SECONDS` and at shutdown), so `regcache stats` sees them across restarts.
+- `UsageCounts`: the same counts as deltas, handed to the store in batches (services/runtime.py does,
+  every few seconds and at shutdown), so `regcache stats` sees them across restarts.
+
+Nothing here imports mitmproxy or the store: metrics sit below both.
 
 Counter semantics (README, "Metrics"): `cache` bytes are blob bytes sent from stored blobs;
 `upstream` bytes are response bodies regcache received from upstreams (blob fills, manifests,
@@ -23,40 +27,36 @@ counted against its pull limit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import sqlite3
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
-import diskcache
 import prometheus_client
-from mitmproxy import http
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from regcache.addresses import base_url
 from regcache.config import Settings
-from regcache.fronts.bloburls import base_url
 from regcache.oci.api import RegistryRequest
-from regcache.store.disk import Store
-from regcache.store.errors import best_effort
 
 log = logging.getLogger(__name__)
-
-# flow.metadata keys: the parsed registry request, the registry (label) a relayed flow went to,
-# and "already counted" (a flow can see `response` and then `error`).
-FLOW_REQUEST = "regcache_request"
-FLOW_RELAYED = "regcache_relayed"
-FLOW_COUNTED = "regcache_counted"
 
 FROM_STORE = frozenset({"HIT", "REVALIDATED", "STALE"})
 # A manifest GET with one of these results made no upstream manifest GET.
 PULL_SAVED = frozenset({"HIT", "REVALIDATED"})
-USAGE_FLUSH_SECONDS = 5.0
+class CounterSink(Protocol):
+    """Where usage counts go: the store's `add_counters` (store.base.UsageStore), by shape."""
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None: ...
+
+
+# (entries, bytes) per kind of store entry, or None when the store cannot say (it logs why).
+StoreTotals = Callable[[], Mapping[str, tuple[int, int]] | None]
 
 # `ratelimit-remaining: 76;w=21600` (Docker Hub), or a bare number.
 _RATELIMIT_RE = re.compile(r"\s*(\d+)\s*(?:;.*)?")
@@ -93,14 +93,15 @@ class UsageCounts:
             pending, self._pending = self._pending, Tally()
         return dict(pending)
 
-    def flush(self, store: Store) -> None:
-        """Add what was counted into the store (blocking: one SQLite transaction)."""
+    def flush(self, store: CounterSink) -> None:
+        """Add what was counted into the store (blocking: one transaction); if it raises, the
+        counts are kept for the next flush."""
         deltas = self.take()
         if not deltas:
             return
         try:
             store.add_counters(deltas)
-        except (OSError, sqlite3.Error, diskcache.Timeout):
+        except Exception:
             for name, count in deltas.items():  # keep them for the next flush
                 self.add(name, count)
             raise
@@ -110,20 +111,16 @@ class StoreCollector(Collector):
     """Store size and entry counts, asked from the store when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self.store: Store | None = None
+        self.totals: StoreTotals | None = None
         self.size_limit = 0
 
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # the series depend on the store; nothing to check at registration
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        store = self.store
-        if store is None:
-            return
-        try:
-            totals = store.entry_totals()
-        except (OSError, sqlite3.Error, diskcache.Timeout) as err:
-            log.warning("metrics: store size not available: %s", err)
+        source = self.totals
+        totals = source() if source is not None else None
+        if totals is None:
             return
         yield GaugeMetricFamily(
             "regcache_store_bytes", "Bytes in the store (blobs, manifests, records)", sum(b for _, b in totals.values())
@@ -184,38 +181,15 @@ class Metrics:
         self.registry.register(self.store)
         self.usage = UsageCounts()
 
-    # what the addon, the upstream client, fills and the blob server report -------------------
-    def record_flow(self, flow: http.HTTPFlow, result: str | None, host: str) -> None:
-        """A flow the addon handled is done (answered or failed). `result` is its cache result,
-        None for a flow that was only relayed; `host` the one the client addressed (before any
-        re-targeting). Counted once per flow."""
-        if flow.metadata.get(FLOW_COUNTED):
-            return
-        flow.metadata[FLOW_COUNTED] = True
-        relayed_to = flow.metadata.get(FLOW_RELAYED)
-        if relayed_to is not None and flow.response is not None:
-            self.upstream_answered(relayed_to, flow.request.method, flow.response.headers)
-            if flow.request.method != "HEAD":
-                self.upstream_bytes(relayed_body_size(flow.response))
-        if result is None:
-            return
-        req: RegistryRequest | None = flow.metadata.get(FLOW_REQUEST)
-        if req is None:  # a token request (token_service.py)
-            self.request_answered(host, "token", flow.request.method, result, "")
-        else:
-            self.request_decided(req, result)
+    def watch_store(self, totals: StoreTotals | None, size_limit: int = 0) -> None:
+        """The running configuration's store totals for the gauges (None: no store, no gauges)."""
+        self.store.totals, self.store.size_limit = totals, size_limit
 
+    # what the fronts, the upstream client, fills and the blob server report -------------------
     def request_decided(self, req: RegistryRequest, result: str) -> None:
         """A registry read regcache decided on (through the proxy or the mirror) got `result`."""
-        repository = f"{req.namespace}/{req.route.name}" if req.route.name else ""
+        repository = req.repository if req.route.name else ""
         self.request_answered(req.namespace, req.route.kind.value, req.method, result, repository)
-
-    def mark_relayed(self, flow: http.HTTPFlow, settings: Settings, host: str, port: int) -> None:
-        """mitmproxy is about to relay this flow, addressed to host:port, upstream: count it when
-        the answer comes (hosts regcache intercepts only; plain-HTTP requests to other hosts are
-        no registry's)."""
-        if settings.intercepts(host, port):
-            flow.metadata[FLOW_RELAYED] = registry_label(settings, host, port)
 
     def request_answered(self, registry: str, kind: str, method: str, result: str, repository: str) -> None:
         self.requests.labels(registry, kind, result).inc()
@@ -261,31 +235,7 @@ class Metrics:
             self.usage.add("bytes cache", count)
 
 
-def relayed_body_size(response: http.Response) -> int:
-    """A relayed answer's body size: as buffered, or its Content-Length when it was streamed."""
-    if response.raw_content is not None:
-        return len(response.raw_content)
-    length = response.headers.get("Content-Length", "")
-    return int(length) if length.isdigit() else 0
-
-
 METRICS = Metrics()
-
-
-async def flush_usage_periodically(store: Store) -> None:
-    """The running cache's loop: counts go into the store every few seconds, off the event loop."""
-    while True:
-        await asyncio.sleep(USAGE_FLUSH_SECONDS)
-        # Kept for the next flush when the store refuses them; on a full disk, warned about once.
-        await asyncio.to_thread(best_effort, "usage counts", METRICS.usage.flush, store)
-
-
-def flush_usage(store: Store) -> None:
-    """The last flush, at shutdown or when a configuration replaces the store (blocking)."""
-    try:
-        METRICS.usage.flush(store)
-    except (OSError, sqlite3.Error, diskcache.Timeout) as err:
-        log.warning("usage counts since the last save are lost: %s", err)
 
 
 class MetricsEndpoint:

@@ -25,8 +25,10 @@ from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
-from regcache.oci.api import ACCEPT_KEY_TYPES
-from regcache.store.disk import MAX_TAG_RECORDS, DiskStore, TagRef
+from regcache.oci.media import ACCEPT_KEY_TYPES
+from regcache.oci.reference import TagRef
+from regcache.store.base import MAX_TAG_RECORDS
+from regcache.store.disk import DiskStore
 
 from .mitm import Mitmdump
 

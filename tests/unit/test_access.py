@@ -21,10 +21,10 @@ from multidict import CIMultiDict
 import regcache.services.access as access_module
 from regcache.config import ConfigError, Credential, Settings, load_settings
 from regcache.oci.api import RegistryRequest, parse_path
+from regcache.oci.auth import realm_key, remove_dot_segments
 from regcache.services.access import Access, judged, with_scope
 from regcache.services.answers import Answer
 from regcache.services.identity import (
-    ANONYMOUS,
     Client,
     Identity,
     Keyer,
@@ -33,9 +33,8 @@ from regcache.services.identity import (
     split_authorization,
     token_requester,
 )
-from regcache.services.tokens import realm_key, remove_dot_segments
 from regcache.services.upstream import UpstreamClient
-from regcache.store.access import DiskAccessRecords, Grant, TokenRecord
+from regcache.store.access import ANONYMOUS, DiskAccessRecords, Grant, TokenRecord
 from regcache.store.disk import DiskStore
 
 DIGEST = "sha256:" + "a" * 64

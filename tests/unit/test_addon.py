@@ -18,7 +18,7 @@ from mitmproxy.test import taddons
 
 import regcache.fronts.proxy as cache_module
 from regcache.fronts.proxy import RegistryCache, warn_if_exposed
-from regcache.store.disk import lock_cache_dir, unlock_cache_dir
+from regcache.store.lock import lock_cache_dir, unlock_cache_dir
 
 from .flows import registry_flow, write_config
 

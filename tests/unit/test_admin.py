@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from regcache.config import DEFAULT_REGISTRIES
+from regcache.oci.digest import digest_of
+from regcache.oci.manifest import Manifest
+from regcache.oci.reference import TagRef
 from regcache.ops.admin import (
     RefPattern,
     carry_out,
@@ -19,7 +22,8 @@ from regcache.ops.admin import (
     summarize_usage,
 )
 from regcache.ops.bundle import BundleError
-from regcache.store.disk import DiskStore, Manifest, TagRef, digest_of, new_tag_record
+from regcache.store.base import new_tag_record
+from regcache.store.disk import DiskStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

@@ -4,7 +4,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from regcache.fronts.bloburls import URL_LIFETIME_SECONDS, BlobUrls, is_loopback, redirect_base
+from regcache.addresses import is_loopback
+from regcache.fronts.bloburls import URL_LIFETIME_SECONDS, BlobUrls, redirect_base
 
 DIGEST = "sha256:" + "ab" * 32
 

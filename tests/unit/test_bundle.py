@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from regcache.oci.digest import digest_of
+from regcache.oci.reference import TagRef
 from regcache.ops.bundle import BundleError, import_bundle, parse_image_ref, read_layout
-from regcache.store.disk import DiskStore, TagRef, digest_of
+from regcache.store.disk import DiskStore
 
 
 @pytest.mark.parametrize(

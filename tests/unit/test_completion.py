@@ -5,8 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from regcache.oci.digest import digest_of
+from regcache.oci.manifest import Manifest
+from regcache.oci.reference import TagRef
 from regcache.services.completion import held_platforms, host_platform, platform_wanted, selected_platforms
-from regcache.store.disk import DiskStore, Manifest, TagRecord, TagRef, digest_of, lacking
+from regcache.store.base import TagRecord
+from regcache.store.disk import DiskStore
+from regcache.store.walk import lacking
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE = "application/vnd.oci.image.manifest.v1+json"

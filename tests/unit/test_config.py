@@ -13,7 +13,7 @@ from regcache.config import (
     parse_duration,
     parse_size,
 )
-from regcache.services.upstream import registrable_domain
+from regcache.oci.auth import registrable_domain
 
 
 def write(tmp_path: Path, text: str) -> str:

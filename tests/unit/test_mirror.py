@@ -7,14 +7,7 @@ import pytest
 from multidict import MultiDict, MultiDictProxy
 
 from regcache.config import ConfigError, Settings, load_settings
-from regcache.fronts.mirror import (
-    mirror_base,
-    mirrored_challenge,
-    realm_of,
-    target_registry,
-    token_path,
-    upstream_url,
-)
+from regcache.fronts.mirror import mirror_base, mirrored_challenge, realm_of, target_registry, token_path, upstream_url
 
 
 def write(tmp_path: Path, text: str) -> str:

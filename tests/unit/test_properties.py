@@ -12,8 +12,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regcache.oci.api import DIGEST_RE, NAME_RE, TAG_RE, Kind, accepted_media_types, parse_path
-from regcache.store.disk import DigestMismatch, DiskStore, Manifest, digest_of
+from regcache.oci.api import DIGEST_RE, NAME_RE, TAG_RE, Kind, parse_path
+from regcache.oci.digest import DigestMismatch, digest_of
+from regcache.oci.manifest import Manifest
+from regcache.oci.media import accepted_media_types
+from regcache.store.disk import DiskStore
 
 path_text = st.text(alphabet=st.characters(codec="ascii"), max_size=300)
 path_parts = st.lists(

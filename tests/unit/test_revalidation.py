@@ -17,7 +17,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from regcache.fronts.proxy import RegistryCache
-from regcache.store.disk import digest_of
+from regcache.oci.digest import digest_of
 
 from .flows import registry_flow, write_config
 

@@ -4,16 +4,8 @@ import json
 
 import pytest
 
-from regcache.oci.api import (
-    MAX_ACCEPT_BYTES,
-    MAX_ACCEPT_ENTRIES,
-    Kind,
-    accept_entries,
-    accepted_media_types,
-    error_body,
-    is_acceptable,
-    parse_path,
-)
+from regcache.oci.api import Kind, error_body, parse_path
+from regcache.oci.media import MAX_ACCEPT_BYTES, MAX_ACCEPT_ENTRIES, accept_entries, accepted_media_types, is_acceptable
 
 SHA = "sha256:" + "a" * 64
 

@@ -13,20 +13,14 @@ from pathlib import Path
 import pytest
 from bed.tmpfs import Tmpfs
 
-from regcache.oci.api import ACCEPT_KEY_TYPES
-from regcache.store.disk import (
-    MAX_TAG_RECORDS,
-    CacheDirBusy,
-    DigestMismatch,
-    DiskStore,
-    Manifest,
-    StoreError,
-    TagRecord,
-    TagRef,
-    accept_key,
-    digest_of,
-)
-from regcache.store.errors import best_effort
+from regcache.oci.digest import DigestMismatch, digest_of
+from regcache.oci.manifest import Manifest
+from regcache.oci.media import ACCEPT_KEY_TYPES, accept_key
+from regcache.oci.reference import TagRef
+from regcache.store.base import MAX_TAG_RECORDS, TagRecord
+from regcache.store.disk import DiskStore
+from regcache.store.errors import StoreError, best_effort
+from regcache.store.lock import CacheDirBusy
 
 DATA = b"layer bytes " * 10_000
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

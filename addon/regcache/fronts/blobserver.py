@@ -18,15 +18,16 @@ import os
 import time
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import typedefs, web
 from aiohttp.abc import AbstractStreamWriter
 
-from regcache.fronts.bloburls import BlobSource, BlobUrls
+from regcache.fronts.bloburls import BlobUrls
 from regcache.fronts.listener import Listener, Timeouts, application
 from regcache.metrics import METRICS
 from regcache.oci.api import API_VERSION_HEADER, error_body
+from regcache.services.answers import BlobSource
 from regcache.services.blobs import Fill, Fills
-from regcache.store.disk import Store
+from regcache.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class BlobServer:
         return self.listener.port
 
     @web.middleware
-    async def _signed_only(self, request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def _signed_only(self, request: web.Request, handler: typedefs.Handler) -> web.StreamResponse:
         source = request.path.split("/", 2)[1]
         digest = request.match_info.get("digest", "")
         query = request.query

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from collections.abc import Callable
-from typing import Literal
 
-# `blobs`: a stored blob; `fills`: a blob still being fetched upstream, followed as it grows.
-BlobSource = Literal["blobs", "fills"]
+from regcache.addresses import base_url, is_loopback, reachable_host
+from regcache.services.answers import BlobSource
 
 # Long enough for a client to start the transfer it was just redirected to (the check is made
 # when the request arrives, not while bytes flow); a retry goes back to the registry URL anyway.
@@ -46,26 +44,6 @@ class BlobUrls:
         if not expires.isdigit() or int(expires) < self._clock():
             return False
         return hmac.compare_digest(self._signature(source, digest, expires), signature)
-
-
-def is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address == "localhost"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def reachable_host(listen_host: str) -> str:
-    """The address to connect to for a server listening on `listen_host` (any → loopback)."""
-    return "127.0.0.1" if listen_host in ("", "0.0.0.0", "::") else listen_host
-
-
-def base_url(host: str, port: int, scheme: str = "http") -> str:
-    """`http://host:port`, with an IPv6 address in brackets."""
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def redirect_base(enabled: bool, blob_url: str | None, listen_host: str, port: int, client: str) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import http_exceptions, typedefs, web
 
-from regcache.fronts.bloburls import base_url
+from regcache.addresses import base_url
 from regcache.oci.api import error_body
 
 log = logging.getLogger("regcache")

@@ -7,11 +7,11 @@ and no CONNECT and TLS handshake per request: dockerd and containers/image open 
 for every registry request, which costs more than the answer itself on small images.
 
 Each mirror stands for one cached registry (`mirrors` in the configuration); `?ns=` may name another
-cached registry. Requests go through the same `Runtime.decide` as proxied ones: the same cache,
+cached registry. Requests go through the same `Runtime.decide` (services/runtime.py) as proxied ones: the same cache,
 revalidation and access rules, with the client's own `Authorization` forwarded upstream.
 
 - Bearer challenges are rewritten so the client asks the mirror for its token (`/_token/…`), and
-  the mirror hands that request to the token service the proxy uses too (token_service.py): only
+  the mirror hands that request to the token service the proxy uses too (services/tokens.py): only
   for exactly a realm a cached registry's challenge named, never anywhere a client says, and with
   the client's credentials only. Tag lists and other reads it cannot cache are relayed with the
   client's rights only, too.
@@ -29,30 +29,24 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
+from regcache.addresses import base_url, is_loopback
 from regcache.config import Settings
-from regcache.fronts.bloburls import base_url, is_loopback
+from regcache.fronts.blobserver import BlobServer
 from regcache.fronts.listener import Listener, Timeouts, application
 from regcache.metrics import METRICS
-from regcache.oci.api import HOP_BY_HOP, Kind, RegistryRequest, accepted_media_types, parse_path
+from regcache.oci.api import HOP_BY_HOP, Kind, RegistryRequest
+from regcache.oci.auth import bearer_challenge
 from regcache.services.answers import Answer, LocalStream, PassThrough, error_answer, log_request
+from regcache.services.requests import registry_request
+from regcache.services.runtime import Runtime
 from regcache.services.tokens import MAX_TOKEN_REQUEST
-from regcache.services.upstream import (
-    UpstreamClient,
-    UpstreamUnavailable,
-    bearer_challenge,
-    describe_error,
-    forwardable_headers,
-)
-
-if TYPE_CHECKING:
-    from regcache.services.runtime import Runtime
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, describe_error
 
 log = logging.getLogger("regcache")
 
@@ -70,7 +64,7 @@ def target_registry(settings: Settings, mirrored: str, ns: str | None) -> str | 
     return settings.registry_host(ns) if ns else mirrored
 
 
-def upstream_url(host: str, raw_path: str, query: MultiDictProxy[str]) -> str:
+def upstream_url(host: str, raw_path: str, query: MultiMapping[str]) -> str:
     """The logical upstream URL of a mirror request (`ns` is the mirror's, not the registry's)."""
     kept = [(k, v) for k, v in query.items() if k != "ns"]
     return f"https://{host}{raw_path}" + (f"?{urlencode(kept)}" if kept else "")
@@ -124,8 +118,11 @@ def mirrored_challenge(header: str, base: str) -> str:
 class MirrorServer:
     """One mirror port, standing for the registry `registry_host`."""
 
-    def __init__(self, runtime: Runtime, registry_host: str, listen: tuple[str, int], timeouts: Timeouts) -> None:
+    def __init__(
+        self, runtime: Runtime, blob_server: BlobServer, registry_host: str, listen: tuple[str, int], timeouts: Timeouts
+    ) -> None:
         self._runtime = runtime
+        self._blob_server = blob_server
         self.registry_host = registry_host
         app = application(client_max_size=MAX_TOKEN_REQUEST)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -164,16 +161,10 @@ class MirrorServer:
             message = f"regcache does not cache the registry {ns!r} (registries)"
             answer = error_answer(404, "NAME_UNKNOWN", message)
             return await self._send_answer(request, answer, f"{ns}/?", started)
-        route = parse_path(request.rel_url.raw_path)
         namespace = settings.namespace_for(host) or host
-        req = RegistryRequest(
-            namespace=namespace,
-            url=upstream_url(host, request.rel_url.raw_path, request.query),
-            method=request.method,
-            route=route,
-            headers=forwardable_headers(request.headers.items()),
-            accepted=accepted_media_types(request.headers.getall("Accept", [])),
-        )
+        url = upstream_url(host, request.rel_url.raw_path, request.query)
+        req = registry_request(namespace, url, request.method, request.rel_url.raw_path, request.headers.items())
+        route = req.route
         what = req.describe() if route.kind is not Kind.OTHER else f"{namespace}{request.rel_url.raw_path}"
         if request.method not in ("GET", "HEAD"):
             answer = error_answer(405, "UNSUPPORTED", "regcache's registry mirror is read-only")
@@ -186,8 +177,8 @@ class MirrorServer:
             return await self._send_answer(request, decision, what, started)
         if isinstance(decision, LocalStream):
             headers = {"X-Cache": decision.result}
-            blob_server = self._runtime.blob_server
-            response = await blob_server.respond(request, decision.source, decision.digest, headers, decision.path)
+            blobs = self._blob_server
+            response = await blobs.respond(request, decision.source, decision.digest, headers, decision.path)
             _log(request, decision.result, what, f"{response.status} from the store", started, decision.note)
             return response
         return await self._relay(request, req, what, started, decision)

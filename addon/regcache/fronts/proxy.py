@@ -1,10 +1,12 @@
-"""regcache's mitmproxy addon — the entry point for `mitmdump -s addon/cache.py`.
+"""regcache's mitmproxy addon, `RegistryCache` (loaded by `mitmdump -s addon/cache.py`, or added by
+`regcache run`'s master, master.py).
 
 It owns the mapping between mitmproxy flows and the registry services: which connections are
 intercepted at all (registries, re-targeted hosts, the hosts of recorded auth realms), which
 requests are registry reads or token requests, and how a service's decision becomes a response
-(`Answer`), a re-targeted stream (`LocalStream`) or an untouched pass-through.
-Everything else lives in the package: routes (parsing), manifests, blobs, store, upstream, config.
+(`Answer`, `make_response`), a re-targeted stream (`LocalStream`) or an untouched pass-through; the
+configuration's lifecycle across mitmproxy's hooks (a `Node` per configuration, node.py); and what
+each flow counts in the metrics (`record_flow`: the metrics themselves know no mitmproxy).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import NamedTuple
 
 from mitmproxy import ctx, http, tls
@@ -23,14 +25,16 @@ from mitmproxy.addonmanager import Loader
 from multidict import CIMultiDict
 
 from regcache import logs
+from regcache.addresses import is_loopback, reachable_host
 from regcache.config import ConfigError, Settings, load_settings
-from regcache.fronts.bloburls import is_loopback, reachable_host, redirect_base
-from regcache.metrics import FLOW_REQUEST, METRICS, MetricsEndpoint, flush_usage
-from regcache.oci.api import Kind, RegistryRequest, accepted_media_types, parse_path
+from regcache.fronts.bloburls import redirect_base
+from regcache.fronts.node import Node, StartupError
+from regcache.metrics import METRICS, MetricsEndpoint, registry_label
+from regcache.oci.api import Kind, RegistryRequest, parse_path
 from regcache.services.answers import Answer, LocalStream, log_request, redirect_answer
-from regcache.services.runtime import Runtime, StartupError
-from regcache.services.upstream import forwardable_headers
-from regcache.store.disk import StoreError
+from regcache.services.requests import registry_request
+from regcache.services.runtime import Runtime, flush_usage
+from regcache.store.errors import StoreError
 
 log = logging.getLogger("regcache")
 
@@ -76,9 +80,9 @@ def retarget(flow: http.HTTPFlow, settings: Settings) -> None:
     flow.request.path = target.path_prefix + flow.request.path
 
 
-def send_to_blob_server(flow: http.HTTPFlow, runtime: Runtime, stream: LocalStream) -> None:
+def send_to_blob_server(flow: http.HTTPFlow, node: Node, stream: LocalStream) -> None:
     """A redirect to the blob endpoint where the client can reach it; else stream it through."""
-    server, settings = runtime.blob_server, runtime.settings
+    server, settings = node.blob_server, node.runtime.settings
     path = server.urls.path(stream.source, stream.digest)
     client = flow.client_conn.peername[0] if flow.client_conn.peername else ""
     base = redirect_base(settings.blob_redirect, settings.blob_url, server.host, server.port, client)
@@ -104,16 +108,21 @@ def make_response(answer: Answer) -> http.Response:
 class RegistryCache:
     def __init__(self) -> None:
         self.settings = Settings()
-        self.runtime: Runtime | None = None
+        self.node: Node | None = None
         self.metrics_endpoint = MetricsEndpoint(METRICS)
-        self._tried = False  # configure has tried to build a runtime
+        self._tried = False  # configure has tried to build a node
+
+    @property
+    def runtime(self) -> Runtime | None:
+        """The running configuration's services (None: none runs)."""
+        return self.node.runtime if self.node is not None else None
 
     def load(self, loader: Loader) -> None:
         logs.install()  # mitmproxy's log handlers are in place by now
         _ignore_cancellations_at_exit()
         loader.add_option(
             "regcache_config",
-            str | None,
+            str | None,  # type: ignore[arg-type]  # mitmproxy takes optional types, its hint says `type`
             None,
             "Path to regcache's YAML configuration (cache_dir, size_limit, registries, upstreams, "
             "upstream_timeout). Unset: built-in defaults.",
@@ -147,9 +156,7 @@ class RegistryCache:
         self._tried = True
         try:
             settings = load_settings(ctx.options.regcache_config)
-            runtime = Runtime(
-                settings, offline=settings.offline or ctx.options.regcache_offline, previous=self.runtime
-            )
+            node = Node(settings, offline=settings.offline or ctx.options.regcache_offline, previous=self.node)
         except ConfigError as err:
             # One line naming the key, not a traceback; an error logged during start-up makes
             # mitmdump exit (its errorcheck addon), which is what a bad config must do.
@@ -162,14 +169,14 @@ class RegistryCache:
             # that cannot even be read (full disk)
             log.error("regcache: cache_dir: cannot use %s: %s", settings.cache_dir, err)
             return
-        old, self.runtime, self.settings = self.runtime, runtime, settings
-        METRICS.store.store, METRICS.store.size_limit = runtime.store, settings.size_limit
+        old, self.node, self.settings = self.node, node, settings
+        METRICS.watch_store(node.runtime.store_totals, settings.size_limit)
         self.metrics_endpoint.serve(settings.metrics_listen)
         if old is not None:
-            _close_soon(old, then=functools.partial(_start, runtime, self.metrics_endpoint))
+            _close_soon(old, then=functools.partial(_start, node, self.metrics_endpoint))
         log.info(
             "regcache: %s %d registries into %s (size limit %d B)",
-            "OFFLINE, replaying" if runtime.offline else "caching",
+            "OFFLINE, replaying" if node.runtime.offline else "caching",
             len(settings.registries),
             settings.cache_dir,
             settings.size_limit,
@@ -183,21 +190,21 @@ class RegistryCache:
         # comes a few requests into the first pull and stops the event loop for 50-60 ms here.
         gc.collect()
         gc.freeze()
-        if self.runtime is not None:
+        if self.node is not None:
             # Start serving on the blob endpoint and mirror sockets now (bound in `configure`).
-            _background(_start(self.runtime, self.metrics_endpoint))
+            _background(_start(self.node, self.metrics_endpoint))
 
     def done(self) -> asyncio.Future[None] | None:
         """Stop. The close runs on; at shutdown mitmproxy awaits the returned task, so the
         store is closed and every connection ended before the event loop goes away. (A script
         reload ignores it: the hook itself stays synchronous.)"""
         self.metrics_endpoint.stop()
-        METRICS.store.store = None
-        runtime, self.runtime = self.runtime, None
-        if runtime is None:
+        METRICS.watch_store(None)
+        node, self.node = self.node, None
+        if node is None:
             return None
-        flush_usage(runtime.store)  # now: a reload's background close may come too late for it
-        return _close_soon(runtime)
+        flush_usage(node.runtime.store)  # now: a reload's background close may come too late for it
+        return _close_soon(node)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         address = data.context.server.address or ("", None)
@@ -216,9 +223,10 @@ class RegistryCache:
             retarget(flow, self.settings)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        runtime = self.runtime
-        if flow.response is not None or runtime is None:
+        node = self.node
+        if flow.response is not None or node is None:
             return
+        runtime = node.runtime
         self.requestheaders(flow)  # a flow that did not come through it (a replay, a test)
         origin: Origin = flow.metadata[ORIGIN]
         if runtime.tokens.intercepts(origin.host, origin.port):
@@ -230,26 +238,20 @@ class RegistryCache:
         namespace = self.settings.namespace_for(origin.host, origin.port)
         route = parse_path(origin.path)
         if namespace is None or flow.request.method not in ("GET", "HEAD") or route.kind is Kind.OTHER:
-            METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
+            mark_relayed(flow, self.settings, origin.host, origin.port)
             return
-        req = RegistryRequest(
-            namespace=namespace,
-            url=origin.url,
-            method=flow.request.method,
-            route=route,
-            headers=forwardable_headers(flow.request.headers.items(multi=True)),
-            accepted=accepted_media_types(flow.request.headers.get_all("accept")),
-        )
+        headers = flow.request.headers.items(multi=True)
+        req = registry_request(namespace, origin.url, flow.request.method, origin.path, headers)
         decision = await runtime.decide(req, ranged="range" in flow.request.headers)
         flow.metadata[META] = (decision.result, req.describe(), decision.note)
         flow.metadata[FLOW_REQUEST] = req
         if isinstance(decision, Answer):
             flow.response = make_response(decision)
         elif isinstance(decision, LocalStream):
-            await runtime.started()
-            send_to_blob_server(flow, runtime, decision)
+            await node.started()
+            send_to_blob_server(flow, node, decision)
         else:
-            METRICS.mark_relayed(flow, self.settings, origin.host, origin.port)
+            mark_relayed(flow, self.settings, origin.host, origin.port)
             flow.metadata[STREAMED] = True
 
     @staticmethod
@@ -274,12 +276,12 @@ class RegistryCache:
             if flow.response.raw_content:
                 size = str(len(flow.response.raw_content))
             _log_request(flow, f"{flow.response.status_code} {size} B")
-        METRICS.record_flow(flow, cache_result(flow), origin_of(flow).host)
+        record_flow(flow, cache_result(flow), origin_of(flow).host)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if META in flow.metadata:
             _log_request(flow, f"failed: {flow.error.msg if flow.error else '?'}", logging.WARNING)
-        METRICS.record_flow(flow, cache_result(flow), origin_of(flow).host)
+        record_flow(flow, cache_result(flow), origin_of(flow).host)
 
 
 def cache_result(flow: http.HTTPFlow) -> str | None:
@@ -305,22 +307,12 @@ def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -
     log_request(result, flow.request.method, what, outcome, ms, note, level)
 
 
-def ready_line(proxy: Iterable[tuple[str, int]], runtime: Runtime, metrics: str | None) -> str:
-    """The line that says every listener is up: scripts and service managers wait for it."""
-    parts = [f"proxy {host}:{port}" if ":" not in host else f"proxy [{host}]:{port}" for host, port, *_ in proxy]
-    parts.append(f"blob endpoint {runtime.blob_server.listener.url}")
-    parts += [f"mirror of {mirror.registry_host} {mirror.url}" for mirror in runtime.mirrors]
-    if metrics:
-        parts.append(f"metrics {metrics}")
-    return "regcache ready: " + ", ".join(parts)
-
-
-async def _start(runtime: Runtime, metrics: MetricsEndpoint) -> None:
-    """Serve on the runtime's sockets, then say that every listener is up."""
-    await runtime.started()
+async def _start(node: Node, metrics: MetricsEndpoint) -> None:
+    """Serve on the node's sockets, then say that every listener is up."""
+    await node.started()
     proxyserver = ctx.master.addons.get("proxyserver")
     proxy = proxyserver.listen_addrs() if proxyserver is not None else []
-    log.info(ready_line(proxy, runtime, metrics.url))
+    log.info(node.ready_line(proxy, metrics.url))
 
 
 def _ignore_cancellations_at_exit() -> None:
@@ -351,20 +343,63 @@ def _background(work: Coroutine[None, None, None]) -> asyncio.Future[None]:
     return task
 
 
-def _close_soon(runtime: Runtime, then: Callable[[], Awaitable[None]] | None = None) -> asyncio.Future[None] | None:
-    """Close `runtime` in the background (its listening sockets at once); then `then` (start a
+def _close_soon(node: Node, then: Callable[[], Awaitable[None]] | None = None) -> asyncio.Future[None] | None:
+    """Close `node` in the background (its listening sockets at once); then `then` (start a
     new configuration, whose sockets are bound already). The task, if the loop runs."""
-    runtime.stop_accepting()
+    node.stop_accepting()
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # not running yet: `running` starts the successor
-        runtime.store.close()
+        node.runtime.store.close()
         return None
 
     async def replace() -> None:
-        await runtime.close()
+        await node.close()
         if then is not None:
             await then()
 
     return _background(replace())
 
+
+# flow.metadata keys: the parsed registry request, the registry (label) a relayed flow went to,
+# and "already counted" (a flow can see `response` and then `error`).
+FLOW_REQUEST = "regcache_request"
+FLOW_RELAYED = "regcache_relayed"
+FLOW_COUNTED = "regcache_counted"
+
+
+def mark_relayed(flow: http.HTTPFlow, settings: Settings, host: str, port: int) -> None:
+    """mitmproxy is about to relay this flow, addressed to host:port, upstream: count it when
+    the answer comes (hosts regcache intercepts only; plain-HTTP requests to other hosts are
+    no registry's)."""
+    if settings.intercepts(host, port):
+        flow.metadata[FLOW_RELAYED] = registry_label(settings, host, port)
+
+
+def record_flow(flow: http.HTTPFlow, result: str | None, host: str) -> None:
+    """A flow the addon handled is done (answered or failed): into the metrics. `result` is its
+    cache result, None for a flow that was only relayed; `host` the one the client addressed
+    (before any re-targeting). Counted once per flow."""
+    if flow.metadata.get(FLOW_COUNTED):
+        return
+    flow.metadata[FLOW_COUNTED] = True
+    relayed_to = flow.metadata.get(FLOW_RELAYED)
+    if relayed_to is not None and flow.response is not None:
+        METRICS.upstream_answered(relayed_to, flow.request.method, flow.response.headers)
+        if flow.request.method != "HEAD":
+            METRICS.upstream_bytes(relayed_body_size(flow.response))
+    if result is None:
+        return
+    req: RegistryRequest | None = flow.metadata.get(FLOW_REQUEST)
+    if req is None:  # a token request (services/tokens.py)
+        METRICS.request_answered(host, "token", flow.request.method, result, "")
+    else:
+        METRICS.request_decided(req, result)
+
+
+def relayed_body_size(response: http.Response) -> int:
+    """A relayed answer's body size: as buffered, or its Content-Length when it was streamed."""
+    if response.raw_content is not None:
+        return len(response.raw_content)
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else 0

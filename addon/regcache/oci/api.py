@@ -1,4 +1,5 @@
-"""The registry HTTP API's shapes: which request is which, and what an error looks like.
+"""The registry HTTP API's request grammar: which request is which, what an error looks like, and
+`RegistryRequest`, a parsed registry read as the services see it.
 
 Pure functions only — no I/O — so every rule here is unit-testable. Grammar from the OCI
 distribution spec / distribution's `reference` package.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+
+from regcache.oci.reference import repository_of
 
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
@@ -88,65 +91,6 @@ def parse_path(path: str) -> Route:
     return Route(kind, name, reference)
 
 
-# The manifest media types a tag can resolve to: the only `Accept` entries that change what a
-# registry answers for a tag, so the only ones a tag record is keyed by (with `*/*`, which keeps
-# its meaning: any of them). Regcache's own requests ask for the cacheable ones, in this order.
-CACHEABLE_MEDIA_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-SCHEMA1_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        "application/vnd.docker.distribution.manifest.v1+json",
-    }
-)
-ANY_MEDIA_TYPE = "*/*"
-ACCEPT_KEY_TYPES = frozenset({*CACHEABLE_MEDIA_TYPES, *SCHEMA1_MEDIA_TYPES, ANY_MEDIA_TYPE})
-# What reading a client's `Accept` headers may cost: dockerd sends 6 entries in about 400 bytes.
-# Anything beyond is not read, so a hostile list costs every later request nothing.
-MAX_ACCEPT_BYTES = 8 * 1024
-MAX_ACCEPT_ENTRIES = 64
-
-
-def accept_entries(accept_headers: Iterable[str]) -> list[str]:
-    """The comma-separated entries of a request's `Accept` headers, up to `MAX_ACCEPT_BYTES` of
-    them (an entry cut off there is dropped) and `MAX_ACCEPT_ENTRIES` entries."""
-    entries: list[str] = []
-    budget = MAX_ACCEPT_BYTES
-    for header in accept_headers:
-        parts = header[:budget].split(",", MAX_ACCEPT_ENTRIES)
-        if len(header) > budget:
-            parts.pop()  # cut off mid-entry
-        entries += parts
-        budget -= len(header)
-        if budget <= 0 or len(entries) >= MAX_ACCEPT_ENTRIES:
-            break
-    return entries[:MAX_ACCEPT_ENTRIES]
-
-
-def accepted_media_types(accept_headers: Iterable[str]) -> tuple[str, ...]:
-    """The manifest media types a client accepts, normalised: known types only (`ACCEPT_KEY_TYPES`;
-    others say nothing about manifests), parameters dropped, sorted, unique.
-
-    Clients send several `Accept` headers or one comma-separated list; both mean the same.
-    """
-    types = {normalize_media_type(entry) for entry in accept_entries(accept_headers)}
-    return tuple(sorted(types & ACCEPT_KEY_TYPES))
-
-
-def normalize_media_type(media_type: str) -> str:
-    """`Application/JSON; charset=utf-8` → `application/json` (clients ignore parameters)."""
-    return media_type.split(";", 1)[0].strip().lower()
-
-
-def is_acceptable(media_type: str, accepted: tuple[str, ...]) -> bool:
-    """Would a client with this Accept list take a manifest of this media type?"""
-    return not accepted or ANY_MEDIA_TYPE in accepted or normalize_media_type(media_type) in accepted
-
-
 def error_body(code: str, message: str, detail: object = None) -> bytes:
     """A registry-style JSON error body (distribution spec, "Error Codes")."""
     error: dict[str, object] = {"code": code, "message": message}
@@ -176,6 +120,11 @@ class RegistryRequest:
     @property
     def head(self) -> bool:
         return self.method == "HEAD"
+
+    @property
+    def repository(self) -> str:
+        """`docker.io/library/alpine`: the repository as access records and metrics name it."""
+        return repository_of(self.namespace, self.route.name)
 
     def describe(self) -> str:
         return f"{self.namespace}/{self.route.describe()}"

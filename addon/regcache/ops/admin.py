@@ -5,10 +5,11 @@ pattern such as `docker.io/library/alpine` covers (`RefPattern`); what a purge o
 (`plan_purge`, `plan_gc`: plans first, so `--dry-run` shows exactly what the real run removes);
 rehashing content (`find_corrupt`); and reading the usage totals the proxy saved (`summarize_usage`).
 
-Every walk uses the store's own reference walker (`reachable` over `Store.needs`) and reads entries
-without counting as a use, so looking at the cache never changes what eviction removes next. All
-of it works while regcache runs on the same store (diskcache is multi-process safe); an image
-pulled while a purge runs may lose a blob it needs, which the proxy then fetches again.
+Every walk uses the store's own reference walker (`reachable` over `Store.needs`), spells store keys
+only through store/keys.py, and reads entries without counting as a use, so looking at the cache
+never changes what eviction removes next. All of it works while regcache runs on the same store
+(diskcache is multi-process safe); an image pulled while a purge runs may lose a blob it needs,
+which the proxy then fetches again.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from regcache.oci.api import NAME_RE, TAG_RE
-from regcache.ops.bundle import BundleError, repository_name, split_registry
-from regcache.store.disk import Store, TagRef, lacking, reachable, tag_ref_of, verify_digest
+from regcache.oci.digest import verify_digest
+from regcache.oci.reference import TagRef, repository_name, split_registry
+from regcache.ops.bundle import BundleError
+from regcache.store import keys
+from regcache.store.base import Store
+from regcache.store.walk import lacking, reachable
 
 HASH_CHUNK = 1024 * 1024
 
@@ -41,7 +46,7 @@ class RefPattern:
     tag: str = ""
 
     def covers(self, ref: TagRef) -> bool:
-        return self.covers_repository(f"{ref.namespace}/{ref.name}") and (not self.tag or ref.tag == self.tag)
+        return self.covers_repository(ref.repository) and (not self.tag or ref.tag == self.tag)
 
     def covers_repository(self, repository: str) -> bool:
         """Does it cover all of, or a tag in, this `registry/repository`?"""
@@ -93,13 +98,13 @@ def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRo
     entries = store.entries()
     pins = store.pins()
     rows = []
-    for key in sorted(k for k in entries if k.startswith("tag:")):
-        ref = tag_ref_of(key)
+    for key in sorted(k for k in entries if keys.is_kind(k, keys.TAG)):
+        ref = keys.tag_ref_of(key)
         if pattern is not None and not pattern.covers(ref):
             continue
         for manifest_key in dict.fromkeys(needs(key)):  # one row per digest, in record order
             needed = reachable([manifest_key], needs)
-            digest = manifest_key.partition(":")[2]
+            digest = keys.subject(manifest_key)
             size = sum(entries[k].size for k in needed if k in entries)
             missing = tuple(lacking(manifest_key, needs, entries.__contains__))
             pinned = pins.get(str(ref)) == digest
@@ -120,7 +125,8 @@ class Plan:
     staging_files: list[Path] = field(default_factory=list)
 
     def count(self, kind: str) -> int:
-        return sum(1 for key in self.keys if key.startswith(f"{kind}:"))
+        """How many entries of one kind (store/keys.py: `tag`, `manifest`, `blob`, `seen`) it removes."""
+        return sum(1 for key in self.keys if keys.kind_of(key) == kind)
 
     @property
     def bytes(self) -> int:
@@ -128,7 +134,7 @@ class Plan:
 
 
 def _pinned_roots(store: Store) -> list[str]:
-    return [f"manifest:{digest}" for digest in store.pins().values()]
+    return [keys.manifest_key(digest) for digest in store.pins().values()]
 
 
 def plan_purge(store: Store, pattern: RefPattern) -> Plan:
@@ -139,15 +145,15 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
     needs = functools.cache(store.needs)  # three walks over the same manifests: read each once
     entries = store.entries()
     pins = store.pins()
-    tags = [key for key in entries if key.startswith("tag:")]
-    covered = [key for key in tags if pattern.covers(tag_ref_of(key))]
-    plan = Plan(kept_pinned=sorted(key[4:] for key in covered if key[4:] in pins))
-    purged_tags = sorted(key for key in covered if key[4:] not in pins)
+    tags = [key for key in entries if keys.is_kind(key, keys.TAG)]
+    covered = [key for key in tags if pattern.covers(keys.tag_ref_of(key))]
+    plan = Plan(kept_pinned=sorted(keys.subject(key) for key in covered if keys.subject(key) in pins))
+    purged_tags = sorted(key for key in covered if keys.subject(key) not in pins)
     # A pinned image stays readable through its repository.
     still_readable = {
-        (f"{tag_ref_of(key).namespace}/{tag_ref_of(key).name}", needed.partition(":")[2])
+        (keys.tag_ref_of(key).repository, keys.subject(needed))
         for key in covered
-        if key[4:] in pins
+        if keys.subject(key) in pins
         for needed in reachable([key], needs)
     }
     seen = [pair for pair in store.seen_pairs() if pair not in still_readable]
@@ -161,16 +167,17 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
     remaining_tags = set(tags) - set(purged_tags)
     keep = reachable([*remaining_tags, *_pinned_roots(store)], needs)
     candidates = reachable(purged_tags, needs) | {
-        f"{kind}:{digest}" for _, digest in purged_seen for kind in ("manifest", "blob")
+        key for _, digest in purged_seen for key in (keys.manifest_key(digest), keys.blob_key(digest))
     }
     content = sorted(
         key
         for key in candidates - set(purged_tags)
-        if key in entries and key not in keep and key.partition(":")[2] not in kept_seen
+        if key in entries and key not in keep and keys.subject(key) not in kept_seen
     )
-    removed_digests = {key.partition(":")[2] for key in content}
+    removed_digests = {keys.subject(key) for key in content}
     dropped_seen = {pair for pair in seen if pair[1] in removed_digests} | set(purged_seen)
-    plan.keys = [*purged_tags, *content, *sorted(f"seen:{repository}@{digest}" for repository, digest in dropped_seen)]
+    dropped = sorted(keys.seen_key(repository, digest) for repository, digest in dropped_seen)
+    plan.keys = [*purged_tags, *content, *dropped]
     plan.sizes = {key: entries[key].size for key in plan.keys if key in entries}
     return plan
 
@@ -181,14 +188,14 @@ def plan_gc(store: Store, min_age: float, now: float | None = None) -> Plan:
     access records of digests no longer stored; staging files untouched for `min_age`."""
     now = time.time() if now is None else now
     entries = store.entries()
-    needed = reachable([*(k for k in entries if k.startswith("tag:")), *_pinned_roots(store)], store.needs)
+    needed = reachable([*(k for k in entries if keys.is_kind(k, keys.TAG)), *_pinned_roots(store)], store.needs)
     orphans = sorted(
         key
         for key, entry in entries.items()
-        if key.startswith(("manifest:", "blob:")) and key not in needed and entry.last_use < now - min_age
+        if keys.is_kind(key, keys.MANIFEST, keys.BLOB) and key not in needed and entry.last_use < now - min_age
     )
-    stored = {key.partition(":")[2] for key in entries.keys() - set(orphans)}
-    stale_seen = sorted(f"seen:{repo}@{digest}" for repo, digest in store.seen_pairs() if digest not in stored)
+    stored = {keys.subject(key) for key in entries.keys() - set(orphans)}
+    stale_seen = sorted(keys.seen_key(repo, digest) for repo, digest in store.seen_pairs() if digest not in stored)
     plan = Plan(keys=orphans + stale_seen, sizes={key: entries[key].size for key in orphans})
     plan.staging_files = [path for path in _staging_files(store) if _mtime(path) < now - min_age]
     return plan
@@ -246,20 +253,20 @@ class Verification:
 
 def verify_total(store: Store) -> int:
     """Bytes `find_corrupt` will read (for a progress bar)."""
-    return sum(entry.size for key, entry in store.entries().items() if key.startswith(("blob:", "manifest:")))
+    return sum(entry.size for key, entry in store.entries().items() if keys.is_kind(key, keys.BLOB, keys.MANIFEST))
 
 
 def find_corrupt(store: Store, progress: Callable[[int], None] = lambda _: None) -> Verification:
     """Rehash every stored manifest and blob; `progress` is told each chunk of bytes read."""
     result = Verification()
     for key, entry in sorted(store.entries().items()):
-        kind, _, digest = key.partition(":")
-        if kind == "manifest":
+        kind, digest = keys.kind_of(key), keys.subject(key)
+        if kind == keys.MANIFEST:
             manifest = store.peek_manifest(digest)
             problem = "unreadable" if manifest is None else _manifest_problem(digest, manifest.body)
             progress(entry.size)
             result.manifests += 1
-        elif kind == "blob":
+        elif kind == keys.BLOB:
             problem = _blob_problem(store.blob_file(digest), digest, progress)
             result.blobs += 1
         else:

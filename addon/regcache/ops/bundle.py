@@ -27,23 +27,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from regcache.config import DOCKER_HUB
-from regcache.oci.api import DIGEST_RE, NAME_RE, TAG_RE
-from regcache.services.identity import ANONYMOUS
-from regcache.store.access import AccessRecords, Grant
-from regcache.store.disk import (
-    BlobStaging,
-    DigestMismatch,
-    DiskStore,
-    Manifest,
-    TagRecord,
-    TagRef,
-    accept_key,
-    lacking,
-    manifest_references,
-    reachable,
-    verify_digest,
-)
+from regcache.oci.api import NAME_RE, TAG_RE
+from regcache.oci.digest import DigestMismatch, verify_digest
+from regcache.oci.manifest import Manifest, children, descriptor_digest
+from regcache.oci.media import accept_key
+from regcache.oci.reference import TagRef, repository_name, split_registry
+from regcache.store import keys
+from regcache.store.access import ANONYMOUS, AccessRecords, Grant
+from regcache.store.base import Store, TagRecord
+from regcache.store.staging import BlobStaging
+from regcache.store.walk import lacking, reachable
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -60,24 +53,6 @@ class BundleError(Exception):
     """A bundle or reference that cannot be used; the message says what and where."""
 
 
-def split_registry(text: str) -> tuple[str, str]:
-    """(registry namespace, repository[:tag]) of a reference as users write it: a first component
-    with a dot or a port, or `localhost`, names the registry; anything else is Docker Hub's."""
-    first, _, rest = text.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        namespace, remainder = first.lower(), rest
-    else:
-        namespace, remainder = DOCKER_HUB, text
-    if namespace in ("index.docker.io", "registry-1.docker.io"):
-        namespace = DOCKER_HUB
-    return namespace, remainder
-
-
-def repository_name(namespace: str, name: str) -> str:
-    """Docker Hub's official images live under `library/`: `alpine` → `library/alpine`."""
-    return f"library/{name}" if namespace == DOCKER_HUB and "/" not in name else name
-
-
 def parse_image_ref(text: str) -> TagRef:
     """`alpine`, `library/alpine:3.20`, `docker.io/library/alpine:3.20`, `ghcr.io/org/app:1`."""
     namespace, remainder = split_registry(text)
@@ -86,21 +61,6 @@ def parse_image_ref(text: str) -> TagRef:
     if not NAME_RE.fullmatch(name) or not TAG_RE.fullmatch(tag):
         raise BundleError(f"{text!r} is not an image reference like docker.io/library/alpine:3.20")
     return TagRef(namespace, name, tag)
-
-
-def children(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """(child manifest descriptors, blob descriptors); a BundleError if it is not a manifest."""
-    try:
-        return manifest_references(manifest)
-    except ValueError as err:
-        raise BundleError(f"manifest is not a JSON object: {err}") from err
-
-
-def descriptor_digest(descriptor: dict[str, object]) -> str:
-    digest = descriptor.get("digest")
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise BundleError(f"bad digest in descriptor {descriptor!r}")
-    return digest
 
 
 # export --------------------------------------------------------------------------------------
@@ -122,7 +82,7 @@ class Contents:
         return f"{len(self.entries)} tags, {len(self.manifests)} manifests, {len(self.blobs)} blobs, {size} bytes"
 
 
-def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Contents) -> bool:
+def _collect(store: Store, digest: str, manifest: Manifest, contents: Contents) -> bool:
     """Add a manifest and what it needs; False if the store lacks something an image needs.
     An index keeps only the children that were recorded (others were never pulled)."""
     child_manifests, blobs = children(manifest)
@@ -148,14 +108,14 @@ def _collect(store: DiskStore, digest: str, manifest: Manifest, contents: Conten
 
 def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) -> str:
     """What an incomplete image lacks (store keys, see store.lacking), and how to complete it."""
-    manifests = sum(1 for key in missing if key.startswith("manifest:"))
+    manifests = sum(1 for key in missing if keys.is_kind(key, keys.MANIFEST))
     blobs = len(missing) - manifests
     counts = [f"{n} {kind}{'' if n == 1 else 's'}" for n, kind in ((manifests, "manifest"), (blobs, "blob")) if n]
     return f"{ref} is incomplete in the cache ({', '.join(counts)} missing): complete it with regcache warm {ref}"
 
 
 def collect_for_export(
-    store: DiskStore, refs: list[TagRef] | None, records: AccessRecords | None = None
+    store: Store, refs: list[TagRef] | None, records: AccessRecords | None = None
 ) -> Contents:
     """Every complete image of `refs` (None: of the whole store); an incomplete one is skipped,
     saying so, and is an error when it was named and nothing else of its tag was complete.
@@ -166,9 +126,9 @@ def collect_for_export(
         lacks = []
         for accepted, record in sorted(store.tag_records(ref).items()):
             manifest = store.get_manifest(record.digest)
-            missing = lacking(f"manifest:{record.digest}", store.needs, store.has_entry)
+            missing = lacking(keys.manifest_key(record.digest), store.needs, store.has_entry)
             if manifest is None or missing or not _collect(store, record.digest, manifest, contents):
-                lacks.append(incomplete_message(ref, missing or [f"manifest:{record.digest}"]))
+                lacks.append(incomplete_message(ref, missing or [keys.manifest_key(record.digest)]))
                 continue
             annotations = {
                 REF_NAME: str(ref),
@@ -177,7 +137,7 @@ def collect_for_export(
                 REPOSITORY: ref.name,
                 TAG: ref.tag,
                 ACCEPT: accepted,
-                ACCESS: "public" if records is not None and is_public(records, repository_of(ref)) else "private",
+                ACCESS: "public" if records is not None and is_public(records, ref.repository) else "private",
             }
             descriptor = {"mediaType": manifest.media_type, "digest": record.digest, "size": len(manifest.body)}
             contents.entries.append({**descriptor, "annotations": annotations})
@@ -188,7 +148,7 @@ def collect_for_export(
     return contents
 
 
-def write_bundle(store: DiskStore, contents: Contents, out: Path) -> None:
+def write_bundle(store: Store, contents: Contents, out: Path) -> None:
     """Write a layout directory, or a tar when `out` ends in .tar; atomically (temp + rename)."""
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": contents.entries}
     files: list[tuple[str, bytes | Path]] = [
@@ -325,7 +285,7 @@ def read_layout(root: Path, as_ref: TagRef | None, private: bool = False) -> Con
         accepted = str(annotations.get(ACCEPT) or accept_key((manifest.media_type,)))
         contents.tags.append((ref, accepted, TagRecord(digest, manifest.media_type, len(manifest.body), now)))
         if not private and annotations.get(ACCESS, "public") == "public":
-            contents.public.add(repository_of(ref))
+            contents.public.add(ref.repository)
     return contents
 
 
@@ -353,7 +313,7 @@ def _load_manifest(root: Path, descriptor: dict[str, object], contents: Contents
     return manifest
 
 
-def stage_blobs(store: DiskStore, root: Path, blobs: dict[str, int]) -> list[BlobStaging]:
+def stage_blobs(store: Store, root: Path, blobs: dict[str, int]) -> list[BlobStaging]:
     """Copy every blob into staging, hashing as it goes; on any problem discard them all.
     Blobs the cache already has are verified too: a corrupt bundle is rejected whole."""
     staged: list[BlobStaging] = []
@@ -394,7 +354,7 @@ def bundled_needs(manifests: dict[str, Manifest]) -> Callable[[str], list[str]]:
 
 
 def import_bundle(
-    store: DiskStore,
+    store: Store,
     source: Path,
     as_ref: TagRef | None,
     pin: bool = False,
@@ -421,18 +381,14 @@ def import_bundle(
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
         needed = reachable([record.digest], bundled_needs(contents.manifests))
-        store.mark_seen(repository_of(ref), sorted(needed))
+        store.mark_seen(ref.repository, sorted(needed))
         if pin:
             store.pin(ref, record.digest)
-    for repository in sorted(contents.public) if records is not None else []:
-        records.put_grant(ANONYMOUS, repository, Grant(time.time(), None))
+    if records is not None:
+        for repository in sorted(contents.public):
+            records.put_grant(ANONYMOUS, repository, Grant(time.time(), None))
     store.evict()
     return contents
-
-
-def repository_of(ref: TagRef) -> str:
-    """The repository as access records name it (access.py): `docker.io/library/alpine`."""
-    return f"{ref.namespace}/{ref.name}"
 
 
 def is_public(records: AccessRecords, repository: str) -> bool:

@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from regcache.addresses import base_url
 from regcache.config import ConfigError, Settings, load_settings, parse_duration, read_text
-from regcache.fronts.bloburls import base_url
 from regcache.fronts.master import serve
+from regcache.oci.manifest import BadManifest
 from regcache.ops.admin import (
     Plan,
     carry_out,
@@ -50,7 +51,9 @@ from regcache.ops.bundle import (
 from regcache.ops.warm import default_platforms, warm_all
 from regcache.services.blobs import FREE_SPACE_RESERVE
 from regcache.store.access import DiskAccessRecords
-from regcache.store.disk import DiskStore, StoreError, require_store, require_writable
+from regcache.store.base import Store
+from regcache.store.disk import DiskStore, require_store, require_writable
+from regcache.store.errors import StoreError
 
 # mitmdump's entry script, beside the package in a checkout (the source root addon/); not installed.
 ADDON = Path(__file__).resolve().parents[2] / "cache.py"
@@ -167,7 +170,7 @@ def open_store(
     return DiskStore(cache_dir, settings.size_limit, owner=False, read_only=read_only)
 
 
-def access_records_for_reading(store: DiskStore) -> DiskAccessRecords | None:
+def access_records_for_reading(store: Store) -> DiskAccessRecords | None:
     """The store's access records, to tell which images are public; None where they cannot be
     opened (a read-only store): every image then counts as private, which fails closed."""
     try:
@@ -559,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         options.mitmdump_args = options.mitmdump_args[1:]
     try:
         return int(options.handler(options))
-    except (ConfigError, BundleError, StoreError, UsageError, OSError, sqlite3.Error) as err:
+    except (ConfigError, BundleError, BadManifest, StoreError, UsageError, OSError, sqlite3.Error) as err:
         # One line, never a traceback: these are the user's paths, files and settings.
         unchanged = " (the cache is unchanged)" if options.command == "import" else ""
         print(f"regcache {options.command}: {describe(err)}{unchanged}", file=sys.stderr)

@@ -17,16 +17,18 @@ from multidict import CIMultiDict
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from regcache.config import Settings
-from regcache.oci.api import CACHEABLE_MEDIA_TYPES
+from regcache.oci.auth import bearer_challenge
+from regcache.oci.manifest import BadManifest
+from regcache.oci.media import CACHEABLE_MEDIA_TYPES
+from regcache.oci.reference import TagRef
 from regcache.ops.bundle import BundleError
 from regcache.services.access import Access
 from regcache.services.blobs import Fills
 from regcache.services.completion import FetchError, ImageFetcher, ImageSource
-from regcache.services.identity import ANONYMOUS
 from regcache.services.manifests import ManifestService
-from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
-from regcache.store.access import DiskAccessRecords
-from regcache.store.disk import DiskStore, TagRef
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable
+from regcache.store.access import ANONYMOUS, DiskAccessRecords
+from regcache.store.base import Store
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Bars:
 
 
 class Warmer:
-    def __init__(self, settings: Settings, store: DiskStore, progress: Progress) -> None:
+    def __init__(self, settings: Settings, store: Store, progress: Progress) -> None:
         self._settings = settings
         self._upstream = UpstreamClient(settings)
         self._records = DiskAccessRecords(store.cache_dir)
@@ -95,7 +97,7 @@ class Warmer:
 
 
 async def warm_all(
-    settings: Settings, store: DiskStore, refs: Iterable[TagRef], platforms: set[str] | None
+    settings: Settings, store: Store, refs: Iterable[TagRef], platforms: set[str] | None
 ) -> list[Warmed | str]:
     """Warm each image; a failure is reported (as a string) and does not stop the others."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
@@ -106,7 +108,7 @@ async def warm_all(
             for ref in refs:
                 try:
                     results.append(await warmer.warm(ref, platforms))
-                except (FetchError, BundleError, UpstreamUnavailable, ValueError) as err:
+                except (FetchError, BundleError, BadManifest, UpstreamUnavailable, ValueError) as err:
                     results.append(f"{ref}: {err}")
         finally:
             await warmer.close()

@@ -31,9 +31,9 @@ from multidict import CIMultiDict
 
 from regcache.config import Settings
 from regcache.oci.api import RegistryRequest
+from regcache.oci.manifest import Manifest, referenced_digests
 from regcache.services.answers import Answer, answer_from_head, error_answer
 from regcache.services.identity import (
-    ANONYMOUS,
     ISSUED_PREFIX,
     UNKNOWN_TOKEN_LIFETIME,
     Client,
@@ -44,10 +44,10 @@ from regcache.services.identity import (
     split_authorization,
     token_requester,
 )
-from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of
-from regcache.store.access import STORE_ERRORS, AccessRecords, Grant, RecordWriter, TokenRecord
-from regcache.store.disk import Manifest, Store, referenced_digests
-from regcache.store.errors import best_effort
+from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of, upstream_failed
+from regcache.store.access import ANONYMOUS, AccessRecords, Grant, RecordWriter, TokenRecord
+from regcache.store.base import Store
+from regcache.store.errors import STORE_ERRORS, best_effort
 
 GRANT_SECONDS = 300.0
 SAVE_EVERY = 60.0  # a grant accepted again is saved to the store at most this often
@@ -58,18 +58,9 @@ def credential(req: RegistryRequest) -> str:
     return hashlib.sha256(req.headers.get("Authorization", "").encode()).hexdigest()
 
 
-def repository(req: RegistryRequest) -> str:
-    return f"{req.namespace}/{req.route.name}"
-
-
 def registry_of(url: str) -> str:
     """The registry a logical URL is for, as challenges are recorded: `host[:port]`."""
     return urlsplit(url).netloc.lower()
-
-
-def upstream_failed(status: int) -> bool:
-    """Answers that say nothing about the request: the upstream is overloaded or broken."""
-    return status == 429 or status >= 500
 
 
 def judged(client: Client, status: int, challenge: str) -> bool:
@@ -207,9 +198,9 @@ class Access:
         if client.issued_here:  # never sent upstream
             return
         if status == 200:
-            self._accepted(repository(req), client)
+            self._accepted(req.repository, client)
         elif status in (401, 403) and judged(client, status, challenge):
-            self._refused(repository(req), req.route.name, client)
+            self._refused(req.repository, req.route.name, client)
 
     def _accepted(self, repo: str, client: Client) -> None:
         now = time.time()
@@ -313,15 +304,15 @@ class Access:
         """`digest` (and what its manifest references) belongs to the request's repository
         (best effort: the client is allowed either way, and is asked about again if it is not saved)."""
         digests: Iterable[str] = [digest, *(referenced_digests(manifest) if manifest is not None else [])]
-        await asyncio.to_thread(best_effort, "access records", self._store.mark_seen, repository(req), list(digests))
+        await asyncio.to_thread(best_effort, "access records", self._store.mark_seen, req.repository, list(digests))
 
     async def may_serve(self, req: RegistryRequest, client: Client, digest: str, known: bool | None = None) -> bool:
         """Without a fresh upstream answer: may this client have this cached object?"""
         if self.open_offline:
             return True
         if known is None:
-            known = await asyncio.to_thread(self._store.is_seen, repository(req), digest)
-        return known and await self.permitted(client, repository(req))
+            known = await asyncio.to_thread(self._store.is_seen, req.repository, digest)
+        return known and await self.permitted(client, req.repository)
 
     async def check(
         self, req: RegistryRequest, client: Client, digest: str, kind: str, known: bool | None = None
@@ -330,10 +321,10 @@ class Access:
         `kind` is "manifests" or "blobs"; `known`: whether it is seen in the repository, if the
         caller has asked the store already."""
         if known is None:
-            known = await asyncio.to_thread(self._store.is_seen, repository(req), digest)
+            known = await asyncio.to_thread(self._store.is_seen, req.repository, digest)
         if self._offline or client.issued_here:
             return None if await self.may_serve(req, client, digest, known) else self.cannot_check(req)
-        if known and self.granted_recently(client, repository(req)):
+        if known and self.granted_recently(client, req.repository):
             return None
         url = req.url.split("/v2/", 1)[0] + f"/v2/{req.route.name}/{kind}/{digest}"
         unknown = "BLOB_UNKNOWN" if kind == "blobs" else "MANIFEST_UNKNOWN"
@@ -359,12 +350,12 @@ class Access:
             return self.offline_refusal(req)
         if failed is not None:
             return failed
-        message = f"upstream unavailable: this client's access to {repository(req)} cannot be checked"
+        message = f"upstream unavailable: this client's access to {req.repository} cannot be checked"
         return error_answer(503, "UNAVAILABLE", message)
 
     def offline_refusal(self, req: RegistryRequest) -> Answer:
         message = (
-            f"offline: {repository(req)} is served only to clients presenting credentials the upstream "
+            f"offline: {req.repository} is served only to clients presenting credentials the upstream "
             "accepted for it"
         )
         answer = error_answer(401, "UNAUTHORIZED", message, note="offline")

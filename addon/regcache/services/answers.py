@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
-from regcache.fronts.bloburls import BlobSource
 from regcache.oci.api import API_VERSION_HEADER, HOP_BY_HOP, error_body
+from regcache.oci.manifest import Manifest
 from regcache.services.upstream import UpstreamAnswer
-from regcache.store.disk import Manifest
 
 log = logging.getLogger("regcache")
+
+# Where a blob's bytes come from: `blobs`, a stored blob; `fills`, a blob still being fetched
+# upstream, followed as it grows (the blob endpoint serves both, fronts/blobserver.py).
+BlobSource = Literal["blobs", "fills"]
 
 
 @dataclass

@@ -23,25 +23,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 from multidict import CIMultiDict
 
 from regcache.metrics import METRICS
 from regcache.oci.api import RegistryRequest
-from regcache.services.access import Access, repository
+from regcache.oci.digest import DigestMismatch
+from regcache.services.access import Access
 from regcache.services.answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
 from regcache.services.identity import Client
 from regcache.services.manifests import ISSUED_HERE, not_in_offline_cache, unavailable
 from regcache.services.upstream import (
     MAX_ERROR_BODY,
+    TRANSFER_ERRORS,
     UpstreamAnswer,
     UpstreamClient,
+    UpstreamResponse,
     UpstreamUnavailable,
     describe_error,
     read_limited,
 )
-from regcache.store.disk import BlobStaging, DigestMismatch, Store
+from regcache.store.base import Store
 from regcache.store.errors import STORE_ERRORS, best_effort
+from regcache.store.staging import BlobStaging
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +224,7 @@ class Fills:
 
     async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str], repository: str) -> None:
         started_at = time.monotonic()
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         staging: BlobStaging | None = None
         try:
             if skip := self._no_room(None):  # known before asking upstream: no fetch wasted
@@ -267,7 +270,7 @@ class Fills:
             fill._notify()
         except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
             fill.error = str(err)
-        except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
+        except TRANSFER_ERRORS as err:  # before OSError: some are OSErrors too
             fill.error = f"GET {url}: {describe_error(err)}"
         except STORE_ERRORS as err:
             fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
@@ -387,7 +390,7 @@ class BlobService:
         client = await self._access.client(req)
         fill = self._fills.get(digest)
         if fill is None or fill.committed:
-            if stored := await asyncio.to_thread(find_stored, self._store, digest, repository(req)):
+            if stored := await asyncio.to_thread(find_stored, self._store, digest, req.repository):
                 return await self._access.check(req, client, digest, "blobs", stored.seen) or self._hit(req, stored)
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
@@ -405,7 +408,7 @@ class BlobService:
             return relay(answer, "PASS")
         if ranged:
             return PassThrough(note="range request for an uncached blob")
-        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), repository(req))
+        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), req.repository)
         fill.promise()  # before the fill runs: should its disk fail, it keeps its bytes for this client
         decision: Decision | None = None
         try:

@@ -23,20 +23,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import diskcache
 from multidict import CIMultiDict
 
-from regcache.oci.api import Kind, RegistryRequest, Route, accepted_media_types
-from regcache.ops.bundle import BundleError, children, descriptor_digest
-from regcache.services.access import repository
+from regcache.oci.api import RegistryRequest
+from regcache.oci.manifest import BadManifest, Manifest, children, descriptor_digest, manifest_references, platform_of
+from regcache.oci.reference import repository_of
 from regcache.services.blobs import Fill, Fills
 from regcache.services.manifests import ManifestService
+from regcache.services.requests import registry_request
 from regcache.services.upstream import UpstreamUnavailable
-from regcache.store.disk import Manifest, Store, manifest_references
+from regcache.store.base import Store
+from regcache.store.errors import STORE_ERRORS
 
 log = logging.getLogger("regcache")
 
@@ -73,14 +73,6 @@ def host_platform(machine: str | None = None) -> str:
     """The platform of this host's containers: `linux/amd64`, `linux/arm64`, `linux/arm/v7`."""
     machine = (machine or platform.machine()).lower()
     return f"linux/{ARCHITECTURES.get(machine, machine)}"
-
-
-def platform_of(descriptor: dict[str, object]) -> str:
-    platform_ = descriptor.get("platform")
-    if not isinstance(platform_, dict):
-        return "?"
-    parts = [platform_.get("os", "?"), platform_.get("architecture", "?"), platform_.get("variant")]
-    return "/".join(str(p) for p in parts if p)
 
 
 def platform_wanted(platform_: str, wanted: set[str] | None) -> bool:
@@ -133,17 +125,11 @@ class ImageSource:
 
     @property
     def repository(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return repository_of(self.namespace, self.name)
 
     def manifest_request(self, reference: str) -> RegistryRequest:
-        return RegistryRequest(
-            self.namespace,
-            f"{self.base}/v2/{self.name}/manifests/{reference}",
-            "GET",
-            Route(Kind.MANIFEST, self.name, reference),
-            self.headers,
-            accepted_media_types(self.headers.getall("Accept", [])),
-        )
+        path = f"/v2/{self.name}/manifests/{reference}"
+        return registry_request(self.namespace, f"{self.base}{path}", "GET", path, self.headers.items())
 
     def blob_fill(self, digest: str) -> tuple[str, CIMultiDict[str]]:
         """The URL and headers of a blob fill (no Accept: it is about manifests)."""
@@ -235,7 +221,7 @@ class Completions:
 
     def schedule(self, req: RegistryRequest, digest: str) -> None:
         """Complete the image `digest` that `req`'s tag `HEAD` named, in the background, once."""
-        key = (repository(req), digest)
+        key = (req.repository, digest)
         if key in self._seen:
             return
         self._seen[key] = None
@@ -252,7 +238,7 @@ class Completions:
         try:
             platforms = await asyncio.to_thread(self._selected, source)
             fetched = await self._fetcher.fetch(source, digest, platforms)
-        except (FetchError, BundleError, UpstreamUnavailable, OSError, sqlite3.Error, diskcache.Timeout) as err:
+        except (FetchError, BadManifest, UpstreamUnavailable, *STORE_ERRORS) as err:
             log.warning("INCOMPLETE %s -> %s: %s (regcache warm %s completes it)", image, digest, err, image)
             return
         except Exception:  # a bug: say so, and keep serving

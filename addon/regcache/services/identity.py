@@ -24,7 +24,8 @@ import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-ANONYMOUS = "anonymous"
+from regcache.store.access import ANONYMOUS
+
 # A bearer token whose expiry regcache cannot tell: what it holds lasts this long after each use.
 UNKNOWN_TOKEN_LIFETIME = 300.0
 # Tokens regcache issues itself (offline, or while the auth realm is unreachable or failing).

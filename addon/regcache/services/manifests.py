@@ -11,71 +11,32 @@ have it without a fresh answer. A client `HEAD` never becomes an upstream `GET`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 
 from multidict import CIMultiDict
 
-from regcache.oci.api import (
-    CACHEABLE_MEDIA_TYPES,
-    DIGEST_RE,
+from regcache.oci.api import DIGEST_RE, RegistryRequest
+from regcache.oci.digest import DigestMismatch, digest_of
+from regcache.oci.manifest import Manifest, manifest_media_type, not_cacheable, referenced_digests
+from regcache.oci.media import (
     SCHEMA1_MEDIA_TYPES,
-    RegistryRequest,
+    accept_key,
     is_acceptable,
     normalize_media_type,
 )
-from regcache.services.access import Access, credential, repository
-from regcache.services.access import upstream_failed as failed_status
+from regcache.oci.reference import TagRef
+from regcache.services.access import Access, credential
 from regcache.services.answers import Answer, answer_from_head, error_answer, manifest_answer, relay
 from regcache.services.identity import Client
-from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable
-from regcache.store.disk import (
-    DigestMismatch,
-    Manifest,
-    Store,
-    TagRecord,
-    TagRef,
-    accept_key,
-    digest_of,
-    new_tag_record,
-    referenced_digests,
-)
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, upstream_failed
+from regcache.store.base import Store, TagRecord, new_tag_record
 from regcache.store.errors import best_effort
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
-
-
-def manifest_media_type(body: bytes, content_type: str) -> str:
-    """The manifest's own `mediaType` field if it has one, else the Content-Type, parameters
-    dropped (some registries send `...+json; charset=utf-8`)."""
-    try:
-        declared = json.loads(body).get("mediaType")
-    except (ValueError, AttributeError):
-        declared = None
-    return normalize_media_type(declared if isinstance(declared, str) and declared else content_type)
-
-
-def not_cacheable(body: bytes, media_type: str) -> str:
-    """Why these manifest bytes must not be stored (empty: they may be). Anything else is relayed
-    to the client as it came, so an odd registry still works, but never enters the cache."""
-    if media_type not in CACHEABLE_MEDIA_TYPES:
-        return f"unknown media type {media_type!r}"
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return "not JSON"
-    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
-        return "not a schemaVersion 2 manifest"
-    return ""
-
-
-def upstream_failed(answer: UpstreamAnswer) -> bool:
-    """Answers that say nothing about the tag: the upstream is overloaded or broken."""
-    return failed_status(answer.status)
 
 
 class ManifestService:
@@ -127,7 +88,7 @@ class ManifestService:
 
     def _stored_and_seen(self, req: RegistryRequest, digest: str) -> tuple[Manifest | None, bool]:
         """The stored manifest and whether it is seen in the request's repository: one thread hop."""
-        return self._store.get_manifest(digest), self._store.is_seen(repository(req), digest)
+        return self._store.get_manifest(digest), self._store.is_seen(req.repository, digest)
 
     async def _by_tag(self, req: RegistryRequest, client: Client) -> Answer:
         if client.issued_here:
@@ -136,7 +97,7 @@ class ManifestService:
             check = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
             return await self._stale(req, client, str(err))
-        if upstream_failed(check):
+        if upstream_failed(check.status):
             failed = answer_from_head(check, req.head, "MANIFEST_UNKNOWN", "PASS")
             return await self._stale(req, client, f"upstream answered {check.status}", failed)
         digest = check.headers.get("Docker-Content-Digest", "")
@@ -151,17 +112,17 @@ class ManifestService:
                 # the same pull can be replayed from the store when the upstream is down.
                 media_type = normalize_media_type(check.headers.get("Content-Type", ""))
                 record = TagRecord(digest, media_type, 0, time.time())
-                stored = await asyncio.to_thread(self._remember_head, req, digest, record)
+                held = await asyncio.to_thread(self._remember_head, req, digest, record)
                 # A client that holds the image may GET nothing: the store gets it anyway (not
                 # schema 1, which is never stored).
-                if not stored and media_type not in SCHEMA1_MEDIA_TYPES and self.complete_later is not None:
+                if not held and media_type not in SCHEMA1_MEDIA_TYPES and self.complete_later is not None:
                     self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
         try:
             answer = await self._fetch(req, client, None)
         except UpstreamUnavailable as err:
             return await self._stale(req, client, str(err))
-        if failed_status(answer.status):  # Docker Hub's rate limit hits GETs, not HEADs
+        if upstream_failed(answer.status):  # Docker Hub's rate limit hits GETs, not HEADs
             return await self._stale(req, client, f"upstream answered {answer.status}", answer)
         return answer
 
@@ -169,7 +130,7 @@ class ManifestService:
         """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
         # Shared between clients the upstream has lately let read this repository (every tag
         # request is, by its HEAD); anyone else shares only with its own credentials.
-        shared = self._access.granted_recently(client, repository(req))
+        shared = self._access.granted_recently(client, req.repository)
         key = (req.method, req.url, accept_key(req.accepted), "" if shared else credential(req))
         fetch = self._inflight.get(key)
         if fetch is None:
@@ -268,7 +229,7 @@ class ManifestService:
         if record is not None and not not_stored:
             best_effort("tag records", self._store.put_tag, tag_ref(req), req.accepted, record)
         referenced = referenced_digests(manifest) if manifest is not None else []
-        best_effort("access records", self._store.mark_seen, repository(req), [digest, *referenced])
+        best_effort("access records", self._store.mark_seen, req.repository, [digest, *referenced])
         return not_stored
 
 

@@ -1,55 +1,52 @@
-"""Everything one configuration builds, and the one entry point both fronts share.
+"""Everything one configuration builds of the registry services, and `decide`, the one entry point
+both fronts (fronts/proxy.py, fronts/mirror.py) share.
 
-A `Runtime` owns the store, the access records, the upstream client, the services (manifests, blobs,
-access, tokens), the background completion of tags clients only `HEAD`ed (completion.py), the blob
-endpoint and the registry mirror. `decide` turns a parsed registry read (`RegistryRequest`) into a
-`Decision`, whether it came through the proxy (cache.py) or to the mirror's own port (mirror.py),
-so both apply the same cache, revalidation and access rules.
+A `Runtime` owns the store, the access records, the upstream client, the services (manifests, blobs
+and their fills, access, tokens), the background completion of tags clients only `HEAD`ed
+(completion.py) and the background upkeep of the store (expiry, last uses, usage counts). It knows
+no front: the servers a configuration runs (blob endpoint, mirrors) are fronts/node.py's.
+`decide` turns a parsed registry read (`RegistryRequest`) into a `Decision`, whether it came through
+the proxy or to the mirror's own port, so both apply the same cache, revalidation and access rules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
 from regcache.config import Settings
-from regcache.fronts.blobserver import BlobServer
-from regcache.fronts.listener import Listener, Timeouts
-from regcache.fronts.mirror import MirrorServer
-from regcache.metrics import flush_usage, flush_usage_periodically
+from regcache.metrics import METRICS
 from regcache.oci.api import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest, error_body
 from regcache.services.access import Access
 from regcache.services.answers import Answer, Decision, error_answer, relay
 from regcache.services.blobs import BlobService, Fills
 from regcache.services.completion import Completions
 from regcache.services.identity import Client
-from regcache.services.manifests import ManifestService, upstream_failed
+from regcache.services.manifests import ManifestService
 from regcache.services.tokens import TokenService
-from regcache.services.upstream import UpstreamClient, UpstreamUnavailable
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, upstream_failed
 from regcache.store.access import DiskAccessRecords
+from regcache.store.base import Store, UsageStore
 from regcache.store.disk import DiskStore
-from regcache.store.errors import STORE_ERRORS, USE_FLUSH_SECONDS
+from regcache.store.errors import STORE_ERRORS, USE_FLUSH_SECONDS, best_effort
 
 log = logging.getLogger("regcache")
 
-
-class StartupError(Exception):
-    """Something regcache cannot run without (the blob endpoint's port): one line, and no start."""
+USAGE_FLUSH_SECONDS = 5.0
 
 
 class Runtime:
-    """Store, upstream client, services, blob endpoint and mirrors of one configuration."""
+    """Store, upstream client and services of one configuration."""
 
-    def __init__(self, settings: Settings, offline: bool, previous: Runtime | None = None) -> None:
-        """Opens the store and binds every listening socket (raises StartupError, OSError).
-        `previous`: the running configuration this one replaces (its sockets at the same fixed
-        addresses are taken over)."""
+    def __init__(self, settings: Settings, offline: bool) -> None:
+        """Opens the store (raises StoreError, OSError, sqlite3.Error)."""
         self.settings = settings
         self.offline = offline
-        self.store = DiskStore(settings.cache_dir, settings.size_limit)
+        self.store: Store = DiskStore(settings.cache_dir, settings.size_limit)
         if self.store.read_only:
             log.warning(
                 "regcache: the store in %s is read-only (%s): serving what it holds, caching nothing new until "
@@ -60,70 +57,26 @@ class Runtime:
         self.records = DiskAccessRecords(settings.cache_dir)
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
-        timeouts = Timeouts(settings.header_timeout, settings.idle_timeout)
-        self.blob_server = BlobServer(self.store, self.fills, settings.blob_listen, timeouts)
         self.access = Access(self.store, self.records, self.upstream, settings, offline)
         self.tokens = TokenService(self.access, self.records, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
         self.completions = Completions(self.store, self.manifests, self.fills, settings.platforms)
         self.manifests.complete_later = self.completions.schedule
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
-        mirrors = [MirrorServer(self, host, listen, timeouts) for host, listen in settings.mirrors.items()]
-        try:
-            self.mirrors = self._bind(mirrors, previous)
-        except BaseException:
-            for listener in (self.blob_server.listener, *(mirror.listener for mirror in mirrors)):
-                listener.stop_accepting()
-            self.store.close()
-            raise
-        self._started: asyncio.Future[None] | None = None
-        self._sweeper: asyncio.Future[None] | None = None
-        self._usage_flusher: asyncio.Future[None] | None = None
-        self._use_flusher: asyncio.Future[None] | None = None
+        self._background: list[asyncio.Future[None]] = []
 
-    def listeners(self) -> list[Listener]:
-        return [self.blob_server.listener, *(mirror.listener for mirror in self.mirrors)]
+    def start_background(self) -> None:
+        """The store's upkeep while this configuration runs (once)."""
+        if self._background:
+            return
+        if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
+            self._background.append(asyncio.ensure_future(self._expire_unused()))
+        self._background.append(asyncio.ensure_future(flush_usage_periodically(self.store)))
+        self._background.append(asyncio.ensure_future(self._flush_uses()))
 
-    def _bind(self, mirrors: list[MirrorServer], previous: Runtime | None) -> list[MirrorServer]:
-        """Listen on every port now, while starting up: the blob endpoint or nothing; a mirror
-        that cannot listen is left out (the proxy works without it). The mirrors that listen."""
-        current = {listener.address: listener for listener in previous.listeners()} if previous else {}
-        blob = self.blob_server.listener
-        try:
-            blob.bind(current)
-        except OSError as err:
-            raise StartupError(f"blob endpoint not started: cannot listen on {blob.url} (blob_listen): {err}") from err
-        listening = []
-        for mirror in mirrors:
-            try:
-                mirror.listener.bind(current)
-            except OSError as err:
-                log.warning(
-                    "regcache: WARNING: mirror of %s not started: cannot listen on %s (mirrors): %s; "
-                    "the proxy works without it",
-                    mirror.registry_host,
-                    mirror.url,
-                    err,
-                )
-                continue
-            log.info("regcache: registry mirror of %s at %s", mirror.registry_host, mirror.url)
-            mirror.warn_if_exposed()
-            listening.append(mirror)
-        return listening
-
-    async def started(self) -> None:
-        """Serve on every bound socket (once), and start the background work."""
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
-            if self.settings.max_age and not self.offline:  # a replayed cache is kept whole
-                self._sweeper = asyncio.ensure_future(self._expire_unused())
-            self._usage_flusher = asyncio.ensure_future(flush_usage_periodically(self.store))
-            self._use_flusher = asyncio.ensure_future(self._flush_uses())
-        await asyncio.shield(self._started)
-
-    async def _start(self) -> None:
-        for listener in self.listeners():
-            await listener.start()
+    def stop_background(self) -> None:
+        for task in self._background:
+            task.cancel()
 
     async def _flush_uses(self) -> None:
         """Last uses into the store every few seconds, off the event loop: reads never write."""
@@ -144,28 +97,31 @@ class Runtime:
                     log.info("EXPIRED %d entries, %d B, unused for %.0f s (max_age)", removed, freed, max_age)
             await asyncio.sleep(min(3600.0, max(1.0, max_age / 10)))
 
-    def stop_accepting(self) -> None:
-        """The synchronous first step of closing: no new connection, no new background work."""
-        for listener in self.listeners():
-            listener.stop_accepting()
-        for task in (self._sweeper, self._usage_flusher, self._use_flusher):
-            if task is not None:
-                task.cancel()
-
-    async def close(self) -> None:
-        self.stop_accepting()
-        # Fills first (after the completions that start them): a server's cleanup waits for its
-        # handlers, and followers of a running fill would keep it waiting until the fill ends.
+    async def stop_services(self) -> None:
+        """The first half of closing: no more background work, fills or upstream requests.
+        Fills after the completions that start them; before the servers stop (a server's cleanup
+        waits for its handlers, and followers of a running fill would keep it waiting)."""
+        self.stop_background()
         await self.completions.close()
         await self.fills.close()
         await self.upstream.close()
         await self.access.close()
-        for listener in self.listeners():
-            await listener.stop()
+
+    async def close_store(self) -> None:
+        """The last half: what was counted and used into the store, then let go of it."""
         await asyncio.to_thread(flush_usage, self.store)
         await asyncio.to_thread(self.store.flush_uses)
         self.store.close()
         self.records.close()
+
+    def store_totals(self) -> Mapping[str, tuple[int, int]] | None:
+        """(entries, bytes) per kind for the metrics' store gauges; None (and a warning) when the
+        store cannot say (called from the scrape's thread)."""
+        try:
+            return self.store.entry_totals()
+        except STORE_ERRORS as err:
+            log.warning("metrics: store size not available: %s", err)
+            return None
 
     async def decide(self, req: RegistryRequest, ranged: bool) -> Decision:
         """What a registry read gets; a bug or a broken store becomes a 503, never an exception."""
@@ -207,7 +163,7 @@ class Runtime:
             answer = await self.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
             return await self._recorded_ping(req, client, "STALE", str(err))
-        if upstream_failed(answer):
+        if upstream_failed(answer.status):
             return await self._recorded_ping(req, client, "STALE", f"upstream answered {answer.status}")
         self.access.learn_challenge(req.url, answer, authorized="Authorization" in req.headers)
         return relay(answer, "PASS")
@@ -228,3 +184,19 @@ def no_auth_needed(result: str, note: str) -> Answer:
     """`/v2/` answered here: the registry API, no credentials asked."""
     headers = [("Content-Type", "application/json"), *API_VERSION_HEADER.items()]
     return Answer(200, headers, b"{}", result, note=note)
+
+
+async def flush_usage_periodically(store: UsageStore) -> None:
+    """The running cache's loop: counts go into the store every few seconds, off the event loop."""
+    while True:
+        await asyncio.sleep(USAGE_FLUSH_SECONDS)
+        # Kept for the next flush when the store refuses them; on a full disk, warned about once.
+        await asyncio.to_thread(best_effort, "usage counts", METRICS.usage.flush, store)
+
+
+def flush_usage(store: UsageStore) -> None:
+    """The last flush, at shutdown or when a configuration replaces the store (blocking)."""
+    try:
+        METRICS.usage.flush(store)
+    except STORE_ERRORS as err:
+        log.warning("usage counts since the last save are lost: %s", err)

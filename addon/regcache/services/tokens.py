@@ -20,63 +20,21 @@ pass through); the mirror's `/_token/…` relay does the same.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from urllib.parse import unquote, urlsplit
 
 from multidict import CIMultiDict
 
-from regcache.services.access import Access, upstream_failed
+from regcache.oci.auth import RealmKey, bearer_challenge, realm_key, realm_url
+from regcache.services.access import Access
 from regcache.services.answers import Answer, error_answer, relay
-from regcache.services.identity import ANONYMOUS, ISSUED_LIFETIME, requested_repositories
-from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, bearer_challenge
-from regcache.store.access import AccessRecords
+from regcache.services.identity import ISSUED_LIFETIME, requested_repositories
+from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, upstream_failed
+from regcache.store.access import ANONYMOUS, AccessRecords
 
 MAX_TOKEN_REQUEST = 64 * 1024  # a token POST is a small form
 MAX_TOKEN_ANSWER = 1024 * 1024  # a token answer is a small JSON document
 _TOKEN_HEADERS = ("Authorization", "Content-Type", "Accept", "User-Agent")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_SLASHES = re.compile(r"/{2,}")
-
-RealmKey = tuple[str, str, int, str]  # scheme, host, port, path
-
-
-def remove_dot_segments(path: str) -> str:
-    """RFC 3986 5.2.4 for an absolute path: `/a/./b/../c` → `/a/c`."""
-    out: list[str] = []
-    segments = path.split("/")[1:]
-    for segment in segments:
-        if segment == "..":
-            if out:
-                out.pop()
-        elif segment != ".":
-            out.append(segment)
-    if segments and segments[-1] in (".", ".."):
-        out.append("")  # `/a/b/..` → `/a/`
-    return "/" + "/".join(out)
-
-
-def realm_key(url: str) -> RealmKey | None:
-    """What identifies a realm: scheme, host (lower case), port (explicit) and path after
-    percent-decoding, collapsing repeated slashes and resolving dot segments (case kept).
-    None: not an http(s) URL of a host."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None:
-        return None
-    path = remove_dot_segments(_SLASHES.sub("/", "/" + unquote(parts.path)))
-    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme], path
-
-
-def realm_url(url: str) -> str:
-    """A realm as recorded: the URL without query or fragment."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
 
 
 def token_answer(token: str, result: str, note: str) -> Answer:

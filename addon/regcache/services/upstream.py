@@ -15,10 +15,8 @@ and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for e
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,7 +27,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from regcache.config import Credential, Settings
 from regcache.metrics import METRICS, registry_label
-from regcache.oci.api import HOP_BY_HOP, parse_path
+from regcache.oci.api import HOP_BY_HOP
+from regcache.oci.auth import bearer_challenge, registrable_domain, scope_of
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,21 @@ MAX_ERROR_BODY = 64 * 1024
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "accept-encoding", "range", "if-range"}
 
 
+# An upstream answer still streaming its body (the caller releases it), and what reading such a
+# body can raise: the names the services use, so aiohttp stays this module's (and the fronts').
+UpstreamResponse = aiohttp.ClientResponse
+TRANSFER_ERRORS = (TimeoutError, aiohttp.ClientError)
+
+
 class UpstreamUnavailable(Exception):
     """No HTTP answer could be had from the upstream (or from where it redirected)."""
+
+
+def upstream_failed(status: int) -> bool:
+    """The one rule for answers that say nothing about the request (a tag, an object, a token,
+    a client's rights): the upstream is overloaded (429) or broken (5xx). Callers fall back to
+    what the store recorded, as for an upstream that cannot be reached."""
+    return status == 429 or status >= 500
 
 
 @dataclass
@@ -174,7 +186,7 @@ class UpstreamClient:
                 response = await session.request(
                     method, self.resolve(url), headers=headers, data=data, allow_redirects=False, timeout=timeout
                 )
-            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            except (*TRANSFER_ERRORS, OSError) as err:
                 raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
             METRICS.upstream_answered(registry_label(self._settings, *origin_of(url)), method, response.headers)
             location = response.headers.get("Location")
@@ -206,7 +218,7 @@ class UpstreamClient:
         response = await self.open(method, url, headers, timeout, data, own_credentials)
         try:
             body = await read_limited(response, max_body) if method != "HEAD" else b""
-        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+        except (*TRANSFER_ERRORS, OSError) as err:
             raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
         finally:
             response.release()
@@ -238,39 +250,6 @@ def origin_of(url: str) -> tuple[str, int | None]:
     """The host and port a URL names (before `upstreams` re-targeting)."""
     parts = urlsplit(url)
     return parts.hostname or "", parts.port
-
-
-def scope_of(url: str) -> str:
-    """The pull scope a registry URL needs: `repository:<name>:pull` (empty for `/v2/`)."""
-    route = parse_path(urlsplit(url).path)
-    return f"repository:{route.name}:pull" if route.name else ""
-
-
-def registrable_domain(host: str) -> str:
-    """`auth.docker.io` and `registry-1.docker.io` → `docker.io`; `x.example.co.uk` →
-    `example.co.uk` (a country code with a short second level); an IP address is itself."""
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    labels = host.lower().rstrip(".").split(".")
-    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
-
-
-def bearer_challenge(header: str) -> dict[str, str] | None:
-    """The parameters of `WWW-Authenticate: Bearer realm="…",service="…",scope="…"`, or None."""
-    if not header.lower().startswith("bearer "):
-        return None
-    return dict(re.findall(r'(\w+)="([^"]*)"', header))
-
-
-def bearer_realm_host(header: str) -> str | None:
-    """The host of a `WWW-Authenticate: Bearer realm="https://auth.docker.io/token",...` realm."""
-    realm = (bearer_challenge(header) or {}).get("realm")
-    return (urlsplit(realm).hostname or None) if realm else None
 
 
 def describe_error(err: BaseException) -> str:

@@ -1,6 +1,6 @@
 """What regcache remembers about access, across restarts: `AccessRecords`.
 
-- the store's secret (the key of every identity hash, identity.py);
+- the store's secret (the key of every identity hash, services/identity.py);
 - grants: (identity, repository) → when the upstream last accepted a request made with that
   identity for that repository, and until when that counts; the `anonymous` identity's grant is
   "readable anonymously" and never expires;
@@ -8,7 +8,7 @@
 - the auth realms cached registries named, and each registry's last `/v2/` challenge.
 
 Nothing here is a credential: identities and token keys are keyed hashes. `DiskAccessRecords` keeps
-them in a diskcache of their own (`<cache_dir>/access/`, mode 0700), apart from the content store,
+them in a diskcache of their own (public API only) (`<cache_dir>/access/`, mode 0700), apart from the content store,
 so eviction, expiry, `ls` and `purge` never see them. Every call blocks: on the event loop, go through
 `RecordWriter` (writes) or `asyncio.to_thread` (reads).
 """
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +28,13 @@ from typing import Protocol
 
 import diskcache
 
-from regcache.services.identity import ANONYMOUS
+from regcache.store.errors import STORE_ERRORS
 
 log = logging.getLogger("regcache")
 
-# Failures of a store write that leave regcache working (from memory) for this run.
-STORE_ERRORS = (OSError, sqlite3.Error, diskcache.Timeout)
+# The identity of requests without credentials; its grant on a repository means "readable
+# anonymously" and never expires.
+ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -187,3 +187,7 @@ class RecordWriter:
         await self._queue.join()
         self._worker.cancel()
         self._queue = self._worker = None
+
+
+# DiskAccessRecords provides the protocol (checked by the type checker).
+_CHECKED: type[AccessRecords] = DiskAccessRecords

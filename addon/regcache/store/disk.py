@@ -1,37 +1,29 @@
-"""The content-addressed store: blobs, manifests and tag records.
-
-`Store` is the interface the rest of regcache uses; `DiskStore` is the embedded implementation on
-diskcache. A shared backend for several nodes can implement the same interface later.
-
-Every call here blocks (SQLite, file I/O): callers on the event loop use `asyncio.to_thread`.
+"""`DiskStore`: the `Store` protocols (base.py) on diskcache — one SQLite index, blob and large
+manifest bodies as files in `<cache_dir>/store/`. The only module that touches diskcache's internals
+(its `Cache` table, read without updating access times, and its `Disk`).
 
 Consistency rules:
-- a blob is staged in `<cache_dir>/staging/` while it is fetched and hashed, and enters the store
-  only through `commit`, which checks size and digest, fsyncs, *renames* the file into diskcache's
-  directory (same file system, no copy) and then inserts its row; if the insert fails, the moved
-  file is removed again;
+- a blob is staged in `<cache_dir>/staging/` while it is fetched and hashed (staging.py), and enters
+  the store only through `commit_blob`, which checks size and digest, fsyncs, *renames* the file into
+  diskcache's directory (same file system, no copy) and then inserts its row; if the insert fails,
+  the moved file is removed again;
 - a manifest is stored only when the sha256/sha512 of its exact bytes equals its digest;
 - leftovers in `staging/` after a crash are deleted at start-up, so a half-written fill is never
   served;
-- reads never write: a read that counts as a use (a blob or manifest served, a tag record or an
-  access record looked up) notes it in `uses`, and `record_uses` writes such notes in batches
-  (see writes.py), so a full disk still serves everything stored;
+- reads never write: a read that counts as a use notes it in `uses`, and `record_uses` writes such
+  notes in batches (errors.py), so a full disk still serves everything stored;
 - diskcache writes its settings whenever it opens a store: where that fails (a full disk, a
   read-only file system) the store is opened read-only, with a connection of its own: reads work,
-  writes fail as they would on that disk (`read_only` says why).
-- one running cache per cache_dir: the process that runs it holds an exclusive `flock` on
-  `<cache_dir>/regcache.lock` (which names its PID), so a second one can neither clear the first's
-  `staging/` nor fill beside it. Admin tools open the store without it.
+  writes fail as they would on that disk (`read_only` says why);
+- one running cache per cache_dir (lock.py).
 
-Besides content, the store keeps small bookkeeping entries that are never evicted: `pins` and
-`usage-counters` (the totals `regcache stats` shows, added to in batches). What regcache knows about
-access (grants, tokens, realms) is kept apart, in access_records.py.
+Besides content, the store keeps small bookkeeping entries that are never evicted (keys.py): `pins`
+and `usage-counters` (the totals `regcache stats` shows, added to in batches). What regcache knows
+about access (grants, tokens, realms) is kept apart, in access.py.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -42,99 +34,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import diskcache
 from diskcache.core import DBNAME, MODE_BINARY
 
+from regcache.oci.digest import verify_digest
+from regcache.oci.manifest import Manifest, manifest_references
+from regcache.oci.media import accept_key
+from regcache.oci.reference import TagRef
+from regcache.store import keys
+from regcache.store.base import Entry, Store, TagRecord, capped_records
 from regcache.store.errors import StoreError, UseRecorder
-
-
-class DigestMismatch(ValueError):
-    """Content whose bytes do not hash to the digest they were fetched under."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    media_type: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class TagRecord:
-    """What a tag resolved to for one set of accepted media types, and when we last saw it."""
-
-    digest: str
-    media_type: str
-    size: int
-    recorded_at: float
-
-
-def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def verify_digest(digest: str, data: bytes) -> None:
-    algorithm = digest.split(":", 1)[0]
-    if algorithm not in ("sha256", "sha512") or digest_of(data, algorithm) != digest:
-        raise DigestMismatch(f"content does not match {digest}")
-
-
-@dataclass(frozen=True)
-class TagRef:
-    """A tag in one registry's cache namespace, e.g. docker.io / library/alpine / 3.20."""
-
-    namespace: str
-    name: str
-    tag: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}:{self.tag}"
-
-
-def tag_ref_of(key: str) -> TagRef:
-    """The tag of a `tag:<namespace>/<name>:<tag>` store key."""
-    namespace, _, rest = key.removeprefix("tag:").partition("/")
-    name, _, tag = rest.rpartition(":")
-    return TagRef(namespace, name, tag)
-
-
-def accept_key(accepted: tuple[str, ...]) -> str:
-    """Tags resolve per registry, repository, tag *and* accepted media types."""
-    return ",".join(accepted)
-
-
-# Records per tag: one per distinct Accept list clients send (a handful of known media types, see
-# routes.accepted_media_types); every request for the tag reads and rewrites them all.
-MAX_TAG_RECORDS = 8
-
-
-def capped_records(records: dict[str, TagRecord], key: str, record: TagRecord) -> dict[str, TagRecord]:
-    """`records` with `record` put under `key`, and only the `MAX_TAG_RECORDS` most recently
-    recorded of them (the new one always among them: revalidation rewrites a record in use)."""
-    others = sorted((item for item in records.items() if item[0] != key), key=lambda item: item[1].recorded_at)
-    return dict([*others[-(MAX_TAG_RECORDS - 1) :], (key, record)])
-
-
-def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """(child manifest descriptors, blob descriptors) of an index or an image manifest.
-    Raises ValueError when the body is not a JSON object."""
-    document = json.loads(manifest.body)
-    if not isinstance(document, dict):
-        raise ValueError("manifest is not a JSON object")
-    if "manifests" in document:
-        return [d for d in document.get("manifests") or [] if isinstance(d, dict)], []
-    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
-    return [], blobs + [d for d in document.get("layers") or [] if isinstance(d, dict)]
-
-
-def referenced_digests(manifest: Manifest) -> list[str]:
-    """Every digest a manifest refers to (platform manifests, config, layers); [] if unparsable."""
-    try:
-        child_manifests, blobs = manifest_references(manifest)
-    except ValueError:
-        return []
-    return [d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
+from regcache.store.lock import lock_cache_dir, unlock_cache_dir
+from regcache.store.staging import BlobStaging
+from regcache.store.walk import reachable
 
 
 def _manifest_of(raw: object) -> Manifest | None:
@@ -143,153 +57,6 @@ def _manifest_of(raw: object) -> Manifest | None:
         return None
     media_type, _, body = raw.partition(b"\n")
     return Manifest(media_type.decode(), body)
-
-
-def lacking(root: str, needs: Callable[[str], list[str]], present: Callable[[str], bool]) -> list[str]:
-    """The store keys an image lacks, from its manifest `root` (`manifest:<digest>`) down: that
-    manifest; an image manifest's blobs; for an index, what its platform manifests that are stored
-    lack, or all of them when none is (a platform nobody pulled is not missing while another is
-    there)."""
-    if not present(root):
-        return [root]
-    needed = needs(root)
-    platforms = [key for key in needed if key.startswith("manifest:")]
-    held = [key for key in platforms if present(key)]
-    missing = [key for key in needed if key.startswith("blob:") and not present(key)]
-    if platforms and not held:
-        return missing + platforms
-    for platform in held:
-        missing += lacking(platform, needs, present)
-    return missing
-
-
-def reachable(roots: Iterable[str], needs: Callable[[str], list[str]]) -> set[str]:
-    """Every store key reachable from `roots` (tag records, manifests) through `needs`: a tag
-    record needs its manifests, an index its platform manifests, an image manifest its blobs."""
-    found: set[str] = set()
-    pending = list(roots)
-    while pending:
-        key = pending.pop()
-        if key not in found:
-            found.add(key)
-            pending += needs(key)
-    return found
-
-
-# The entry kinds in the store, by key prefix (`blob:<digest>`, `tag:<ref>`, ...).
-ENTRY_TYPES = ("blob", "manifest", "tag", "seen")
-# Bookkeeping entries: never evicted, expired or purged (`realm-hosts`: stores written before the
-# access records had them).
-BOOKKEEPING_KEYS = ("pins", "realm-hosts", "usage-counters")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A store entry as the admin tools see it: its size in bytes and its last use (epoch seconds)."""
-
-    size: int
-    last_use: float
-
-
-class BlobStaging:
-    """A blob being fetched: appended to a temp file and hashed as it arrives.
-
-    Once the file refuses a write (disk full, I/O error), the rest is only hashed: such a staging
-    can still be checked (for clients it is relayed to), never committed."""
-
-    def __init__(self, directory: Path, digest: str) -> None:
-        self.digest = digest
-        self._hash = hashlib.new(digest.split(":", 1)[0])
-        fd, name = tempfile.mkstemp(dir=directory, prefix="fill-")
-        self.path = Path(name)
-        # Unbuffered: a chunk is in the file (for readers with their own descriptors) once `write`
-        # returns, and a refused write leaves nothing buffered for `close` to fail on again.
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        self.size = 0  # bytes taken and hashed
-        self.on_disk = 0  # how many of them are in the file
-        self.spilled = False  # the file refused a write: it holds only the first `on_disk` bytes
-
-    def write(self, chunk: bytes) -> None:
-        """Hash `chunk` and append it to the file. The first write the file refuses raises its
-        OSError, with the chunk hashed all the same; later chunks are only hashed."""
-        self._hash.update(chunk)
-        self.size += len(chunk)
-        if self.spilled:
-            return
-        try:
-            view = memoryview(chunk)
-            while view:
-                view = view[self._file.write(view) :]
-        except OSError:
-            self.spilled = True
-            raise
-        self.on_disk = self.size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def check(self, expected_size: int | None) -> None:
-        """Are the bytes written so far the whole blob (size and digest)? No I/O."""
-        if expected_size is not None and self.size != expected_size:
-            raise DigestMismatch(f"{self.digest}: got {self.size} bytes, expected {expected_size}")
-        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if actual != self.digest:
-            raise DigestMismatch(f"{self.digest}: bytes hash to {actual}")
-
-    def verify(self, expected_size: int | None) -> None:
-        """`check`, then the file on disk before the index says it is there."""
-        self.check(expected_size)
-        if self.spilled:
-            raise OSError(f"{self.digest}: the staging file lacks the bytes the disk refused")
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-
-    def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
-class Store(Protocol):
-    staging_dir: Path  # fills and imports in progress
-
-    def has_blob(self, digest: str) -> bool: ...
-    def blob_size(self, digest: str) -> int | None: ...
-    def blob_path(self, digest: str) -> str | None: ...
-    def open_blob(self, digest: str) -> BinaryIO | None: ...
-    def stage_blob(self, digest: str) -> BlobStaging: ...
-    def commit_blob(self, staging: BlobStaging, expected_size: int | None) -> None: ...
-    def get_manifest(self, digest: str) -> Manifest | None: ...
-    def has_manifest(self, digest: str) -> bool: ...
-    def has_entry(self, key: str) -> bool: ...
-    def put_manifest(self, digest: str, manifest: Manifest) -> None: ...
-    def tag_refs(self) -> list[TagRef]: ...
-    def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
-    def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None: ...
-    def mark_seen(self, repository: str, digests: list[str]) -> None: ...
-    def is_seen(self, repository: str, digest: str) -> bool: ...
-    def pins(self) -> dict[str, str]: ...
-    def pin(self, ref: TagRef, digest: str) -> None: ...
-    def unpin(self, ref: TagRef) -> bool: ...
-    def evict(self) -> tuple[int, int]: ...
-    def expire_unused(self, max_age: float, now: float | None = None) -> tuple[int, int]: ...
-    def unused(self, max_age: float, now: float | None = None) -> list[tuple[str, int]]: ...
-    # last uses: noted by reads, written in batches
-    def record_uses(self, uses: Mapping[str, float]) -> None: ...
-    def flush_uses(self) -> None: ...
-    # usage counters and size, for metrics and `regcache stats`
-    def add_counters(self, deltas: Mapping[str, int]) -> None: ...
-    def counters(self) -> dict[str, int]: ...
-    def entry_totals(self) -> dict[str, tuple[int, int]]: ...
-    # what the admin tools (`regcache ls/purge/verify/gc`) walk and remove; none of it counts as a use
-    def entries(self) -> dict[str, Entry]: ...
-    def needs(self, key: str) -> list[str]: ...
-    def peek_manifest(self, digest: str) -> Manifest | None: ...
-    def blob_file(self, digest: str) -> Path | None: ...
-    def seen_pairs(self) -> list[tuple[str, str]]: ...
-    def remove(self, keys: Iterable[str]) -> tuple[int, int]: ...
-    def close(self) -> None: ...
 
 
 def require_store(cache_dir: Path) -> Path:
@@ -328,7 +95,7 @@ class _StagedFile:
     adopted_as: str = ""  # where _AdoptingDisk moved it, so a failed insert can remove it
 
 
-class _AdoptingDisk(diskcache.Disk):
+class _AdoptingDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache ships no type hints
     """diskcache's Disk, plus: a staged, verified blob file is moved in, not copied."""
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[no-untyped-def]
@@ -352,48 +119,10 @@ def _write_refused(err: sqlite3.Error) -> bool:
     return (code & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY) or code == SQLITE_IOERR_SHMSIZE
 
 
-class CacheDirBusy(OSError):
-    """Another process runs a cache on this cache_dir."""
-
-
-LOCK_FILE = "regcache.lock"
-_held_locks: dict[Path, tuple[int, int]] = {}  # this process's cache_dir locks: dir → (fd, users)
-
-
-def lock_cache_dir(cache_dir: Path) -> bool:
-    """Hold `cache_dir` for this process (an exclusive flock on its lock file, which names our
-    PID); True if this call took it, False if this process held it already. Raises CacheDirBusy
-    naming the PID of the process that holds it."""
-    key = cache_dir.resolve()
-    if key in _held_locks:
-        fd, users = _held_locks[key]
-        _held_locks[key] = (fd, users + 1)
-        return False
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        message = f"in use by another regcache (pid {holder}); stop it, or give this one another cache_dir"
-        raise CacheDirBusy(message) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held_locks[key] = (fd, 1)
-    return True
-
-
-def unlock_cache_dir(cache_dir: Path) -> None:
-    key = cache_dir.resolve()
-    fd, users = _held_locks.pop(key)
-    if users > 1:
-        _held_locks[key] = (fd, users - 1)
-    else:
-        os.close(fd)  # releases the flock
-
-
 class DiskStore:
     """`Store` on diskcache: one SQLite index, blob and large manifest bodies as files."""
+
+    read_only: str
 
     def __init__(self, cache_dir: Path, size_limit: int, *, owner: bool = True, read_only: bool = False) -> None:
         """`owner`: this process runs the cache: it holds the cache_dir's lock until `close`
@@ -462,12 +191,17 @@ class DiskStore:
             raise StoreError(f"the store in {self.cache_dir} is open read-only: {self.read_only}")
         return self._cache
 
+    def _sql(self, statement: str, args: tuple[object, ...]) -> sqlite3.Cursor:
+        """A statement on diskcache's own connection (inside its transaction, when one is open):
+        the one use of its private `_sql`. diskcache has no public reads that leave access times
+        alone, nor a public way to move them; its Cache table is stable in 5.x."""
+        return self._writer._sql(statement, args)  # type: ignore[no-any-return]
+
     def _query(self, statement: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         """A read, on diskcache's connection (inside its transaction, when one is open), or on a
-        read-only connection of this thread's when the store could be opened only for reading.
-        diskcache has no public reads that leave access times alone; its Cache table is stable in 5.x."""
+        read-only connection of this thread's when the store could be opened only for reading."""
         if self._cache is not None:
-            return self._cache._sql(statement, args)  # type: ignore[no-any-return]
+            return self._sql(statement, args)
         connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
         if connection is None:
             connection = self._readers.connection = self._read_only_connection()
@@ -518,7 +252,7 @@ class DiskStore:
 
     # blobs ---------------------------------------------------------------------------------
     def open_blob(self, digest: str) -> BinaryIO | None:
-        key = f"blob:{digest}"
+        key = keys.blob_key(digest)
         return self._used(key, self._value(key, read=True))  # type: ignore[return-value]
 
     def blob_path(self, digest: str) -> str | None:
@@ -537,7 +271,7 @@ class DiskStore:
 
     def has_blob(self, digest: str) -> bool:
         """Is it stored? (No file is opened and it does not count as a use.)"""
-        return self._has(f"blob:{digest}")
+        return self._has(keys.blob_key(digest))
 
     def _has(self, key: str) -> bool:
         return self._query("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone() is not None
@@ -550,7 +284,7 @@ class DiskStore:
         staged = _StagedFile(staging.path, staging.size)
         try:
             staging.verify(expected_size)
-            self._writer.set(f"blob:{staging.digest}", staged)
+            self._writer.set(keys.blob_key(staging.digest), staged)
         except BaseException:
             # diskcache moves the file in before its transaction; if the insert fails, the file
             # would stay behind with no row pointing at it.
@@ -562,12 +296,12 @@ class DiskStore:
 
     # manifests -----------------------------------------------------------------------------
     def get_manifest(self, digest: str) -> Manifest | None:
-        key = f"manifest:{digest}"
+        key = keys.manifest_key(digest)
         return _manifest_of(self._used(key, self._value(key)))
 
     def has_manifest(self, digest: str) -> bool:
         """Is it stored? (Not read, and not counted as a use.)"""
-        return self.has_entry(f"manifest:{digest}")
+        return self.has_entry(keys.manifest_key(digest))
 
     def has_entry(self, key: str) -> bool:
         """Is there an entry under this store key (`blob:…`, `manifest:…`, `tag:…`)? Not a use."""
@@ -575,17 +309,17 @@ class DiskStore:
 
     def put_manifest(self, digest: str, manifest: Manifest) -> None:
         verify_digest(digest, manifest.body)
-        self._writer.set(f"manifest:{digest}", manifest.media_type.encode() + b"\n" + manifest.body)
+        self._writer.set(keys.manifest_key(digest), manifest.media_type.encode() + b"\n" + manifest.body)
 
     # tags ----------------------------------------------------------------------------------
     def tag_refs(self) -> list[TagRef]:
-        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'tag:%'").fetchall()
-        return [tag_ref_of(key) for (key,) in rows if isinstance(key, str)]
+        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE ?", (keys.like(keys.TAG),)).fetchall()
+        return [keys.tag_ref_of(key) for (key,) in rows if isinstance(key, str)]
 
     # One entry per tag, holding what it resolved to for each set of accepted media types, so a
     # replay can fall back to another client's record of the same tag.
     def tag_records(self, ref: TagRef) -> dict[str, TagRecord]:
-        key = f"tag:{ref}"
+        key = keys.tag_key(ref)
         raw = self._used(key, self._value(key))
         if not isinstance(raw, str):
             return {}
@@ -594,40 +328,40 @@ class DiskStore:
     def put_tag(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
         with self._writer.transact():
             records = capped_records(self.tag_records(ref), accept_key(accepted), record)
-            self._writer.set(f"tag:{ref}", json.dumps({k: asdict(v) for k, v in records.items()}))
+            self._writer.set(keys.tag_key(ref), json.dumps({k: asdict(v) for k, v in records.items()}))
 
     # which repository holds which digest (for access checks) ------------------------------
     def mark_seen(self, repository: str, digests: list[str]) -> None:
         with self._writer.transact():
             for digest in digests:
-                self._writer.set(f"seen:{repository}@{digest}", 1)
+                self._writer.set(keys.seen_key(repository, digest), 1)
 
     def is_seen(self, repository: str, digest: str) -> bool:
-        key = f"seen:{repository}@{digest}"
+        key = keys.seen_key(repository, digest)
         return self._used(key, self._has(key) or None) is not None
 
     # pins and eviction ---------------------------------------------------------------------
     def pins(self) -> dict[str, str]:
         """Pinned image references → the digest pinned."""
-        raw = self._value("pins")
+        raw = self._value(keys.PINS)
         return dict(json.loads(raw)) if isinstance(raw, str) else {}
 
     def pin(self, ref: TagRef, digest: str) -> None:
         with self._writer.transact():
-            self._writer.set("pins", json.dumps({**self.pins(), str(ref): digest}, sort_keys=True))
+            self._writer.set(keys.PINS, json.dumps({**self.pins(), str(ref): digest}, sort_keys=True))
 
     def unpin(self, ref: TagRef) -> bool:
         with self._writer.transact():
             pins = self.pins()
             found = pins.pop(str(ref), None) is not None
             if found:
-                self._writer.set("pins", json.dumps(pins, sort_keys=True))
+                self._writer.set(keys.PINS, json.dumps(pins, sort_keys=True))
         return found
 
     def protected_digests(self, needs: Callable[[str], list[str]] | None = None) -> set[str]:
         """Every manifest and blob a pinned image needs (`needs`: a walker already at hand)."""
-        pinned = reachable((f"manifest:{digest}" for digest in self.pins().values()), needs or self.needs)
-        return {key.partition(":")[2] for key in pinned}
+        pinned = reachable((keys.manifest_key(digest) for digest in self.pins().values()), needs or self.needs)
+        return {keys.subject(key) for key in pinned}
 
     def evict(self) -> tuple[int, int]:
         """Bring the store under `size_limit` (to 90 % of it, so that not every commit evicts):
@@ -670,30 +404,30 @@ class DiskStore:
         for key, when in self.uses.pending().items():  # noted, not written yet
             if key in last_use and when > last_use[key]:
                 last_use[key] = when
-        needs = {key: self.needs(key) for key in sizes if key.startswith(("tag:", "manifest:"))}
+        needs = {key: self.needs(key) for key in sizes if keys.is_kind(key, keys.TAG, keys.MANIFEST)}
         for _ in range(3):  # tag → index → platform manifest → blobs
             for key, needed in needs.items():
                 for other in needed:
                     if other in last_use and last_use[other] < last_use[key]:
                         last_use[other] = last_use[key]
         protected = self.protected_digests(lambda key: needs.get(key, []))
-        pinned_tags = {f"tag:{ref}" for ref in self.pins()}
+        pinned_tags = {keys.tag_key(ref) for ref in self.pins()}
         return [
             (key, sizes[key], last_use[key])
             for key in sizes
-            if key not in BOOKKEEPING_KEYS and key not in pinned_tags and key.partition(":")[2] not in protected
+            if key not in keys.BOOKKEEPING_KEYS and key not in pinned_tags and keys.subject(key) not in protected
         ]
 
     def needs(self, key: str) -> list[str]:
         """The entries a tag record or manifest refers to (read without counting as a use).
         Anything else needs nothing and is not read at all (a blob's value is its whole file)."""
         try:
-            if key.startswith("tag:") and isinstance(raw := self._value(key), str):
-                return [f"manifest:{record['digest']}" for record in json.loads(raw).values()]
-            if key.startswith("manifest:") and (manifest := _manifest_of(self._value(key))) is not None:
+            if keys.is_kind(key, keys.TAG) and isinstance(raw := self._value(key), str):
+                return [keys.manifest_key(record["digest"]) for record in json.loads(raw).values()]
+            if keys.is_kind(key, keys.MANIFEST) and (manifest := _manifest_of(self._value(key))) is not None:
                 child_manifests, blobs = manifest_references(manifest)
-                return [f"manifest:{d.get('digest')}" for d in child_manifests] + [
-                    f"blob:{d.get('digest')}" for d in blobs
+                return [keys.manifest_key(str(d.get("digest"))) for d in child_manifests] + [
+                    keys.blob_key(str(d.get("digest"))) for d in blobs
                 ]
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
@@ -705,9 +439,7 @@ class DiskStore:
         forward to the use noted, never back (another process may have recorded a later one)."""
         with self._writer.transact():
             for key, when in uses.items():
-                self._writer._sql(
-                    "UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1", (when, key)
-                )
+                self._sql("UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1", (when, key))
 
     def flush_uses(self) -> None:
         """Write the uses noted since the last flush (blocking); a batch the store refuses is
@@ -722,10 +454,10 @@ class DiskStore:
             totals = self.counters()
             for name, delta in deltas.items():
                 totals[name] = totals.get(name, 0) + delta
-            self._writer.set("usage-counters", json.dumps(totals, sort_keys=True))
+            self._writer.set(keys.USAGE_COUNTERS, json.dumps(totals, sort_keys=True))
 
     def counters(self) -> dict[str, int]:
-        raw = self._value("usage-counters")
+        raw = self._value(keys.USAGE_COUNTERS)
         return dict(json.loads(raw)) if isinstance(raw, str) else {}
 
     # size and contents, read without counting as a use ---------------------------------------
@@ -738,9 +470,9 @@ class DiskStore:
         rows = self._query(
             f"SELECT {kind}, count(*), sum({self._ENTRY_SIZE}) FROM Cache WHERE raw = 1 GROUP BY {kind}"
         ).fetchall()
-        totals = dict.fromkeys((*ENTRY_TYPES, "other"), (0, 0))
+        totals = dict.fromkeys((*keys.ENTRY_TYPES, "other"), (0, 0))
         for prefix, count, size in rows:
-            entry_type = prefix if prefix in ENTRY_TYPES else "other"
+            entry_type = prefix if prefix in keys.ENTRY_TYPES else "other"
             before = totals[entry_type]
             totals[entry_type] = (before[0] + count, before[1] + (size or 0))
         return totals
@@ -749,29 +481,30 @@ class DiskStore:
         """Every blob, manifest and tag record: key → size and last use."""
         rows = self._query(
             f"SELECT key, {self._ENTRY_SIZE}, access_time FROM Cache WHERE raw = 1 "
-            "AND (key LIKE 'blob:%' OR key LIKE 'manifest:%' OR key LIKE 'tag:%')"
+            "AND (key LIKE ? OR key LIKE ? OR key LIKE ?)",
+            tuple(keys.like(kind) for kind in (keys.BLOB, keys.MANIFEST, keys.TAG)),
         ).fetchall()
         return {key: Entry(size, access) for key, size, access in rows}
 
     def peek_manifest(self, digest: str) -> Manifest | None:
-        return _manifest_of(self._value(f"manifest:{digest}"))
+        return _manifest_of(self._value(keys.manifest_key(digest)))
 
     def blob_file(self, digest: str) -> Path | None:
         """Where a stored blob's bytes are (the file itself may be gone from a damaged store)."""
-        row = self._query("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (f"blob:{digest}",)).fetchone()
+        row = self._query("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (keys.blob_key(digest),)).fetchone()
         return self._directory / row[0] if row and row[0] else None
 
     def seen_pairs(self) -> list[tuple[str, str]]:
         """(repository, digest) of every object known to belong to a repository (access checks)."""
-        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE 'seen:%'").fetchall()
-        return [(key[5:].rpartition("@")[0], key.rpartition("@")[2]) for (key,) in rows if "@" in key]
+        rows = self._query("SELECT key FROM Cache WHERE raw = 1 AND key LIKE ?", (keys.like(keys.SEEN),)).fetchall()
+        return [pair for (key,) in rows if (pair := keys.seen_pair(key)) is not None]
 
-    def remove(self, keys: Iterable[str]) -> tuple[int, int]:
+    def remove(self, entry_keys: Iterable[str]) -> tuple[int, int]:
         """Delete these entries (bookkeeping entries never); (entries, bytes) removed."""
         removed = freed = 0
-        for key in keys:
+        for key in entry_keys:
             row = self._query(f"SELECT {self._ENTRY_SIZE} FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-            if key not in BOOKKEEPING_KEYS and row is not None and self._writer.delete(key):
+            if key not in keys.BOOKKEEPING_KEYS and row is not None and self._writer.delete(key):
                 removed, freed = removed + 1, freed + row[0]
         return removed, freed
 
@@ -803,5 +536,5 @@ def _connect(uri: str) -> sqlite3.Connection:
     return connection
 
 
-def new_tag_record(manifest: Manifest, digest: str) -> TagRecord:
-    return TagRecord(digest, manifest.media_type, len(manifest.body), time.time())
+# DiskStore provides every store protocol (checked by the type checker here, where it is built).
+_CHECKED: type[Store] = DiskStore

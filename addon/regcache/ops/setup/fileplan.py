@@ -24,8 +24,11 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 STATE_PATH = "/var/lib/regcache-setup/state.json"
+# The undo record and its entries are JSON as read back from disk: checked where they are used.
+JsonObject = dict[str, Any]
 STATE_VERSION = 1
 
 
@@ -78,7 +81,7 @@ class JsonKey:
         return dump_json(wanted)
 
 
-def load_json_object(path: str, content: bytes | None) -> dict[str, object]:
+def load_json_object(path: str, content: bytes | None) -> JsonObject:
     if content is None or not content.strip():
         return {}
     try:
@@ -90,7 +93,7 @@ def load_json_object(path: str, content: bytes | None) -> dict[str, object]:
     return document
 
 
-def dump_json(document: dict[str, object]) -> bytes:
+def dump_json(document: JsonObject) -> bytes:
     return (json.dumps(document, indent=2) + "\n").encode()
 
 
@@ -124,8 +127,8 @@ class FileAction:
 class Plan:
     actions: list[FileAction]
     triggered: frozenset[tuple[str, str]]  # (trigger, "install" | "uninstall") of files that change
-    state_before: dict[str, object]
-    state_after: dict[str, object]
+    state_before: JsonObject
+    state_after: JsonObject
     remove_dirs: tuple[str, ...] = ()  # created by tools for files that go now; removed when empty
     state_dirs: tuple[str, ...] = ()  # ancestors of the undo record that do not exist yet
 
@@ -134,7 +137,7 @@ class Plan:
         return self.state_after != self.state_before
 
 
-def empty_state() -> dict[str, object]:
+def empty_state() -> JsonObject:
     return {"version": STATE_VERSION, "files": {}, "state_dirs": []}
 
 
@@ -142,13 +145,13 @@ def plan(
     tool: str,
     wanted: list[WholeFile | JsonKey],
     current: dict[str, Current],
-    state: dict[str, object],
+    state: JsonObject,
     state_missing_dirs: tuple[str, ...] = (),
 ) -> Plan:
     """The changes that make the files `wanted` by `tool` true, and revert those it wanted before
     but no longer does (all of them when `wanted` is empty: its undo). `current` has every path
     of `wanted` and of `state`; `state_missing_dirs`: the undo record's ancestors that are absent."""
-    files: dict[str, dict[str, object]] = {path: dict(entry) for path, entry in state["files"].items()}
+    files: dict[str, JsonObject] = {path: dict(entry) for path, entry in state["files"].items()}
     actions: list[FileAction] = []
     triggered: set[tuple[str, str]] = set()
     for spec in wanted:
@@ -193,7 +196,7 @@ def plan(
         if action.verb != "keep":
             remove_dirs += entry.get("created_dirs", [])
 
-    state_after: dict[str, object] = {"version": STATE_VERSION, "files": files, "state_dirs": []}
+    state_after: JsonObject = {"version": STATE_VERSION, "files": files, "state_dirs": []}
     state_dirs: tuple[str, ...] = ()
     if files:
         state_dirs = state_missing_dirs
@@ -219,7 +222,7 @@ def target_mode(wanted: int, now: int | None) -> int:
     return now & ~0o077 if wanted & 0o077 == 0 else now
 
 
-def new_entry(now: Current, written: bytes) -> dict[str, object]:
+def new_entry(now: Current, written: bytes) -> JsonObject:
     return {
         "original": None if now.content is None else base64.b64encode(now.content).decode(),
         "original_mode": now.mode,
@@ -229,11 +232,11 @@ def new_entry(now: Current, written: bytes) -> dict[str, object]:
     }
 
 
-def original_of(entry: dict[str, object]) -> bytes | None:
+def original_of(entry: JsonObject) -> bytes | None:
     return None if entry["original"] is None else base64.b64decode(str(entry["original"]))
 
 
-def json_keys(entry: dict[str, object]) -> list[str]:
+def json_keys(entry: JsonObject) -> list[str]:
     """The JSON keys a tool set in this file ("json_key": an undo record from before several keys)."""
     keys = entry.get("json_keys", entry.get("json_key"))
     if isinstance(keys, str):
@@ -241,7 +244,7 @@ def json_keys(entry: dict[str, object]) -> list[str]:
     return [str(key) for key in keys] if isinstance(keys, list) else []
 
 
-def restore_dropped_keys(spec: JsonKey, entry: dict[str, object], rendered: bytes) -> bytes:
+def restore_dropped_keys(spec: JsonKey, entry: JsonObject, rendered: bytes) -> bytes:
     """Keys this tool set on an earlier run and no longer wants go back to how they were."""
     dropped = [key for key in json_keys(entry) if key not in spec.keys]
     if not dropped:
@@ -251,8 +254,8 @@ def restore_dropped_keys(spec: JsonKey, entry: dict[str, object], rendered: byte
 
 
 def keys_as_before(
-    path: str, document: dict[str, object], original: bytes | None, keys: list[str]
-) -> dict[str, object]:
+    path: str, document: JsonObject, original: bytes | None, keys: list[str]
+) -> JsonObject:
     before = load_json_object(path, original) if original is not None else {}
     for key in keys:
         if key in before:
@@ -262,7 +265,7 @@ def keys_as_before(
     return document
 
 
-def revert(path: str, entry: dict[str, object], now: Current) -> FileAction:
+def revert(path: str, entry: JsonObject, now: Current) -> FileAction:
     """Put a file back the way it was before any tool touched it, if nobody changed it since."""
     original = original_of(entry)
     if now.content == original and now.mode == entry["original_mode"]:
@@ -307,7 +310,7 @@ def read_current(root: Path, paths: list[str]) -> dict[str, Current]:
     return current
 
 
-def read_state(root: Path) -> dict[str, object]:
+def read_state(root: Path) -> JsonObject:
     real = in_root(root, STATE_PATH)
     if not real.exists():
         return empty_state()
@@ -320,7 +323,7 @@ def read_state(root: Path) -> dict[str, object]:
     return state
 
 
-def state_bytes(state: dict[str, object]) -> bytes:
+def state_bytes(state: JsonObject) -> bytes:
     return (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
 
 
