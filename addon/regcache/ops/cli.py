@@ -1,8 +1,9 @@
 """The `regcache` command: `run` (the proxy with the addon and sane defaults), `export` and
 `import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`),
-`pin` / `unpin` / `pins` (images that eviction never removes), and looking after a cache:
+`pin` / `unpin` / `pins` (images that eviction never removes), looking after a cache:
 `stats`, `ls`, `purge`, `verify`, `gc` (the store walks are `admin`'s; here they are shown as
-rich tables and progress bars).
+rich tables and progress bars), `setup dockerd|containerd|podman|service` (pointing a node's
+clients at regcache: `setup.client`'s, which scripts/setup-* run too) and `--version`.
 
 The proxy's argument list lives here (`proxy_args`; `mitmdump_args` for plain mitmdump) so that the
 README's commands, the tests and any service unit start the proxy the same way.
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from regcache import __version__
 from regcache.addresses import base_url
 from regcache.config import ConfigError, Settings, load_settings, parse_duration, read_text
 from regcache.fronts.master import serve
@@ -48,6 +50,7 @@ from regcache.ops.bundle import (
     parse_image_ref,
     write_bundle,
 )
+from regcache.ops.setup import client as client_setup
 from regcache.ops.warm import default_platforms, warm_all
 from regcache.services.blobs import FREE_SPACE_RESERVE
 from regcache.store.access import DiskAccessRecords
@@ -111,11 +114,21 @@ def docker_hub_mirror(mirrors: Mapping[str, tuple[str, int]]) -> str | None:
     return base_url(*listen) if listen is not None and listen[1] != 0 else None
 
 
+def regcache_command() -> str:
+    """This install's `regcache` command, as a root shell can run it (sudo's PATH may not have
+    the venv): the running script's absolute path, else `PYTHON -m regcache`."""
+    script = Path(sys.argv[0])
+    if script.name == "regcache" and script.exists():
+        return str(script.resolve())
+    return f"{sys.executable} -m regcache"
+
+
 def dockerd_instructions(proxy: str, ca_cert: Path, mirror: str | None = None) -> str:
     also = f" --mirror {mirror}" if mirror else ""
+    regcache = regcache_command()
     return f"""\
 Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
-  sudo scripts/setup-dockerd --proxy {proxy} --ca {ca_cert}{also}
+  sudo {regcache} setup dockerd --proxy {proxy} --ca {ca_cert}{also}
 does it all (--dry-run shows the changes, --undo takes them back); by hand:
   1. Trust the proxy CA (created on first start): {ca_cert}
        cp {ca_cert} /usr/local/share/ca-certificates/regcache.crt && update-ca-certificates
@@ -125,7 +138,7 @@ does it all (--dry-run shows the changes, --undo takes them back); by hand:
        Environment="HTTPS_PROXY={proxy}"
      or in /etc/docker/daemon.json (Docker 23+): {{"proxies": {{"https-proxy": "{proxy}"}}}}
   3. systemctl daemon-reload && systemctl restart docker
-containerd and podman/skopeo/buildah: scripts/setup-containerd, scripts/setup-podman (README).
+containerd and podman/skopeo/buildah: {regcache} setup containerd, {regcache} setup podman (README).
 """
 
 
@@ -446,6 +459,11 @@ def gc(options: argparse.Namespace) -> int:
     return 0
 
 
+def setup(options: argparse.Namespace) -> int:
+    """`regcache setup TOOL ARGS`: the client set-up tools (standard library only, setup/client.py)."""
+    return client_setup.main(options.tool, options.setup_args, prog=f"regcache setup {options.tool}")
+
+
 def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML configuration whose cache_dir to use")
     parser.add_argument("--cache-dir", help="the cache directory (default: cache_dir of --config, or the default)")
@@ -453,6 +471,7 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regcache", description="Docker/OCI registry pull-through cache")
+    parser.add_argument("--version", action="version", version=f"regcache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="start the cache (mitmproxy with the regcache addon)")
     run_parser.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
@@ -556,6 +575,15 @@ def main(argv: list[str] | None = None) -> int:
         help="leave orphans and staging files younger than this alone: pulls in progress (default 1h; 0 = all)",
     )
     gc_parser.set_defaults(handler=gc)
+
+    setup_parser = commands.add_parser(
+        "setup", help="point this node's dockerd, containerd or podman at regcache, or install it as a service"
+    )
+    setup_parser.add_argument("tool", choices=sorted(client_setup.TOOLS), help="what to set up (--help after it)")
+    setup_parser.add_argument(
+        "setup_args", nargs=argparse.REMAINDER, help="its options: --proxy, --ca, --dry-run, --undo, --root, ..."
+    )
+    setup_parser.set_defaults(handler=setup)
 
     options = parser.parse_args(argv)
     if options.command == "run" and options.mitmdump_args[:1] == ["--"]:

@@ -118,7 +118,8 @@ def read_ca(path: Path) -> bytes:
         pem = path.read_bytes()
     except FileNotFoundError:
         raise SetupError(
-            f"CA certificate {path} not found: start regcache once (scripts/run creates it), or pass --ca FILE"
+            f"CA certificate {path} not found: start regcache once ({'scripts/run' if REPO else 'regcache run'} "
+            "creates it), or pass --ca FILE"
         ) from None
     except OSError as err:
         raise SetupError(f"cannot read the CA certificate {path}: {err.strerror}") from err
@@ -460,8 +461,8 @@ TOOLS = {
 }
 
 
-def build_parser(tool: Tool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"setup-{tool.name}", description=tool.description)
+def build_parser(tool: Tool, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or f"setup-{tool.name}", description=tool.description)
     tool.add_options(parser)
     parser.add_argument("--root", default="/", help="act on this directory as the filesystem root (runs no command)")
     parser.add_argument("--dry-run", action="store_true", help="print every change, write nothing, run nothing")
@@ -512,9 +513,10 @@ def run_commands(commands: list[Command], options: argparse.Namespace, root: Pat
     return 0
 
 
-def main(tool_name: str, argv: list[str] | None = None) -> int:
+def main(tool_name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """scripts/setup-TOOL, or `regcache setup TOOL` (`prog`: how --help names it)."""
     tool = TOOLS[tool_name]
-    options = build_parser(tool).parse_args(argv)
+    options = build_parser(tool, prog).parse_args(argv)
     options.tool = tool.name
     root = Path(options.root).resolve()
     try:
