@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
 from regcache.store.disk import DiskStore
-
-from .mitm import Mitmdump
 
 
 @pytest.fixture(scope="session")

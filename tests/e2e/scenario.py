@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 from bed.tokens import Policy, TokenServer
-
-from .mitm import Mitmdump
 
 
 def record(

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from bed.cdn import Cdn
 from bed.images import ImageSet, PushedImage, push_variant
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import Policy, TokenServer
 
-from .mitm import Mitmdump
 from .test_pull import request_through
 
 ALICE, BOB = "alice:alice-password", "bob:bob-password"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from bed.dockerd import Dockerd, DockerdError
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 
 from regcache.store.disk import DiskStore
 
-from .mitm import Mitmdump
 from .test_pull import assert_stored
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
@@ -15,7 +16,6 @@ from bed.tokens import TokenServer
 from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .scenario import record, replay
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 
 from regcache.ops.cli import mitmdump_args
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.setup_scripts import run_setup, systemd_environment
-
-from .mitm import Mitmdump
 
 
 class DropInDockerd(Dockerd):

@@ -18,12 +18,12 @@ from pathlib import Path
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
 from bed.images import ImageSet, PushedImage
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .test_pull import request_through
 
 DEADLINE = 60.0

@@ -17,12 +17,11 @@ import pytest
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
 from regcache.store.disk import DiskStore
-
-from .mitm import Mitmdump
 
 
 def test_concurrent_cold_pulls_fetch_each_blob_once(

@@ -19,13 +19,13 @@ import pytest
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 from bed.tmpfs import Tmpfs
 
 from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .test_concurrency import eventually
 from .test_pull import assert_stored
 

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 
-from .mitm import Mitmdump
 from .test_mirror import mirror_ref, plain
 
 

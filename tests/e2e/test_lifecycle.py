@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from bed.images import ImageSet
 from bed.mitm import MitmError
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo, SkopeoError
 
 from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .test_fronts import address, closed_by_peer
 from .test_mirror import plain
 from .test_pull import assert_stored

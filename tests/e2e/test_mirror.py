@@ -19,12 +19,12 @@ import pytest
 from bed.cdn import Cdn
 from bed.dockerd import CTR, Dockerd
 from bed.images import ImageSet, PushedImage
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
 from regcache.store.disk import DiskStore
 
-from .mitm import Mitmdump
 from .test_access import ALICE, BOB, secret  # noqa: F401 - the fixture
 from .test_pull import assert_stored
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
-from .mitm import Mitmdump
 from .scenario import record, replay
 
 

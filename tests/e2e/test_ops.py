@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from bed.cdn import Cdn
 from bed.images import ImageSet, PushedImage
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,7 +24,6 @@ from regcache.ops.bundle import parse_image_ref
 from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .test_pull import assert_stored
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -26,12 +26,12 @@ from bed.client import ACCEPT_ALL
 from bed.dockerd import Dockerd
 from bed.faults import FaultRelay
 from bed.images import ImageSet, PushedImage, push_variant
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 from .test_access import (  # noqa: F401 - the fixtures
     ALICE,
     BOB,

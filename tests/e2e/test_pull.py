@@ -21,6 +21,7 @@ import pytest
 from bed.cdn import Cdn
 from bed.dockerd import Dockerd
 from bed.images import ImageSet, PushedImage, push_variant
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 from bed.tokens import TokenServer
@@ -29,8 +30,6 @@ from regcache.oci.media import ACCEPT_KEY_TYPES
 from regcache.oci.reference import TagRef
 from regcache.store.base import MAX_TAG_RECORDS
 from regcache.store.disk import DiskStore
-
-from .mitm import Mitmdump
 
 IMAGES = ["oci_single", "oci_multi", "docker_multi", "big"]
 

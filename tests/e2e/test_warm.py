@@ -9,13 +9,13 @@ import pytest
 import yaml
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
+from bed.regcache_run import Mitmdump
 from bed.registry import Registry
 from bed.skopeo import Skopeo
 
 from regcache.store.disk import DiskStore
 
 from .conftest import regcache_cli
-from .mitm import Mitmdump
 
 
 def test_warm_then_replay_offline(

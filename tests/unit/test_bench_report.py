@@ -1,17 +1,12 @@
-"""scripts/bench.py's bookkeeping: medians per cell, ratios, the table rows and the target checks.
+"""scripts/bench/small_big.py's bookkeeping: medians per cell, ratios, the table rows and the target checks.
 
 Pure functions over made-up pulls; the benchmark itself never runs in tests.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-import bench
-from bench import BIG, COLD, DIRECT, MB, NO_CACHE, REFERENCE, REGCACHE, WARM, Cell, HitFetch, PullRun
+from bench import small_big as bench
+from bench.small_big import BIG, COLD, DIRECT, MB, NO_CACHE, REFERENCE, REGCACHE, WARM, Cell, HitFetch, PullRun
 
 IMAGE = 1000 * MB
 

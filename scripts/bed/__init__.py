@@ -1,4 +1,6 @@
-"""End-to-end test bed for regcache (a Docker/OCI pull-through cache addon).
+"""End-to-end test bed for regcache (a Docker/OCI pull-through cache addon), shared by the tests
+(pytest finds it through ``pythonpath = ["scripts"]`` in pyproject.toml) and the benchmarks
+(``scripts/bench/``, run with ``scripts/`` on ``PYTHONPATH``). It imports nothing from ``tests/``.
 
 Owns nothing itself; it ties the pieces together and names Docker Hub's hosts:
 
@@ -10,6 +12,8 @@ Owns nothing itself; it ties the pieces together and names Docker Hub's hosts:
 * :mod:`bed.skopeo` — skopeo as a client through a proxy
 * :mod:`bed.mitm` / :mod:`bed.hostmap_addon` — mitmdump runner and the addon that
   routes Docker Hub host names to the local servers
+* :mod:`bed.regcache_run` — regcache itself under test (``regcache run`` or mitmdump with
+  ``addon/cache.py``), on that runner
 * :mod:`bed.fixtures` — session-scoped pytest fixtures over all of the above
 * :mod:`bed.ceph` / :mod:`bed.redis` — the shared store's real engines: a
   single-node Ceph with radosgw (S3) and ``redis-server``, subprocesses;

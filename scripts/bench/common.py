@@ -1,9 +1,11 @@
-"""What regcache's benchmarks share (``scripts/bench_concurrent.py``, ``scripts/bench.py``).
+"""What regcache's benchmarks share (``scripts/bench/small_big.py``, ``scripts/bench/concurrency.py``):
+the one module they share, importing the test bed (``scripts/bed``) and nothing from ``tests/``.
 
 * Where the code under test is: the working tree, or with ``--snapshot`` a frozen copy of
-  ``addon/`` and ``tests/`` (:func:`snapshot_and_reexec`, :data:`SRC`); importing this module puts
-  that copy's ``tests/`` (the bed) and root (``addon``) first on ``sys.path``, so a benchmark imports
-  it before the bed: ``from bench_common import ...`` then ``# isort: split``.
+  ``addon/`` and ``scripts/`` (:func:`snapshot_and_reexec`, :data:`SRC`), which the re-executed
+  benchmark imports first: its wrapper (``scripts/bench/run``) puts ``scripts/`` on ``PYTHONPATH``,
+  the snapshot's re-execution the copy's ``scripts/`` and ``addon/`` (they reach the processes the
+  benchmark starts too, ``regcache run`` included).
 * Measuring processes: peak memory (:class:`RssSampler`, :func:`status_kib`), the CPU the bench used
   and what everything else on the machine took meanwhile (:class:`CpuAccount`).
 * Upstream traffic as the bed's own servers saw it (:class:`UpstreamLogs`, :class:`UpstreamTraffic`):
@@ -38,21 +40,18 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
-# --snapshot re-executes the benchmark with a frozen copy of addon/ and tests/ named here.
+import mitmproxy.version
+from bed.cdn import Cdn, CdnRequest, _parse_range
+from bed.regcache_run import Mitmdump
+from bed.registry import AccessRecord, Registry
+from bed.tokens import TokenServer
+
+import regcache.ops.cli
+
+ROOT = Path(__file__).resolve().parents[2]
+# --snapshot re-executes the benchmark with a frozen copy of addon/ and scripts/ named here.
 SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
 SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
-# The bed is imported as the tests import it (tests/ on sys.path); addon/ for tests/e2e/mitm.py,
-# whose `addon.cli` names the addon script mitmdump loads: SRC/addon/cache.py.
-sys.path[:0] = [str(SRC / "tests"), str(SRC / "addon")]
-
-import mitmproxy.version  # noqa: E402
-from bed.cdn import Cdn, CdnRequest, _parse_range  # noqa: E402
-from bed.registry import AccessRecord, Registry  # noqa: E402
-from bed.tokens import TokenServer  # noqa: E402
-from e2e.mitm import Mitmdump  # noqa: E402
-
-import regcache.ops.cli  # noqa: E402
 
 MIB = 1024 * 1024
 _STORED = re.compile(r"STORED blob (sha256:[0-9a-f]{64}) ")
@@ -72,8 +71,8 @@ def source_digest(directory: Path) -> str:
 
 
 def sources_under_test() -> tuple[str, str]:
-    """Digests of ``addon/`` and ``tests/bed/``: mitmdump reloads its scripts when they change."""
-    return source_digest(SRC / "addon"), source_digest(SRC / "tests" / "bed")
+    """Digests of ``addon/`` and ``scripts/bed/``: mitmdump reloads its scripts when they change."""
+    return source_digest(SRC / "addon"), source_digest(SRC / "scripts" / "bed")
 
 
 # -- memory and CPU ------------------------------------------------------------------
@@ -430,32 +429,34 @@ def raise_on_signals() -> None:
     signal.signal(signal.SIGHUP, _interrupt)
 
 
-def snapshot_and_reexec(script: str, argv: list[str]) -> NoReturn:
-    """Copy addon/ and tests/ to a temporary directory and run ``script`` again on that copy.
+def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:
+    """Copy addon/ and scripts/ to a temporary directory and run benchmark ``module`` again on that copy.
 
-    The new process finds the copy in ``$REGCACHE_BENCH_SRC`` and removes it when it exits.
+    The new process finds the copy in ``$REGCACHE_BENCH_SRC`` (and imports it: ``PYTHONPATH``),
+    and removes it when it exits.
     """
     src = Path(tempfile.mkdtemp(prefix="regcache-bench-src-"))
     try:
-        ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache")
-        for part in ("addon", "tests"):
+        ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
+        for part in ("addon", "scripts"):
             shutil.copytree(ROOT / part, src / part, ignore=ignore)
-        log(f"measuring a copy of addon/ and tests/ in {src}")
+        log(f"measuring a copy of addon/ and scripts/ in {src}")
+        path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
         os.execve(
             sys.executable,
-            [sys.executable, str(Path(script).resolve()), *argv],
-            {**os.environ, SNAPSHOT_ENV: str(src)},
+            [sys.executable, "-m", module, *argv],
+            {**os.environ, SNAPSHOT_ENV: str(src), "PYTHONPATH": path},
         )
     except BaseException:
         shutil.rmtree(src, ignore_errors=True)
         raise
 
 
-def prepare_process(script: str, argv: list[str], snapshot: bool) -> None:
-    """With ``snapshot``, re-execute ``script`` on a frozen copy of the code (does not return);
-    then SIGTERM and SIGHUP raise ``KeyboardInterrupt`` like Ctrl-C."""
+def prepare_process(module: str, argv: list[str], snapshot: bool) -> None:
+    """With ``snapshot``, re-execute benchmark ``module`` (``bench.small_big``) on a frozen copy of
+    the code (does not return); then SIGTERM and SIGHUP raise ``KeyboardInterrupt`` like Ctrl-C."""
     if snapshot and SNAPSHOT_ENV not in os.environ:
-        snapshot_and_reexec(script, argv)
+        snapshot_and_reexec(module, argv)
     raise_on_signals()
 
 
@@ -480,6 +481,6 @@ def enter_workdir(stack: contextlib.ExitStack, keep: Path | None, scratch: Seque
 
 
 SNAPSHOT_HELP = (
-    "measure a copy of addon/ and tests/ taken at start, so edits made during the run "
+    "measure a copy of addon/ and scripts/ taken at start, so edits made during the run "
     "(mitmdump reloads addon/cache.py when it changes) neither change nor break the code under test"
 )

@@ -1,8 +1,9 @@
-"""regcache under test: a real ``regcache run`` (or ``mitmdump -s addon/cache.py``).
+"""regcache under test (for the tests and the benchmarks): a real ``regcache run`` (or
+``mitmdump -s addon/cache.py``).
 
 Owns: writing regcache's YAML config, starting the venv's ``regcache run``
 (by default) or mitmdump with the arguments the README gives for it
-(:func:`addon.cli.mitmdump_args`), readiness (regcache's ready line: every
+(:func:`regcache.ops.cli.mitmdump_args`), readiness (regcache's ready line: every
 listener is up) and the listeners it names, and reading regcache's
 one-line-per-request results from its log. Running the process (port kept across restarts,
 readiness, stop, log, peak memory) is :class:`bed.mitm.MitmDump`'s.
@@ -15,9 +16,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from bed.mitm import MitmDump
 
 from regcache.ops.cli import mitmdump_args
+
+from .mitm import MitmDump
 
 RESULT_LINE = re.compile(r"\] (HIT|MISS|REVALIDATED|STALE|PASS|ERROR) (GET|HEAD) (\S+)")
 METRICS_LINE = re.compile(r"regcache: metrics at (http://\S+/metrics)")
@@ -71,7 +73,7 @@ class Mitmdump(MitmDump):
         `metrics` → address."""
         found = READY_LINE.findall(self.started_log())
         assert found, "regcache logged no ready line"
-        return dict(part.rsplit(" ", 1) for part in found[-1].split(", "))  # type: ignore[misc]
+        return dict(part.rsplit(" ", 1) for part in found[-1].split(", "))
 
     def mirror_url(self, registry: str = "registry-1.docker.io") -> str:
         """Where this regcache serves its registry mirror of `registry` (the latest start's port)."""

@@ -7,7 +7,7 @@ destination directory each):
 * ``pass-through`` — a plain, non-caching mitmdump that only routes Docker Hub's host names to the
   test bed (``bed.mitm.passthrough``): the baseline, what mitmproxy alone costs;
 * ``regcache cold`` — a fresh regcache (``mitmdump -s addon/cache.py``, started exactly as the
-  end-to-end tests start it, ``tests/e2e/mitm.py``) with an empty ``cache_dir``;
+  end-to-end tests start it, ``scripts/bed/regcache_run.py``) with an empty ``cache_dir``;
 * ``regcache warm`` — the same regcache right after, every blob stored (the script waits for the
   ``STORED blob`` log lines before it starts).
 
@@ -36,12 +36,12 @@ pulled copies and regcache's caches are removed.
 
 mitmdump re-loads an ``-s`` script when its file changes, which drops the fills in progress: a run
 that overlaps an edit of ``addon/cache.py`` measures a broken pull, and as every run starts a new
-regcache, runs can measure different versions. Phases during which ``addon/`` or ``tests/bed/`` changed
-are flagged in the findings. ``--snapshot`` avoids both: it copies ``addon/`` and ``tests/`` to a
+regcache, runs can measure different versions. Phases during which ``addon/`` or ``scripts/bed/`` changed
+are flagged in the findings. ``--snapshot`` avoids both: it copies ``addon/`` and ``scripts/`` to a
 temporary directory at start and runs the whole bench (the addon script mitmdump loads included)
 from that copy, so a long run measures one version while others keep editing.
 
-Run: ``scripts/bench-concurrent [--clients 8] [--layer-mib 1024] [--runs 3] [--workdir DIR] [--snapshot]``.
+Run: ``scripts/bench/run-concurrent [--clients 8] [--layer-mib 1024] [--runs 3] [--workdir DIR] [--snapshot]``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_common import (
+import bed
+from bed.cdn import Cdn
+from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push
+from bed.mitm import MitmDump, passthrough
+from bed.regcache_run import Mitmdump
+from bed.registry import REGISTRY_BIN, Registry
+from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
+
+from bench.common import (
     MIB,
     SNAPSHOT_HELP,
     SRC,
@@ -81,16 +90,6 @@ from bench_common import (
     terminate_children,
     wait_stored,
 )
-
-# isort: split
-import bed
-from bed.cdn import Cdn
-from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push
-from bed.mitm import MitmDump, passthrough
-from bed.registry import REGISTRY_BIN, Registry
-from bed.skopeo import Skopeo
-from bed.tokens import TokenServer
-from e2e.mitm import Mitmdump
 
 REPO = "library/bench"
 TAG = "1"
@@ -114,7 +113,7 @@ class Phase(UpstreamTraffic):
     hwm: int  # bytes, VmHWM right after the phase (whole process life)
     results: Counter[str] = field(default_factory=Counter)  # regcache log: "RESULT METHOD kind"
     pulled_bytes: int = 0  # image bytes delivered to all clients
-    source_changed: bool = False  # addon/ or tests/bed/ changed while the phase ran
+    source_changed: bool = False  # addon/ or scripts/bed/ changed while the phase ran
     own_cpu: float = 0.0  # CPU seconds of the bench's processes (clients, proxy, bed) during the phase
     foreign_cpu: float = 0.0  # CPU seconds every other process on the machine took meanwhile
 
@@ -307,7 +306,7 @@ def report(phases: list[Phase], image: PushedImage, args: argparse.Namespace, lo
         f"config {image.config.size} B; {image.total_size / MIB:.1f} MiB per pull",
         f"- each scenario: {args.clients} concurrent `skopeo copy docker://registry-1.docker.io/{image.ref} dir:…` "
         f"released together; {args.runs} run(s), interleaved; medians below",
-        "- command: `scripts/bench-concurrent "
+        "- command: `scripts/bench/run-concurrent "
         f"--clients {args.clients} --layer-mib {args.layer_mib} --runs {args.runs}"
         f"{' --snapshot' if args.snapshot else ''}`",
         "",
@@ -373,7 +372,7 @@ def findings(phases: list[Phase], image: PushedImage) -> list[str]:
                 f"({p.foreign_cpu / capacity:.0%}, kernel threads included); its wall time is inflated"
             )
         if p.source_changed:
-            out.append(f"{where}: addon/ or tests/bed/ changed while it ran (mitmdump reloads its scripts): discard")
+            out.append(f"{where}: addon/ or scripts/bed/ changed while it ran (mitmdump reloads its scripts): discard")
         if p.scenario == COLD:
             for digest, n in sorted(p.blob_fetches().items()):
                 if n > 1:
@@ -436,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    prepare_process(__file__, argv, args.snapshot)
+    prepare_process("bench.concurrency", argv, args.snapshot)
     started = time.monotonic()
     load_before = load_average()
     code = code_facts()

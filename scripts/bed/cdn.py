@@ -12,6 +12,7 @@ expiring one, the bed's registry adds none.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import socket
 import time
@@ -164,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, length: int, rate: int | None = None) -> None:
+def _copy(src: BinaryIO, dst: BinaryIO | io.BufferedIOBase, length: int, rate: int | None = None) -> None:
     # Fixed-size chunks: blobs of 100+ MB must never sit in memory whole.
     remaining = length
     started = time.monotonic()

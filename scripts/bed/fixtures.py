@@ -9,6 +9,7 @@ one test's outage does not leak into the next.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,8 +26,24 @@ from .tokens import DEFAULT_REALM_PATHS, Policy, TokenServer
 
 
 @pytest.fixture(scope="session")
-def bed_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("bed")
+def bed_workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The bed's servers' directories for the session. Afterwards only their logs stay (pytest
+    removes even those when every test passed, `tmp_path_retention_policy`): registry storage and
+    image layouts run to gigabytes and are made anew by every session."""
+    workdir = tmp_path_factory.mktemp("bed")
+    yield workdir
+    keep_only_logs(workdir)
+
+
+def keep_only_logs(directory: Path) -> None:
+    """Remove every file under `directory` but `*.log`, then the directories left empty."""
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path.suffix != ".log":
+                path.unlink()
 
 
 @pytest.fixture(scope="session")

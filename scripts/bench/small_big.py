@@ -28,7 +28,7 @@ CDN-style ``307`` redirects, CDN stand-in: ``tests/bed``):
   dockerd pulls ``docker.io/library/…`` from it through ``registry-mirrors``, as distribution's
   documentation deploys it and as dockerd pulls from regcache's mirror; skopeo pulls it by address.
 * ``regcache``: ``regcache run`` (mitmproxy with the regcache addon), as ``scripts/run`` starts it
-  (``tests/e2e/mitm.py``), its ``upstreams`` mapping Docker Hub's names to a second instance of the
+  (``scripts/bed/regcache_run.py``), its ``upstreams`` mapping Docker Hub's names to a second instance of the
   same upstream registry (same storage, token server and CDN) that uses Docker Hub's realm and CDN
   names; clients pull ``registry-1.docker.io/library/…`` with ``HTTPS_PROXY`` and the proxy CA
   (dockerd: in its environment, ``SSL_CERT_FILE`` bundle). dockerd keeps that environment for the
@@ -62,7 +62,7 @@ per regcache warm pull. Units: MB = 10^6 bytes, as in the targets.
 Everything started is stopped, temporary directories removed, on failure and Ctrl-C too; what was
 measured before a failure is still written. ``--snapshot`` measures a frozen copy of the code.
 
-Run: ``scripts/bench [--runs 3] [--big-size 1GiB] [--big-layers 4] [--images big,small]
+Run: ``scripts/bench/run [--runs 3] [--big-size 1GiB] [--big-layers 4] [--images big,small]
 [--clients dockerd,skopeo] [--paths direct,reference,regcache,mirror] [--out DIR] [--workdir DIR] [--snapshot]
 [--profile]``.
 """
@@ -89,7 +89,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench_common import (
+import bed
+from bed._process import without_proxies
+from bed.cdn import Cdn, blob_path
+from bed.dockerd import DOCKERD, Dockerd
+from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push
+from bed.regcache_run import RESULT_LINE, Mitmdump
+from bed.registry import REGISTRY_BIN, Registry, base_config, free_port
+from bed.registry import _Instance as RegistryProcess
+from bed.skopeo import Skopeo
+from bed.tokens import TokenServer
+
+from bench.common import (
     MIB,
     ROOT,
     SNAPSHOT_HELP,
@@ -112,19 +123,6 @@ from bench_common import (
     terminate_children,
     wait_stored,
 )
-
-# isort: split
-import bed
-from bed._process import without_proxies
-from bed.cdn import Cdn, blob_path
-from bed.dockerd import DOCKERD, Dockerd
-from bed.images import SKOPEO, ImageSpec, LayerSpec, PushedImage, build_layout, describe, push
-from bed.registry import REGISTRY_BIN, Registry, base_config, free_port
-from bed.registry import _Instance as RegistryProcess
-from bed.skopeo import Skopeo
-from bed.tokens import TokenServer
-from e2e.mitm import RESULT_LINE, Mitmdump
-
 from regcache.config import ConfigError, parse_size
 
 MB = 1_000_000
@@ -436,7 +434,7 @@ def findings(pulls: Sequence[PullRun], hits: Sequence[HitFetch], notes: Sequence
         if p.foreign_cpu >= 1 and p.foreign_cpu > 0.25 * p.wall * cores:
             out.append(f"{where}: other processes used {p.foreign_cpu:.0f} CPU s meanwhile; wall time inflated")
         if p.source_changed:
-            out.append(f"{where}: addon/ or tests/bed/ changed while it ran (mitmdump reloads its scripts): discard")
+            out.append(f"{where}: addon/ or scripts/bed/ changed while it ran (mitmdump reloads its scripts): discard")
         if p.cell.path in REGCACHE_PATHS and p.cell.cache == WARM and p.upstream_blob_bytes:
             out.append(f"{where}: {fmt_mb(p.upstream_blob_bytes)} MB of blobs fetched upstream by a warm regcache")
         if p.cell.cache == COLD and p.upstream_blob_bytes > p.image_blob_bytes:
@@ -1157,7 +1155,7 @@ class Bench:
         }
         a = self.args
         command = (
-            f"scripts/bench --runs {a.runs} --big-size {a.big_size_text} --big-layers {a.big_layers} "
+            f"scripts/bench/run --runs {a.runs} --big-size {a.big_size_text} --big-layers {a.big_layers} "
             f"--images {','.join(a.images)} --clients {','.join(a.clients)} --paths {','.join(a.paths)}"
             + (f" --interleave {a.interleave}" if a.interleave else "")
             + (" --snapshot" if a.snapshot else "")
@@ -1288,7 +1286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    prepare_process(__file__, argv, args.snapshot)
+    prepare_process("bench.small_big", argv, args.snapshot)
     started = time.monotonic()
     load_before, code, counters_before = load_average(), code_facts(), cpu_counters()
     out = args.out.resolve()

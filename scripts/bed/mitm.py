@@ -11,7 +11,7 @@ Docker Hub host names to the bed's servers, after any extra addon scripts.
 The passthrough without extra scripts is a plain, non-caching proxy: the
 baseline a cache is compared against, and what ``test_bed.py`` uses to
 check real clients against the bed. The end-to-end tests run regcache's
-own addon with the same runner (``tests/e2e/mitm.py``).
+own addon with the same runner (:mod:`bed.regcache_run`).
 """
 
 from __future__ import annotations

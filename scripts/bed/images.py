@@ -170,7 +170,7 @@ def _write_layer(spec: LayerSpec, blobs: Path) -> tuple[Blob, str]:
     with tmp.open("wb") as raw:
         outer = _Hashing(raw)
         # mtime=0 and no file name keep the gzip header, hence the digest, stable.
-        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, compresslevel=spec.level, mtime=0) as gz:  # type: ignore[arg-type]
+        with gzip.GzipFile(filename="", mode="wb", fileobj=outer, compresslevel=spec.level, mtime=0) as gz:
             inner = _Hashing(gz)
             with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 dirs: set[str] = set()

@@ -1,0 +1,7 @@
+"""`python -m regcache`: the `regcache` command."""
+
+import sys
+
+from regcache.ops.cli import main
+
+sys.exit(main())

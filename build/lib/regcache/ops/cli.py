@@ -1,0 +1,610 @@
+"""The `regcache` command: `run` (the proxy with the addon and sane defaults), `export` and
+`import` (bundles of cached images as OCI image layouts, see `bundle`), `warm` (see `warm`),
+`pin` / `unpin` / `pins` (images that eviction never removes), looking after a cache:
+`stats`, `ls`, `purge`, `verify`, `gc` (the store walks are `admin`'s; here they are shown as
+rich tables and progress bars), `setup dockerd|containerd|podman|service` (pointing a node's
+clients at regcache: `setup.client`'s, which scripts/setup-* run too) and `--version`.
+
+The proxy's argument list lives here (`proxy_args`; `mitmdump_args` for plain mitmdump) so that the
+README's commands, the tests and any service unit start the proxy the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from regcache import __version__
+from regcache.addresses import base_url
+from regcache.config import ConfigError, Settings, load_settings, parse_duration, read_text
+from regcache.fronts.master import serve
+from regcache.oci.manifest import BadManifest
+from regcache.ops.admin import (
+    Plan,
+    carry_out,
+    find_corrupt,
+    list_images,
+    parse_ref_pattern,
+    plan_gc,
+    plan_purge,
+    summarize_usage,
+    verify_total,
+)
+from regcache.ops.bundle import (
+    BundleError,
+    collect_for_export,
+    import_bundle,
+    incomplete_message,
+    parse_image_ref,
+    write_bundle,
+)
+from regcache.ops.setup import client as client_setup
+from regcache.ops.warm import default_platforms, warm_all
+from regcache.services.blobs import FREE_SPACE_RESERVE
+from regcache.store.access import DiskAccessRecords
+from regcache.store.base import Store
+from regcache.store.disk import DiskStore, require_store, require_writable
+from regcache.store.errors import StoreError
+
+# mitmdump's entry script, beside the package in a checkout (the source root addon/); not installed.
+ADDON = Path(__file__).resolve().parents[2] / "cache.py"
+CA_CERT = "mitmproxy-ca-cert.pem"
+
+
+def proxy_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
+    """The proxy options of `regcache run` (mitmdump's command line syntax)."""
+    args = [
+        "--listen-host",
+        host,
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        # Lazy: the addon sees a request before mitmproxy dials the upstream, so it can answer
+        # from the store when the upstream is unreachable.
+        "--set",
+        "connection_strategy=lazy",
+        # Stream anything large that is not ours (our own blob flows are streamed per flow).
+        "--set",
+        "stream_large_bodies=1m",
+    ]
+    if config:
+        args += ["--set", f"regcache_config={Path(config).resolve()}"]
+    return args
+
+
+def mitmdump_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
+    """The same proxy with mitmdump itself: `mitmdump ARGS` (all of mitmdump's addons loaded)."""
+    # Our own one line per registry request replaces mitmdump's flow dump.
+    return ["-s", str(ADDON), *proxy_args(config, host, port, confdir), "--set", "flow_detail=0"]
+
+
+def mirror_instructions(mirrors: Mapping[str, tuple[str, int]]) -> str:
+    """How to use the registry mirrors instead of the proxy (Docker Hub: dockerd's registry-mirrors)."""
+    lines = []
+    for host, (listen_host, port) in mirrors.items():
+        if port == 0:
+            lines.append(f"  {host}: on a free port of {listen_host} (logged at start)")
+            continue
+        url = base_url(listen_host, port)
+        lines.append(f"  {host}: {url}")
+        if host == "registry-1.docker.io":
+            lines.append(f'    dockerd (Docker Hub only): /etc/docker/daemon.json {{"registry-mirrors": ["{url}"]}}')
+    if not lines:
+        return ""
+    heading = 'Or, with no proxy and no CA, regcache\'s plain-HTTP registry mirrors (README, "Registry mirror"):'
+    return "\n".join([heading, *lines]) + "\n"
+
+
+def docker_hub_mirror(mirrors: Mapping[str, tuple[str, int]]) -> str | None:
+    """The URL of the Docker Hub mirror, when it has a fixed port."""
+    listen = mirrors.get("registry-1.docker.io")
+    return base_url(*listen) if listen is not None and listen[1] != 0 else None
+
+
+def regcache_command() -> str:
+    """This install's `regcache` command, as a root shell can run it (sudo's PATH may not have
+    the venv): the running script's absolute path, else `PYTHON -m regcache`."""
+    script = Path(sys.argv[0])
+    if script.name == "regcache" and script.exists():
+        return str(script.resolve())
+    return f"{sys.executable} -m regcache"
+
+
+def dockerd_instructions(proxy: str, ca_cert: Path, mirror: str | None = None) -> str:
+    also = f" --mirror {mirror}" if mirror else ""
+    regcache = regcache_command()
+    return f"""\
+Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
+  sudo {regcache} setup dockerd --proxy {proxy} --ca {ca_cert}{also}
+does it all (--dry-run shows the changes, --undo takes them back); by hand:
+  1. Trust the proxy CA (created on first start): {ca_cert}
+       cp {ca_cert} /usr/local/share/ca-certificates/regcache.crt && update-ca-certificates
+     or start dockerd with SSL_CERT_FILE=<a bundle of the system roots plus that certificate>.
+  2. Give dockerd the proxy, e.g. a systemd drop-in /etc/systemd/system/docker.service.d/regcache.conf:
+       [Service]
+       Environment="HTTPS_PROXY={proxy}"
+     or in /etc/docker/daemon.json (Docker 23+): {{"proxies": {{"https-proxy": "{proxy}"}}}}
+  3. systemctl daemon-reload && systemctl restart docker
+containerd and podman/skopeo/buildah: {regcache} setup containerd, {regcache} setup podman (README).
+"""
+
+
+def run(options: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(options.config)
+    except ConfigError as err:
+        print(f"regcache: bad configuration: {err}", file=sys.stderr)
+        return 2
+    try:
+        require_writable(settings.cache_dir)
+    except StoreError as err:
+        print(f"regcache: {err}", file=sys.stderr)
+        return 2
+    confdir = Path(options.confdir).resolve()
+    confdir.mkdir(parents=True, exist_ok=True)
+    proxy = f"http://{options.listen_host}:{options.port}"
+    print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
+    instructions = dockerd_instructions(proxy, confdir / CA_CERT, docker_hub_mirror(settings.mirrors))
+    print(instructions + mirror_instructions(settings.mirrors), flush=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach a redirected log file at once
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    serve(proxy_args(options.config, options.listen_host, options.port, confdir) + options.mitmdump_args)
+    return 0
+
+
+class UsageError(Exception):
+    """A mistake on the command line; the message says what."""
+
+
+def open_store(
+    options: argparse.Namespace, settings: Settings | None = None, *, read_only: bool = False, existing: bool = False
+) -> DiskStore:
+    """The store of `--cache-dir`, else of the configuration. `read_only`: for looking only, which
+    changes nothing in it. `existing`: it must be there already (read-only stores must): a command
+    that looks after a cache does not create an empty one where a path was mistyped."""
+    settings = settings or load_settings(options.config)
+    cache_dir = Path(options.cache_dir).expanduser() if options.cache_dir else settings.cache_dir
+    if existing:
+        require_store(cache_dir)
+    # Not the owner: a running regcache may be using the same store (and its staging area).
+    return DiskStore(cache_dir, settings.size_limit, owner=False, read_only=read_only)
+
+
+def access_records_for_reading(store: Store) -> DiskAccessRecords | None:
+    """The store's access records, to tell which images are public; None where they cannot be
+    opened (a read-only store): every image then counts as private, which fails closed."""
+    try:
+        return DiskAccessRecords(store.cache_dir)
+    except (OSError, sqlite3.Error) as err:
+        print(f"regcache: access records not readable ({err}): every image is exported as private", file=sys.stderr)
+        return None
+
+
+def export(options: argparse.Namespace) -> int:
+    store = open_store(options, read_only=True)
+    refs = [parse_image_ref(image) for image in options.images] if options.images else None
+    records = access_records_for_reading(store)
+    try:
+        contents = collect_for_export(store, refs, records)
+    finally:
+        if records is not None:
+            records.close()
+    for skipped in contents.skipped:
+        print(f"regcache export: skipped: {skipped}", file=sys.stderr)
+    write_bundle(store, contents, Path(options.output))
+    print(f"regcache: exported {contents.summary()} to {options.output}")
+    return 0
+
+
+def import_(options: argparse.Namespace) -> int:
+    as_ref = parse_image_ref(options.as_ref) if options.as_ref else None
+    if not Path(options.bundle).exists():
+        raise UsageError(f"{options.bundle}: no such file or directory")
+    store = open_store(options)
+    records = DiskAccessRecords(store.cache_dir)
+    try:
+        contents = import_bundle(
+            store, Path(options.bundle), as_ref, pin=options.pin, records=records, private=options.private
+        )
+    finally:
+        records.close()
+    print(f"regcache: imported {contents.summary()} into {store.cache_dir}")
+    for ref, _, record in contents.tags:
+        print(f"  {ref} -> {record.digest}")
+    return 0
+
+
+def image_list(path: str) -> list[str]:
+    """The images in a `warm -f` file: one per line, `#` comments, blank lines skipped."""
+    try:
+        lines = read_text(path).splitlines()
+    except OSError as err:
+        raise UsageError(f"cannot read -f {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise UsageError(f"-f {err}") from err
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def warm(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    images = list(options.images) + (image_list(options.file) if options.file else [])
+    if not images:
+        raise UsageError("name at least one image (or -f FILE)")
+    refs = [parse_image_ref(image) for image in images]
+    store = open_store(options, settings)
+    platforms = set(options.platform) if options.platform else default_platforms(settings)
+    results = asyncio.run(warm_all(settings, store, refs, platforms))
+    failed = [r for r in results if isinstance(r, str)]
+    for result in results:
+        if isinstance(result, str):
+            print(f"regcache warm: FAILED {result}", file=sys.stderr)
+        else:
+            print(f"warmed {result.ref} -> {result.digest} ({result.manifests} manifests, {result.blobs} blobs)")
+    return 1 if failed else 0
+
+
+def pin(options: argparse.Namespace) -> int:
+    store = open_store(options, existing=True)
+    for image in options.images:
+        ref = parse_image_ref(image)
+        stored = [r for r in store.tag_records(ref).values() if store.get_manifest(r.digest) is not None]
+        if not stored:
+            raise BundleError(f"{ref} is not in the cache: pull, warm or import it first")
+        newest = max(stored, key=lambda record: record.recorded_at)
+        store.pin(ref, newest.digest)
+        print(f"pinned {ref} -> {newest.digest}")
+    return 0
+
+
+def unpin(options: argparse.Namespace) -> int:
+    refs = [parse_image_ref(image) for image in options.images]
+    looking = open_store(options, read_only=True)
+    pinned = looking.pins()
+    looking.close()  # before a writable store of the same cache is opened (DiskStore)
+    for ref in refs:
+        if str(ref) not in pinned:
+            print(f"{ref} was not pinned")
+    if unpinned := [ref for ref in refs if str(ref) in pinned]:  # only then is the store written
+        store = open_store(options)
+        for ref in unpinned:
+            store.unpin(ref)
+            print(f"unpinned {ref}")
+    return 0
+
+
+def pins(options: argparse.Namespace) -> int:
+    for ref, digest in sorted(open_store(options, read_only=True).pins().items()):
+        print(f"{ref} {digest}")
+    return 0
+
+
+def _size(count: float) -> str:
+    """Binary units, as `size_limit` is usually written (50GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
+
+
+def _short(digest: str) -> str:
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"{algorithm}:{hex_digest[:12]}"
+
+
+def stats(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings, read_only=True)
+    totals = store.entry_totals()
+    usage = summarize_usage(store.counters())
+    free = store.free_space()
+    full = free < FREE_SPACE_RESERVE  # no blob is cached then
+    if options.json:
+        document = {
+            "store": {
+                "bytes": sum(size for _, size in totals.values()),
+                "size_limit": store.size_limit,
+                "entries": {kind: count for kind, (count, _) in totals.items()},
+            },
+            "disk": {"free": free, "full": full},
+            **asdict(usage),
+            "repositories": [asdict(r) for r in usage.repositories[: options.top]],
+            "hit_ratio": usage.hit_ratio,
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    ratio = "no requests yet" if usage.hit_ratio is None else f"{usage.hit_ratio:.1%}"
+    results = ", ".join(f"{result} {count}" for result, count in sorted(usage.requests.items()))
+    saved = sum(usage.pulls_saved.values())
+    by_registry = ", ".join(f"{registry} {count}" for registry, count in sorted(usage.pulls_saved.items()))
+    summary = Table(title=f"regcache {store.cache_dir}", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    stored = sum(size for _, size in totals.values())
+    summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
+    nothing_new = f": nothing new is cached (regcache keeps {_size(FREE_SPACE_RESERVE)} free)" if full else ""
+    summary.add_row("disk", f"{'FULL, ' if full else ''}{_size(free)} free{nothing_new}")
+    summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
+    summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
+    summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")
+    summary.add_row("bytes", f"{_size(usage.bytes_cache)} from cache, {_size(usage.bytes_upstream)} from upstream")
+    console = _console()
+    console.print(summary)
+    if usage.repositories:
+        top = Table(title=f"top repositories (of {len(usage.repositories)})")
+        for column in ("repository", "pulls", "pulls saved", "requests", "from cache"):
+            top.add_column(column, justify="left" if column == "repository" else "right")
+        for repo in usage.repositories[: options.top]:
+            share = f"{repo.from_store / repo.requests:.0%}" if repo.requests else "-"
+            top.add_row(repo.repository, str(repo.pulls), str(repo.pulls_saved), str(repo.requests), share)
+        console.print(top)
+    return 0
+
+
+def ls(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    pattern = parse_ref_pattern(options.ref, settings.registries) if options.ref else None
+    rows = list_images(open_store(options, settings, read_only=True), pattern)
+    if options.json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+        return 0
+    table = Table(title=f"cached images{f' in {pattern}' if pattern else ''}: {len(rows)}")
+    for column in ("image", "digest", "size", "last used", "pinned", "complete"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for row in rows:
+        pinned, complete = "yes" if row.pinned else "", "NO" if row.missing else "yes"
+        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), pinned, complete)
+    _console().print(table)
+    for row in rows:
+        if row.missing:
+            print(f"{incomplete_message(row.ref, row.missing)} ({_short(row.digest)})")
+    return 0
+
+
+def _console() -> Console:
+    """On a terminal, its width; into a pipe or file, wide enough that digests and names never fold."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _print_plan(plan: Plan, what: str, dry_run: bool, size: int) -> None:
+    """`size`: what the plan would free (dry run), or what carrying it out freed."""
+    if dry_run:
+        for key in plan.keys:
+            entry_size = plan.sizes.get(key)
+            print(f"  {key}{f' ({entry_size} B)' if entry_size else ''}")
+        for path in plan.staging_files:
+            print(f"  staging file {path}")
+    counts = ", ".join(
+        f"{plan.count(kind)} {label}"
+        for kind, label in (("tag", "tags"), ("manifest", "manifests"), ("blob", "blobs"), ("seen", "access records"))
+    )
+    staging = f", {len(plan.staging_files)} staging files" if plan.staging_files else ""
+    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(size)}")
+
+
+def purge(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings, existing=True)
+    pattern = parse_ref_pattern(options.ref, settings.registries)
+    plan = plan_purge(store, pattern)
+    for ref in plan.kept_pinned:
+        print(f"kept {ref}: pinned (regcache unpin {ref} first)")
+    if not plan.keys:
+        print(f"nothing in the cache to purge for {pattern}")
+        return 0
+    size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
+    _print_plan(plan, f"purge {pattern}", options.dry_run, size)
+    return 0
+
+
+def verify(options: argparse.Namespace) -> int:
+    store = open_store(options, read_only=True)
+    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("verify", total=verify_total(store))
+        verification = find_corrupt(store, lambda count: progress.advance(task, count))
+    for found in verification.corrupt:
+        print(f"CORRUPT {found.key}: {found.problem}{'' if options.dry_run else ' (removed)'}")
+    store.close()  # before a writable store of the same cache is opened (DiskStore)
+    if verification.corrupt and not options.dry_run:  # only then is the store written
+        open_store(options).remove(found.key for found in verification.corrupt)
+    outcome = ", kept (--dry-run)" if options.dry_run else ", removed (pulls fetch them again)"
+    outcome = outcome if verification.corrupt else ""
+    print(
+        f"verified {verification.manifests} manifests and {verification.blobs} blobs, {_size(verification.bytes)}: "
+        f"{len(verification.corrupt)} corrupt{outcome}"
+    )
+    return 1 if verification.corrupt else 0
+
+
+def gc(options: argparse.Namespace) -> int:
+    settings = load_settings(options.config)
+    store = open_store(options, settings, existing=True)
+    min_age = parse_duration("--min-age", options.min_age)
+    if settings.max_age:
+        if options.dry_run:
+            unused = store.unused(settings.max_age)
+            print(f"would expire (unused for max_age): {len(unused)} entries, {_size(sum(s for _, s in unused))}")
+        else:
+            removed, freed = store.expire_unused(settings.max_age)
+            print(f"expired (unused for max_age): {removed} entries, {_size(freed)}")
+    plan = plan_gc(store, min_age)
+    # Staging files are measured before they go: after, they would count as 0 B.
+    size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
+    _print_plan(plan, "orphans and leftovers", options.dry_run, size)
+    stored = sum(size for _, size in store.entry_totals().values())
+    if options.dry_run:
+        over = max(0, stored - store.size_limit)
+        print(f"store: {_size(stored)} of size_limit {_size(store.size_limit)}; over by {_size(over)}")
+    else:
+        removed, freed = store.evict()
+        print(f"evicted (size_limit): {removed} entries, {_size(freed)}")
+    return 0
+
+
+def setup(options: argparse.Namespace) -> int:
+    """`regcache setup TOOL ARGS`: the client set-up tools (standard library only, setup/client.py)."""
+    return client_setup.main(options.tool, options.setup_args, prog=f"regcache setup {options.tool}")
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration whose cache_dir to use")
+    parser.add_argument("--cache-dir", help="the cache directory (default: cache_dir of --config, or the default)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="regcache", description="Docker/OCI registry pull-through cache")
+    parser.add_argument("--version", action="version", version=f"regcache {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="start the cache (mitmproxy with the regcache addon)")
+    run_parser.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
+    run_parser.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    run_parser.add_argument("--port", type=int, default=3128, help="port to listen on (default 3128)")
+    run_parser.add_argument("--confdir", default="certs", help="mitmproxy confdir holding the CA (default ./certs)")
+    run_parser.add_argument(
+        "mitmdump_args",
+        nargs=argparse.REMAINDER,
+        help="further mitmproxy arguments after -- (as for mitmdump: --set KEY=VALUE, --mode, -s SCRIPT)",
+    )
+    run_parser.set_defaults(handler=run)
+
+    export_parser = commands.add_parser(
+        "export", help="write cached images to an OCI image layout (directory, or a tar if OUT ends in .tar)"
+    )
+    _store_options(export_parser)
+    export_parser.add_argument("-o", "--output", required=True, help="bundle to write (DIR or FILE.tar)")
+    export_parser.add_argument("images", nargs="*", help="images to export, e.g. docker.io/library/alpine:3.20 (all)")
+    export_parser.set_defaults(handler=export)
+
+    import_parser = commands.add_parser(
+        "import", help="merge a bundle (or any OCI image layout, e.g. from skopeo) into the cache"
+    )
+    _store_options(import_parser)
+    import_parser.add_argument("bundle", help="OCI image layout directory or tar")
+    import_parser.add_argument(
+        "--as", dest="as_ref", help="the image reference a layout without regcache annotations stands for"
+    )
+    import_parser.add_argument("--pin", action="store_true", help="pin every imported image (never evicted)")
+    import_parser.add_argument(
+        "--private",
+        action="store_true",
+        help="mark no imported repository readable anonymously (default: as the bundle says; a layout "
+        "from another tool counts as public)",
+    )
+    import_parser.set_defaults(handler=import_)
+
+    for name, handler, text in (
+        ("pin", pin, "pin images at the digest their tag last resolved to: eviction never removes them"),
+        ("unpin", unpin, "remove pins"),
+    ):
+        pin_parser = commands.add_parser(name, help=text)
+        _store_options(pin_parser)
+        pin_parser.add_argument("images", nargs="+", help="images, e.g. docker.io/library/alpine:3.20")
+        pin_parser.set_defaults(handler=handler)
+    pins_parser = commands.add_parser("pins", help="list pinned images and their digests")
+    _store_options(pins_parser)
+    pins_parser.set_defaults(handler=pins)
+
+    warm_parser = commands.add_parser("warm", help="fetch images from upstream into the cache (no container runtime)")
+    _store_options(warm_parser)
+    warm_parser.add_argument("images", nargs="*", help="images, e.g. docker.io/library/alpine:3.20 or alpine:3.20")
+    warm_parser.add_argument("-f", "--file", help="a file of images, one per line (# comments)")
+    warm_parser.add_argument(
+        "--platform",
+        action="append",
+        help="only this platform of multi-arch images, e.g. linux/arm64 (repeatable; default: the platforms "
+        "setting when it is a list, else all)",
+    )
+    warm_parser.set_defaults(handler=warm)
+
+    stats_parser = commands.add_parser("stats", help="store size, hit ratio, pulls saved, top repositories")
+    _store_options(stats_parser)
+    stats_parser.add_argument("--top", type=int, default=10, help="how many repositories to show (default 10)")
+    stats_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    stats_parser.set_defaults(handler=stats)
+
+    ls_parser = commands.add_parser("ls", help="list cached images: tag, digest, size, last use")
+    _store_options(ls_parser)
+    ls_parser.add_argument("ref", nargs="?", help="only this registry, repository or tag, e.g. docker.io/library")
+    ls_parser.add_argument("--json", action="store_true", help="print JSON (full digests, sizes in bytes)")
+    ls_parser.set_defaults(handler=ls)
+
+    purge_parser = commands.add_parser(
+        "purge", help="remove a tag, repository or registry, and the content only it needed (pins are kept)"
+    )
+    _store_options(purge_parser)
+    purge_parser.add_argument(
+        "ref",
+        help="docker.io/library/alpine:3.20 (a tag), docker.io/library/alpine (a repository), ghcr.io (a registry)",
+    )
+    purge_parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    purge_parser.set_defaults(handler=purge)
+
+    verify_parser = commands.add_parser(
+        "verify", help="rehash every stored manifest and blob; remove corrupt ones (exit 1 if any)"
+    )
+    _store_options(verify_parser)
+    verify_parser.add_argument("--dry-run", "--keep", dest="dry_run", action="store_true", help="only report them")
+    verify_parser.set_defaults(handler=verify)
+
+    gc_parser = commands.add_parser(
+        "gc", help="expire unused content (max_age), remove orphans and staging leftovers, trim to size_limit"
+    )
+    _store_options(gc_parser)
+    gc_parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc_parser.add_argument(
+        "--min-age",
+        default="1h",
+        help="leave orphans and staging files younger than this alone: pulls in progress (default 1h; 0 = all)",
+    )
+    gc_parser.set_defaults(handler=gc)
+
+    setup_parser = commands.add_parser(
+        "setup", help="point this node's dockerd, containerd or podman at regcache, or install it as a service"
+    )
+    setup_parser.add_argument("tool", choices=sorted(client_setup.TOOLS), help="what to set up (--help after it)")
+    setup_parser.add_argument(
+        "setup_args", nargs=argparse.REMAINDER, help="its options: --proxy, --ca, --dry-run, --undo, --root, ..."
+    )
+    setup_parser.set_defaults(handler=setup)
+
+    options = parser.parse_args(argv)
+    if options.command == "run" and options.mitmdump_args[:1] == ["--"]:
+        options.mitmdump_args = options.mitmdump_args[1:]
+    try:
+        return int(options.handler(options))
+    except (ConfigError, BundleError, BadManifest, StoreError, UsageError, OSError, sqlite3.Error) as err:
+        # One line, never a traceback: these are the user's paths, files and settings.
+        unchanged = " (the cache is unchanged)" if options.command == "import" else ""
+        print(f"regcache {options.command}: {describe(err)}{unchanged}", file=sys.stderr)
+        return 1
+
+
+def describe(err: Exception) -> str:
+    """An error as one line: `PATH: No such file or directory` for an OSError."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    if isinstance(err, sqlite3.Error):
+        return f"cannot read the store's index: {err}"
+    return str(err).replace("\n", " ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Blobs: hits streamed from the store, misses fetched once upstream while clients stream the fill.
+
+A miss starts a `Fill`: one upstream `GET` (redirects to a CDN followed by `UpstreamClient`),
+written to a staging file and hashed as it arrives, committed to the store only when size and
+digest match. Clients are sent to the blob endpoint, which streams the staging file as it grows
+(`BlobServer`), so the first pull is never held back until the whole blob is in.
+Concurrent requests for the same digest join the running fill instead of fetching again.
+
+When the disk refuses a write mid-fill (full, I/O error), the fill goes on: the bytes the staging
+file could not take are relayed to the clients already following it from memory, at the pace of
+the slowest (at most `RELAY_BUFFER` held), still verified before the last byte goes out, and
+nothing is stored. New requests for blobs are passed through uncached while the disk is in trouble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from multidict import CIMultiDict
+
+from regcache.metrics import METRICS
+from regcache.oci.api import RegistryRequest
+from regcache.oci.digest import DigestMismatch
+from regcache.services.access import Access
+from regcache.services.answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
+from regcache.services.identity import Client
+from regcache.services.manifests import ISSUED_HERE, not_in_offline_cache, unavailable
+from regcache.services.upstream import (
+    MAX_ERROR_BODY,
+    TRANSFER_ERRORS,
+    UpstreamAnswer,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    describe_error,
+    read_limited,
+)
+from regcache.store.base import Store
+from regcache.store.errors import STORE_ERRORS, best_effort
+from regcache.store.staging import BlobStaging
+
+log = logging.getLogger(__name__)
+
+# Never fill the disk to the last byte: the store's index and other writers need room too.
+FREE_SPACE_RESERVE = 64 * 1024 * 1024
+# Blobs up to this size are written to their staging file on the event loop (see Fills._run).
+SMALL_BLOB = 1024 * 1024
+# After a write to the store failed (disk full, I/O error), relay blobs uncached for this long.
+DISK_TROUBLE_PAUSE = 60.0
+# A committed fill stays visible this long, so a request that missed the store just before the
+# commit joins it instead of fetching the blob a second time.
+COMMITTED_GRACE_SECONDS = 30.0
+# A fill relaying from memory (the disk refused its bytes) holds at most this much for its slowest
+# follower; it reads from upstream no faster than that follower takes the bytes.
+RELAY_BUFFER = 4 * 1024 * 1024
+# A client sent to a fill is waited for this long: until it follows, the relay keeps every byte.
+PROMISE_SECONDS = 10.0
+
+
+class RelayStalled(Exception):
+    """A fill relaying from memory waited too long for its followers to take the bytes held."""
+
+
+class Fill:
+    """One upstream fetch of one blob, shared by every client that asked for it meanwhile."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.started = asyncio.Event()  # the upstream status is known (or the fill failed)
+        self.upstream_refusal: UpstreamAnswer | None = None  # a non-200 upstream answer
+        self.error: str | None = None
+        self.expected_size: int | None = None
+        self.staging_path: Path | None = None
+        self.written = 0  # bytes received from upstream (and hashed)
+        self.on_disk = 0  # how many of them followers can read from the staging file
+        self.finished = False
+        self.verified = False  # every byte is in and matches the digest (committed a moment later)
+        self.committed = False
+        self.pass_through = ""  # why this blob is relayed uncached (disk full, write errors)
+        self.spilled = ""  # why the staging file stopped taking bytes: the rest comes from memory
+        self._changed = asyncio.Event()
+        # Relaying from memory: the bytes from `_held_from` on that some follower has yet to send.
+        self._held = bytearray()
+        self._held_from = 0
+        self._followers: dict[object, int] = {}  # follower → bytes it has sent
+        self._promised: list[float] = []  # when clients were sent here that do not follow yet
+        self._moved = asyncio.Event()  # a follower moved on, or gave up
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # followers ------------------------------------------------------------------------------
+    def promise(self) -> None:
+        """A client is on its way here (to follow by a redirect or the mirror's stream): keep what
+        it will need."""
+        self._promised.append(time.monotonic())
+
+    def unpromise(self) -> None:
+        """A promised client is not coming after all (refused, or sent elsewhere)."""
+        if self._promised:
+            self._promised.pop()
+        self._moved_on()
+
+    def follow(self) -> object | None:
+        """A new follower (from byte 0); None if it came too late: a fill relaying from memory
+        has let go of bytes it needs."""
+        if self._held_from > self.on_disk:
+            return None
+        if self._promised:
+            self._promised.pop(0)
+        follower = object()
+        self._followers[follower] = 0
+        self._moved_on()
+        return follower
+
+    def advance(self, follower: object, sent: int) -> None:
+        self._followers[follower] = sent
+        self._moved_on()
+
+    def unfollow(self, follower: object) -> None:
+        self._followers.pop(follower, None)
+        self._moved_on()
+
+    def _moved_on(self) -> None:
+        self._let_go()
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    def held(self, offset: int, size: int) -> bytes:
+        """Bytes from memory, past what the staging file took (`offset` >= `on_disk`)."""
+        start = offset - self._held_from
+        return bytes(self._held[start : start + size])
+
+    def _let_go(self) -> None:
+        """Drop the held bytes every follower has sent, unless a promised client is still to come."""
+        now = time.monotonic()
+        self._promised = [when for when in self._promised if now - when < PROMISE_SECONDS]
+        if not self.spilled or self._promised or not self._followers:
+            return
+        done = min(self._followers.values()) - self._held_from
+        if done > 0:
+            del self._held[:done]
+            self._held_from += done
+
+    # relaying from memory -------------------------------------------------------------------
+    def spill(self, reason: str) -> None:
+        """The staging file took its last byte: from here on the fill relays from memory."""
+        self.spilled = reason
+        self._held_from = self.on_disk
+
+    async def hold(self, chunk: bytes, stall_seconds: float) -> None:
+        """Keep `chunk` for the followers, once the slowest has made room for it (back-pressure
+        on the upstream). Raises RelayStalled when no follower moves on for `stall_seconds`."""
+        deadline = time.monotonic() + stall_seconds
+        while True:
+            self._let_go()  # promises expire
+            if not self._followers and not self._promised:  # nothing to store, nobody to send to
+                raise RelayStalled("no client follows the fill")
+            if not self._held or len(self._held) + len(chunk) <= RELAY_BUFFER:
+                break
+            if time.monotonic() >= deadline:
+                raise RelayStalled(f"no client took any of the blob's bytes for {stall_seconds:.0f} s")
+            if await self._moved_within(min(1.0, deadline - time.monotonic())):  # each second: promises expire
+                deadline = time.monotonic() + stall_seconds
+        self._held += chunk
+
+    async def promises_kept(self) -> None:
+        """Until every client sent here follows, or has been waited for PROMISE_SECONDS: a fill
+        relaying from memory keeps its staging file (the first bytes) until then."""
+        self._let_go()
+        while self._promised:
+            await self._moved_within(1.0)
+            self._let_go()
+
+    async def _moved_within(self, seconds: float) -> bool:
+        """Wait (at most `seconds`) for a follower to move on, come or go; whether one did."""
+        moved = self._moved
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(moved.wait(), timeout=seconds)
+        return moved.is_set()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once more than `offset` bytes are written, or the fill has ended."""
+        changed = self._changed
+        if self.written > offset or self.finished:
+            return
+        await changed.wait()
+
+
+class Fills:
+    """The running fills, by digest (single flight)."""
+
+    def __init__(self, store: Store, upstream: UpstreamClient) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._fills: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._disk_trouble_until = 0.0
+        self._evicting = asyncio.Lock()
+
+    def get(self, digest: str) -> Fill | None:
+        return self._fills.get(digest)
+
+    def start(self, digest: str, url: str, headers: CIMultiDict[str], repository: str) -> tuple[Fill, bool]:
+        """Join the running fill of `digest`, or start one (fetched through `repository`);
+        True if this call started it."""
+        fill = self._fills.get(digest)
+        if fill is not None:
+            return fill, False
+        fill = self._fills[digest] = Fill(digest)
+        # The fill belongs to no flow: a client that goes away does not abort it for the others.
+        task = asyncio.create_task(self._run(fill, url, headers, repository))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill, True
+
+    async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str], repository: str) -> None:
+        started_at = time.monotonic()
+        response: UpstreamResponse | None = None
+        staging: BlobStaging | None = None
+        try:
+            if skip := self._no_room(None):  # known before asking upstream: no fetch wasted
+                fill.pass_through = skip
+                return
+            response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
+            if response.status != 200:
+                body = await read_limited(response, MAX_ERROR_BODY)
+                fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
+                return
+            fill.expected_size = response.content_length
+            if skip := self._no_room(fill.expected_size):
+                fill.pass_through = skip
+                return
+            # A small blob is written on the event loop: a page-cache write of it costs less than
+            # the trip to a worker thread (which waits for the GIL). Larger ones, and any blob that
+            # turns out larger than announced, go through threads, so a stalled disk stalls no one.
+            small = fill.expected_size is not None and fill.expected_size <= SMALL_BLOB
+            try:
+                staging = (
+                    self._store.stage_blob(fill.digest)
+                    if small
+                    else await asyncio.to_thread(self._store.stage_blob, fill.digest)
+                )
+            except OSError as err:
+                fill.pass_through = f"cannot stage it: {describe_error(err)}"
+                self._disk_failed()
+                return
+            fill.staging_path = staging.path
+            fill.started.set()
+            async for chunk in response.content.iter_any():
+                await self._take(fill, staging, chunk, inline=small and fill.written + len(chunk) <= SMALL_BLOB)
+            staging.check(fill.expected_size)
+            # Verified: followers may send the last byte now, not after the fsync and the index.
+            fill.verified = True
+            fill._notify()
+            if fill.spilled:
+                await fill.promises_kept()
+                return  # relayed; the staging file is discarded below
+            committing, staging = staging, None
+            await asyncio.to_thread(self._commit, committing, fill.expected_size, repository)
+            fill.committed = True
+            fill._notify()
+        except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
+            fill.error = str(err)
+        except TRANSFER_ERRORS as err:  # before OSError: some are OSErrors too
+            fill.error = f"GET {url}: {describe_error(err)}"
+        except STORE_ERRORS as err:
+            fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
+            self._disk_failed()
+        except BaseException as err:  # cancelled (shutdown, reload) or a bug: never looks complete
+            fill.error = fill.error or f"fill stopped: {describe_error(err)}"
+            raise
+        finally:
+            METRICS.fill_ended(repository, fill.written, failed=fill.error is not None)
+            if staging is not None:
+                staging.discard()
+            if response is not None:
+                response.release()
+            fill.finished = True
+            fill.started.set()
+            fill._notify()
+            self._retire(fill)
+            self._log(fill, time.monotonic() - started_at)
+        if fill.committed:
+            await self._evict()
+
+    async def _take(self, fill: Fill, staging: BlobStaging, chunk: bytes, inline: bool) -> None:
+        """One chunk from upstream: into the staging file (`inline`: on the event loop), or, once
+        the disk has refused one, hashed and held in memory for the followers."""
+        if not staging.spilled:
+            try:
+                if inline:
+                    staging.write(chunk)
+                else:
+                    await asyncio.to_thread(staging.write, chunk)
+            except OSError as err:  # the chunk is hashed all the same
+                fill.spill(f"writing {fill.digest} to {staging.path.parent}: {describe_error(err)}")
+                self._disk_failed()
+        else:
+            staging.write(chunk)  # hashing only
+        if fill.spilled:
+            await fill.hold(chunk, self._upstream.blob_timeout().sock_read or DISK_TROUBLE_PAUSE)
+        fill.written += len(chunk)
+        fill.on_disk = staging.on_disk
+        fill._notify()
+
+    def _disk_failed(self) -> None:
+        """The disk, not the upstream, failed: stop caching blobs for a while, keep serving."""
+        self._disk_trouble_until = time.monotonic() + DISK_TROUBLE_PAUSE
+
+    def _commit(self, staging: BlobStaging, expected_size: int | None, repository: str) -> None:
+        """Into the store, and known to belong to `repository` (access.py): one thread trip."""
+        self._store.commit_blob(staging, expected_size)
+        best_effort("access records", self._store.mark_seen, repository, [staging.digest])
+
+    async def _evict(self) -> None:
+        """One eviction at a time: concurrent ones would each free the whole excess."""
+        if self._evicting.locked():
+            return  # the running one re-reads the store's volume as it goes
+        async with self._evicting:
+            try:
+                removed, freed = await asyncio.to_thread(self._store.evict)
+            except STORE_ERRORS as err:
+                log.warning("eviction skipped: %s", err)
+                return
+        if removed:
+            log.info("EVICTED %d entries, %d B, least recently used first (size_limit)", removed, freed)
+
+    def _no_room(self, size: int | None) -> str:
+        """Why this blob must not be cached now (empty: it may be)."""
+        if time.monotonic() < self._disk_trouble_until:
+            return "a recent write to the store failed"
+        free = shutil.disk_usage(self._store.staging_dir).free
+        if free < (size or 0) + FREE_SPACE_RESERVE:
+            return f"{free} B free in {self._store.staging_dir}, blob is {size} B"
+        return ""
+
+    def _retire(self, fill: Fill) -> None:
+        if not fill.committed:
+            self._fills.pop(fill.digest, None)
+            return
+        asyncio.get_running_loop().call_later(COMMITTED_GRACE_SECONDS, self.forget, fill)
+
+    def forget(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+
+    @staticmethod
+    def _log(fill: Fill, seconds: float) -> None:
+        if fill.pass_through:
+            log.warning("caching skipped for %s, passed through: %s", fill.digest, fill.pass_through)
+        elif fill.committed:
+            log.info("STORED blob %s %d B in %.0f ms", fill.digest, fill.written, seconds * 1000)
+        elif fill.error:
+            log.warning("fill of %s failed after %d B, nothing stored: %s", fill.digest, fill.written, fill.error)
+        elif fill.spilled:
+            log.warning(
+                "fill of %s relayed from memory after the first %d B, nothing stored: %s",
+                fill.digest,
+                fill.on_disk,
+                fill.spilled,
+            )
+
+    async def close(self, wait: bool = False) -> None:
+        """Stop: cancel running fills (nothing partial is stored), or with `wait` let them end."""
+        if not wait:
+            for task in list(self._tasks):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class BlobService:
+    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, access: Access, offline: bool) -> None:
+        self._access = access
+        self._store = store
+        self._upstream = upstream
+        self._fills = fills
+        self._offline = offline
+
+    async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
+        digest = req.route.reference
+        client = await self._access.client(req)
+        fill = self._fills.get(digest)
+        if fill is None or fill.committed:
+            if stored := await asyncio.to_thread(find_stored, self._store, digest, req.repository):
+                return await self._access.check(req, client, digest, "blobs", stored.seen) or self._hit(req, stored)
+            if fill is not None:  # committed, and evicted since
+                self._fills.forget(fill)
+                fill = None
+        if self._offline:
+            return not_in_offline_cache(req, "BLOB_UNKNOWN")
+        if client.issued_here:
+            return unavailable(req, ISSUED_HERE)
+        if req.head:
+            try:
+                answer = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
+            except UpstreamUnavailable as err:
+                return unavailable(req, str(err))
+            self._access.observe_answer(req, client, answer)
+            return relay(answer, "PASS")
+        if ranged:
+            return PassThrough(note="range request for an uncached blob")
+        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), req.repository)
+        fill.promise()  # before the fill runs: should its disk fail, it keeps its bytes for this client
+        decision: Decision | None = None
+        try:
+            decision = await self._join(req, client, fill, started)
+            return decision
+        finally:
+            if not isinstance(decision, LocalStream):  # refused, sent elsewhere, or gone
+                fill.unpromise()
+
+    async def _join(self, req: RegistryRequest, client: Client, fill: Fill, started: bool) -> Decision:
+        """Follow the fill (`started`: this request started it), or what this client gets instead."""
+        digest = req.route.reference
+        if not started and (denied := await self._access.check(req, client, digest, "blobs")):
+            return denied  # someone else's fill: this client must be allowed too
+        await fill.started.wait()  # bounded: the upstream client times out
+        if fill.upstream_refusal is not None:
+            if started:
+                self._access.observe_answer(req, client, fill.upstream_refusal)
+            return relay(fill.upstream_refusal, "PASS")
+        if started and not fill.error:
+            self._access.observe(req, client, 200)
+        if fill.pass_through:
+            return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
+        if fill.spilled and not started:  # the disk is in trouble: this client fetches for itself
+            return PassThrough("MISS", note=f"not cached: {fill.spilled}")
+        if fill.error is not None:
+            return unavailable(req, fill.error)
+        return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
+
+    @staticmethod
+    def _hit(req: RegistryRequest, stored: StoredBlob) -> Decision:
+        if req.head:
+            return blob_head_answer(stored.digest, stored.size, "HIT")
+        return LocalStream("blobs", stored.digest, "HIT", path=stored.path)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    digest: str
+    path: str
+    size: int
+    seen: bool  # known to belong to the repository it was asked through (access.py)
+
+
+def find_stored(store: Store, digest: str, repository: str) -> StoredBlob | None:
+    """Everything a blob hit needs from the store, in one trip to a worker thread: thread hops
+    wait for the GIL, and concurrent hits made several each."""
+    handle = store.open_blob(digest)
+    if handle is None:
+        return None
+    with handle:
+        path, size = str(handle.name), os.fstat(handle.fileno()).st_size
+    return StoredBlob(digest, path, size, store.is_seen(repository, digest))
