@@ -26,7 +26,7 @@ from regcache.fronts.listener import Listener, Timeouts, application
 from regcache.metrics import METRICS
 from regcache.oci.api import API_VERSION_HEADER, error_body
 from regcache.services.answers import BlobSource
-from regcache.services.blobs import Fill, Fills
+from regcache.services.blobs import Fills, FillView
 from regcache.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class BlobServer:
         return response
 
     @staticmethod
-    async def _follow(fill: Fill, follower: object, fd: int, response: web.StreamResponse) -> bool:
+    async def _follow(fill: FillView, follower: object, fd: int, response: web.StreamResponse) -> bool:
         """Stream the fill's bytes as they come; False if the fill failed.
 
         The last byte is held back until the fill has checked size and digest, so a blob that
@@ -157,7 +157,7 @@ class BlobServer:
                 await fill.wait_beyond(offset + 1)
 
 
-async def _next_chunk(fill: Fill, fd: int, offset: int, size: int) -> bytes:
+async def _next_chunk(fill: FillView, fd: int, offset: int, size: int) -> bytes:
     """Up to `size` bytes at `offset`: from the staging file, or past what it took, from memory."""
     if offset >= fill.on_disk:
         return fill.held(offset, size)

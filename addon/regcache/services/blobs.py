@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from multidict import CIMultiDict
 
@@ -68,8 +69,44 @@ class RelayStalled(Exception):
     """A fill relaying from memory waited too long for its followers to take the bytes held."""
 
 
+class FillView(Protocol):
+    """What the fill's followers (the blob endpoint, completion) read of a `Fill`: its progress and
+    outcome, read-only, and the follower's own calls. Only `Fills` moves a fill on."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def expected_size(self) -> int | None: ...
+    @property
+    def staging_path(self) -> Path | None: ...
+    @property
+    def written(self) -> int: ...  # bytes received from upstream (and hashed)
+    @property
+    def on_disk(self) -> int: ...  # how many of them the staging file holds
+    @property
+    def verified(self) -> bool: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def committed(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def pass_through(self) -> str: ...
+    @property
+    def upstream_refusal(self) -> UpstreamAnswer | None: ...
+
+    def follow(self) -> object | None: ...
+    def advance(self, follower: object, sent: int) -> None: ...
+    def unfollow(self, follower: object) -> None: ...
+    def held(self, offset: int, size: int) -> bytes: ...
+    async def wait_beyond(self, offset: int) -> None: ...
+
+
 class Fill:
-    """One upstream fetch of one blob, shared by every client that asked for it meanwhile."""
+    """One upstream fetch of one blob, shared by every client that asked for it meanwhile. Its
+    fields are written by `Fills` only (through the methods under "progress"); everyone else
+    gets a `FillView`."""
 
     def __init__(self, digest: str) -> None:
         self.digest = digest
@@ -96,6 +133,28 @@ class Fill:
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    # progress (Fills._run's) -------------------------------------------------------------------
+    def took(self, size: int, on_disk: int) -> None:
+        """`size` more bytes came from upstream; the staging file holds `on_disk` of all of them."""
+        self.written += size
+        self.on_disk = on_disk
+        self._notify()
+
+    def mark_verified(self) -> None:
+        """Every byte is in and matches the digest: followers may send the last one."""
+        self.verified = True
+        self._notify()
+
+    def mark_committed(self) -> None:
+        self.committed = True
+        self._notify()
+
+    def end(self) -> None:
+        """The fill is over (committed, relayed, refused or failed)."""
+        self.finished = True
+        self.started.set()
+        self._notify()
 
     # followers ------------------------------------------------------------------------------
     def promise(self) -> None:
@@ -206,8 +265,17 @@ class Fills:
         self._disk_trouble_until = 0.0
         self._evicting = asyncio.Lock()
 
-    def get(self, digest: str) -> Fill | None:
+    def get(self, digest: str) -> FillView | None:
+        """The running (or just committed) fill of `digest`, as its followers see it."""
         return self._fills.get(digest)
+
+    def running(self, digest: str) -> Fill | None:
+        """The fill itself, for the blob service that starts and joins fills."""
+        return self._fills.get(digest)
+
+    def join(self, digest: str, url: str, headers: CIMultiDict[str], repository: str) -> FillView:
+        """`start`, for a caller that only follows the fill (completion, warm)."""
+        return self.start(digest, url, headers, repository)[0]
 
     def start(self, digest: str, url: str, headers: CIMultiDict[str], repository: str) -> tuple[Fill, bool]:
         """Join the running fill of `digest`, or start one (fetched through `repository`);
@@ -259,15 +327,13 @@ class Fills:
                 await self._take(fill, staging, chunk, inline=small and fill.written + len(chunk) <= SMALL_BLOB)
             staging.check(fill.expected_size)
             # Verified: followers may send the last byte now, not after the fsync and the index.
-            fill.verified = True
-            fill._notify()
+            fill.mark_verified()
             if fill.spilled:
                 await fill.promises_kept()
                 return  # relayed; the staging file is discarded below
             committing, staging = staging, None
             await asyncio.to_thread(self._commit, committing, fill.expected_size, repository)
-            fill.committed = True
-            fill._notify()
+            fill.mark_committed()
         except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
             fill.error = str(err)
         except TRANSFER_ERRORS as err:  # before OSError: some are OSErrors too
@@ -284,9 +350,7 @@ class Fills:
                 staging.discard()
             if response is not None:
                 response.release()
-            fill.finished = True
-            fill.started.set()
-            fill._notify()
+            fill.end()
             self._retire(fill)
             self._log(fill, time.monotonic() - started_at)
         if fill.committed:
@@ -308,9 +372,7 @@ class Fills:
             staging.write(chunk)  # hashing only
         if fill.spilled:
             await fill.hold(chunk, self._upstream.blob_timeout().sock_read or DISK_TROUBLE_PAUSE)
-        fill.written += len(chunk)
-        fill.on_disk = staging.on_disk
-        fill._notify()
+        fill.took(len(chunk), staging.on_disk)
 
     def _disk_failed(self) -> None:
         """The disk, not the upstream, failed: stop caching blobs for a while, keep serving."""
@@ -349,7 +411,7 @@ class Fills:
             return
         asyncio.get_running_loop().call_later(COMMITTED_GRACE_SECONDS, self.forget, fill)
 
-    def forget(self, fill: Fill) -> None:
+    def forget(self, fill: FillView) -> None:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
 
@@ -388,7 +450,7 @@ class BlobService:
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
         digest = req.route.reference
         client = await self._access.client(req)
-        fill = self._fills.get(digest)
+        fill = self._fills.running(digest)
         if fill is None or fill.committed:
             if stored := await asyncio.to_thread(find_stored, self._store, digest, req.repository):
                 return await self._access.check(req, client, digest, "blobs", stored.seen) or self._hit(req, stored)

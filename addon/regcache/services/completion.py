@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from regcache.oci.api import RegistryRequest
 from regcache.oci.manifest import BadManifest, Manifest, children, descriptor_digest, manifest_references, platform_of
 from regcache.oci.reference import repository_of
-from regcache.services.blobs import Fill, Fills
+from regcache.services.blobs import Fills, FillView
 from regcache.services.manifests import ManifestService
 from regcache.services.requests import registry_request
 from regcache.services.upstream import UpstreamUnavailable
@@ -185,7 +185,7 @@ class ImageFetcher:
             return
         url, headers = source.blob_fill(digest)
         async with self._parallel:
-            fill, _ = self._fills.start(digest, url, headers, source.repository)
+            fill = self._fills.join(digest, url, headers, source.repository)
             await self._finished(fill, f"{source.name} {digest[7:19]}")
         if fill.upstream_refusal is not None:
             raise FetchError(f"{url}: upstream answered {fill.upstream_refusal.status}")
@@ -194,7 +194,7 @@ class ImageFetcher:
         if not fill.committed:
             raise FetchError(f"{url}: {fill.error}")
 
-    async def _finished(self, fill: Fill, what: str) -> None:
+    async def _finished(self, fill: FillView, what: str) -> None:
         while not fill.finished:
             await fill.wait_beyond(fill.written)
             if self._progress is not None:
