@@ -34,7 +34,7 @@ DEFAULT_REGISTRIES: dict[str, str] = {
     "mcr.microsoft.com": "mcr.microsoft.com",
 }
 
-# The registry mirror (mirror.py) that serves Docker Hub by default: dockerd's `registry-mirrors`
+# The registry mirror (fronts/mirror.py) that serves Docker Hub by default: dockerd's `registry-mirrors`
 # mirror Docker Hub only.
 DEFAULT_MIRRORS: dict[str, tuple[str, int]] = {"registry-1.docker.io": ("127.0.0.1", 5055)}
 
@@ -100,23 +100,23 @@ class Settings:
     offline: bool = False
     max_age: float = 7 * 24 * 3600.0  # seconds; 0: never expire
     credentials: Mapping[str, Credential] = field(default_factory=dict)
-    # Blob bytes: a 307 to regcache's own blob endpoint (see bloburls.py), or through the proxy.
+    # Blob bytes: a 307 to regcache's own blob endpoint (see fronts/bloburls.py), or through the proxy.
     blob_redirect: bool = True
     blob_listen: tuple[str, int] = ("127.0.0.1", 0)
     blob_url: str | None = None
     # Where the Prometheus endpoint listens (host, port); None: no endpoint.
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
-    # Registry host → where its plain-HTTP registry mirror listens (mirror.py).
+    # Registry host → where its plain-HTTP registry mirror listens (fronts/mirror.py).
     mirrors: Mapping[str, tuple[str, int]] = field(default_factory=lambda: dict(DEFAULT_MIRRORS))
     # Connections to the blob endpoint and the mirrors: seconds to send a request head after
     # connecting, and seconds a keep-alive connection may sit idle.
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
-    # The platforms of multi-arch images this cache serves (completion.py): `auto`, `all`, or a
+    # The platforms of multi-arch images this cache serves (services/completion.py): `auto`, `all`, or a
     # tuple such as ("linux/amd64", "linux/arm64").
     platforms: str | tuple[str, ...] = "auto"
     # Offline, who gets cached private content: `recorded` (clients with credentials the upstream
-    # accepted for it, access.py) or `open` (every client of the proxy).
+    # accepted for it, services/access.py) or `open` (every client of the proxy).
     offline_access: str = "recorded"
     # How long a credential the upstream accepted for a repository lets regcache serve it without a
     # fresh upstream answer (outage, 429, 5xx, offline); seconds.

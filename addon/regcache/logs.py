@@ -1,4 +1,5 @@
-"""Log lines that cannot drive a terminal: control characters from requests are escaped.
+"""regcache's log: the `regcache` logger, its one line per registry request (`log_request`), and log
+lines that cannot drive a terminal: control characters from requests are escaped.
 
 Request paths, query strings and headers reach log lines (regcache's per-request line, error
 messages, mitmproxy's own lines). A raw ESC or BEL in them would reach the terminal or the journal
@@ -18,6 +19,8 @@ _CONTROLS = {*range(0x20), 0x7F, *range(0x80, 0xA0)}
 _ESCAPES = {code: f"\\x{code:02x}" for code in _CONTROLS}
 _TRACEBACK_ESCAPES = {code: text for code, text in _ESCAPES.items() if code != 0x0A}
 _ESCAPED = "regcache_escaped"  # a LogRecord attribute: rewritten already
+
+log = logging.getLogger("regcache")
 
 
 def escape_controls(text: str) -> str:
@@ -50,3 +53,10 @@ def install(logger: logging.Logger | None = None) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+def log_request(
+    result: str, method: str, what: str, outcome: str, ms: float, note: str, level: int = logging.INFO
+) -> None:
+    """The one line per registry request: `HIT GET docker.io/library/alpine:3 200 1234 B 3 ms (note)`."""
+    log.log(level, "%s %s %s %s %.0f ms%s", result, method, what, outcome, ms, f" ({note})" if note else "")

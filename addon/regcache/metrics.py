@@ -6,7 +6,7 @@ Owns:
   one, so nothing else in the process adds series to ours or clashes with them); one `METRICS`
   per process, so counters survive mitmproxy re-reading the configuration;
 - what is counted where: the fronts report every registry request once its answer is out (the
-  proxy's flows: fronts/proxy.py); `upstream.py` reports every answer regcache itself got from
+  proxy's flows: fronts/proxy.py); `services/upstream.py` reports every answer regcache itself got from
   upstream, blob fills report their bytes and failures, the blob server the bytes it sent from
   stored blobs;
 - the store gauges, asked at scrape time from whatever the running configuration gives

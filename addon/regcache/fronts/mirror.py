@@ -7,8 +7,8 @@ and no CONNECT and TLS handshake per request: dockerd and containers/image open 
 for every registry request, which costs more than the answer itself on small images.
 
 Each mirror stands for one cached registry (`mirrors` in the configuration); `?ns=` may name another
-cached registry. Requests go through the same `Runtime.decide` (services/runtime.py) as proxied ones: the same cache,
-revalidation and access rules, with the client's own `Authorization` forwarded upstream.
+cached registry. Requests go through the same `Runtime.decide` (services/runtime.py) as proxied
+ones: the same cache, revalidation and access rules, with the client's own `Authorization` forwarded upstream.
 
 - Bearer challenges are rewritten so the client asks the mirror for its token (`/_token/…`), and
   the mirror hands that request to the token service the proxy uses too (services/tokens.py): only
@@ -39,10 +39,11 @@ from regcache.addresses import base_url, is_loopback
 from regcache.config import Settings
 from regcache.fronts.blobserver import BlobServer
 from regcache.fronts.listener import Listener, Timeouts, application
+from regcache.logs import log_request
 from regcache.metrics import METRICS
 from regcache.oci.api import HOP_BY_HOP, Kind, RegistryRequest
 from regcache.oci.auth import bearer_challenge
-from regcache.services.answers import Answer, LocalStream, PassThrough, error_answer, log_request
+from regcache.services.answers import Answer, LocalStream, PassThrough, error_answer
 from regcache.services.requests import registry_request
 from regcache.services.runtime import Runtime
 from regcache.services.tokens import MAX_TOKEN_REQUEST

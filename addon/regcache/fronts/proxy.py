@@ -29,9 +29,10 @@ from regcache.addresses import is_loopback, reachable_host
 from regcache.config import ConfigError, Settings, load_settings
 from regcache.fronts.bloburls import redirect_base
 from regcache.fronts.node import Node, StartupError
+from regcache.logs import log_request
 from regcache.metrics import METRICS, MetricsEndpoint, registry_label
 from regcache.oci.api import Kind, RegistryRequest, parse_path
-from regcache.services.answers import Answer, LocalStream, log_request, redirect_answer
+from regcache.services.answers import Answer, LocalStream, redirect_answer
 from regcache.services.requests import registry_request
 from regcache.services.runtime import Runtime, flush_usage
 from regcache.store.errors import StoreError

@@ -90,7 +90,7 @@ class ImageRow:
     size: int  # stored bytes it needs: its manifests and the blobs of them that are stored
     last_used: float
     pinned: bool
-    missing: tuple[str, ...] = ()  # what it lacks (store keys, see store.lacking): incomplete if any
+    missing: tuple[str, ...] = ()  # what it lacks (store keys, see store/walk.py `lacking`): incomplete if any
 
 
 def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRow]:

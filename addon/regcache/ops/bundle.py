@@ -107,7 +107,7 @@ def _collect(store: Store, digest: str, manifest: Manifest, contents: Contents) 
 
 
 def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) -> str:
-    """What an incomplete image lacks (store keys, see store.lacking), and how to complete it."""
+    """What an incomplete image lacks (store keys, see store/walk.py `lacking`), and how to complete it."""
     manifests = sum(1 for key in missing if keys.is_kind(key, keys.MANIFEST))
     blobs = len(missing) - manifests
     counts = [f"{n} {kind}{'' if n == 1 else 's'}" for n, kind in ((manifests, "manifest"), (blobs, "blob")) if n]
@@ -342,7 +342,7 @@ def stage_blobs(store: Store, root: Path, blobs: dict[str, int]) -> list[BlobSta
 
 
 def bundled_needs(manifests: dict[str, Manifest]) -> Callable[[str], list[str]]:
-    """For `store.reachable`: the digests a bundled manifest refers to (nothing for a blob)."""
+    """For `store.walk.reachable`: the digests a bundled manifest refers to (nothing for a blob)."""
 
     def needs(digest: str) -> list[str]:
         if digest not in manifests:

@@ -171,7 +171,7 @@ class UsageError(Exception):
 
 def open_store(
     options: argparse.Namespace, settings: Settings | None = None, *, read_only: bool = False, existing: bool = False
-) -> DiskStore:
+) -> Store:
     """The store of `--cache-dir`, else of the configuration. `read_only`: for looking only, which
     changes nothing in it. `existing`: it must be there already (read-only stores must): a command
     that looks after a cache does not create an empty one where a path was mistyped."""

@@ -5,7 +5,7 @@ It fetches through the same services as the proxy, and with the same code as the
 completion (`completion.ImageFetcher`), so what it stores and records is exactly what a pull
 through regcache would have stored and recorded. It gets an anonymous pull token the way registry
 clients do (`/v2/` challenge → token realm), and records it as anonymous: what the upstream serves
-with it is readable anonymously (access.py).
+with it is readable anonymously (services/access.py).
 """
 
 from __future__ import annotations

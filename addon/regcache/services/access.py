@@ -16,7 +16,7 @@ cannot be read through another repository, and
 with that identity (and revoked by a 401/403 that judged it); the `anonymous` identity's grant means
 "readable anonymously" and does not expire. A grant used within `GRANT_SECONDS` needs no upstream
 request (the fast path): a normal pull asks nothing beyond what it asked anyway. Grants live in
-memory and in the access records (access_records.py), each saved at most once a minute.
+memory and in the access records (store/access.py), each saved at most once a minute.
 """
 
 from __future__ import annotations

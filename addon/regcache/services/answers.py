@@ -1,9 +1,12 @@
 """What a registry request gets back from regcache, independent of mitmproxy.
 
-The services (manifests, blobs) decide; the addon turns the decision into a flow change:
+The services (manifests, blobs) decide; each front turns the decision into its own response (the
+proxy: fronts/proxy.py `make_response`, a redirect or a re-targeted flow; the mirror: its aiohttp
+response):
 - `Answer`: a small, complete response made here (manifests, errors, pings);
-- `LocalStream`: blob bytes from regcache's blob endpoint (a redirect there, or the flow re-targeted);
-- `PassThrough`: let mitmproxy forward the request to the upstream unchanged.
+- `LocalStream`: blob bytes from regcache's blob endpoint (a redirect there, the flow re-targeted,
+  or the mirror streaming them itself);
+- `PassThrough`: the request forwarded to the upstream unchanged (mitmproxy, or the mirror's relay).
 
 `result` is the cache outcome, logged per request and sent as `X-Cache`:
 HIT (from the store, no upstream contact), MISS (fetched upstream), REVALIDATED (tag checked
@@ -13,15 +16,12 @@ nothing to cache), ERROR (answered with an error made here).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
 from regcache.oci.api import API_VERSION_HEADER, HOP_BY_HOP, error_body
 from regcache.oci.manifest import Manifest
 from regcache.services.upstream import UpstreamAnswer
-
-log = logging.getLogger("regcache")
 
 # Where a blob's bytes come from: `blobs`, a stored blob; `fills`, a blob still being fetched
 # upstream, followed as it grows (the blob endpoint serves both, fronts/blobserver.py).
@@ -106,10 +106,3 @@ def answer_from_head(answer: UpstreamAnswer, head: bool, not_found_code: str, re
     headers.append(("Content-Type", "application/json"))
     body = error_body(code, f"upstream answered {answer.status}")
     return Answer(answer.status, headers, body, result, note=note)
-
-
-def log_request(
-    result: str, method: str, what: str, outcome: str, ms: float, note: str, level: int = logging.INFO
-) -> None:
-    """The one line per registry request: `HIT GET docker.io/library/alpine:3 200 1234 B 3 ms (note)`."""
-    log.log(level, "%s %s %s %s %.0f ms%s", result, method, what, outcome, ms, f" ({note})" if note else "")

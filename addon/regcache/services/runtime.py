@@ -29,7 +29,7 @@ from regcache.services.identity import Client
 from regcache.services.manifests import ManifestService
 from regcache.services.tokens import TokenService
 from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, upstream_failed
-from regcache.store.access import DiskAccessRecords
+from regcache.store.access import AccessRecords, DiskAccessRecords
 from regcache.store.base import Store, UsageStore
 from regcache.store.disk import DiskStore
 from regcache.store.errors import STORE_ERRORS, USE_FLUSH_SECONDS, best_effort
@@ -54,7 +54,7 @@ class Runtime:
                 settings.cache_dir,
                 self.store.read_only,
             )
-        self.records = DiskAccessRecords(settings.cache_dir)
+        self.records: AccessRecords = DiskAccessRecords(settings.cache_dir)
         self.upstream = UpstreamClient(settings)
         self.fills = Fills(self.store, self.upstream)
         self.access = Access(self.store, self.records, self.upstream, settings, offline)
