@@ -2,7 +2,10 @@
 
 A cached manifest or blob of repository R is served only if it is known to belong to R (*seen*:
 fetched through R, referenced by a manifest of R, or confirmed by a `HEAD` through R), so a digest
-cannot be read through another repository, and
+cannot be read through another repository. A manifest's references are read by its media type
+only (store.referenced_digests: an index's platform manifests, an image manifest's config and
+layers, never foreign layers with `urls`): what a registry checks a manifest pushed to R against —
+it may reference only what R holds. And
 - with a fresh upstream answer (reachable, and 200/401/403/404): when the upstream accepts this
   client's own request for R — the tag `HEAD` every pull starts with, a fetch, or one `HEAD` of the
   object itself (free on Docker Hub); refusals are relayed with their challenge;

@@ -116,25 +116,48 @@ def capped_records(records: dict[str, TagRecord], key: str, record: TagRecord) -
     return dict([*others[-(MAX_TAG_RECORDS - 1) :], (key, record)])
 
 
+# What a manifest may reference, by its declared media type: an index its platform manifests, an
+# image manifest its config and layers. Nothing else in a document counts (unknown members,
+# `subject`, annotations): a registry checks only these against what the repository holds.
+INDEX_MEDIA_TYPES = frozenset(
+    {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
+)
+IMAGE_MEDIA_TYPES = frozenset(
+    {"application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"}
+)
+
+
 def manifest_references(manifest: Manifest) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """(child manifest descriptors, blob descriptors) of an index or an image manifest.
-    Raises ValueError when the body is not a JSON object."""
+    """(child manifest descriptors, blob descriptors) of an index or an image manifest, read by
+    its media type only (anything else references nothing). Raises ValueError when the body is
+    not a JSON object."""
     document = json.loads(manifest.body)
     if not isinstance(document, dict):
         raise ValueError("manifest is not a JSON object")
-    if "manifests" in document:
-        return [d for d in document.get("manifests") or [] if isinstance(d, dict)], []
-    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
-    return [], blobs + [d for d in document.get("layers") or [] if isinstance(d, dict)]
+    media_type = manifest.media_type.split(";", 1)[0].strip().lower()
+    if media_type in INDEX_MEDIA_TYPES:
+        return _descriptors(document.get("manifests")), []
+    if media_type not in IMAGE_MEDIA_TYPES:
+        return [], []
+    config = document.get("config")
+    return [], ([config] if isinstance(config, dict) else []) + _descriptors(document.get("layers"))
+
+
+def _descriptors(value: object) -> list[dict[str, object]]:
+    return [d for d in value if isinstance(d, dict)] if isinstance(value, list) else []
 
 
 def referenced_digests(manifest: Manifest) -> list[str]:
-    """Every digest a manifest refers to (platform manifests, config, layers); [] if unparsable."""
+    """The digests a manifest of a repository vouches for in that repository (platform manifests,
+    config, layers); [] if unparsable. Foreign layers (descriptors with `urls`) are left out: a
+    registry does not check that the repository holds them."""
     try:
         child_manifests, blobs = manifest_references(manifest)
     except ValueError:
         return []
-    return [d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str)]
+    return [
+        d["digest"] for d in child_manifests + blobs if isinstance(d.get("digest"), str) and "urls" not in d
+    ]
 
 
 def _manifest_of(raw: object) -> Manifest | None:
