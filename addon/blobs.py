@@ -71,6 +71,7 @@ class Fill:
     def __init__(self, digest: str) -> None:
         self.digest = digest
         self.started = asyncio.Event()  # the upstream status is known (or the fill failed)
+        self.upstream_status: int | None = None  # the upstream's answer (None: it was not asked, or gave none)
         self.upstream_refusal: UpstreamAnswer | None = None  # a non-200 upstream answer
         self.error: str | None = None
         self.expected_size: int | None = None
@@ -228,6 +229,7 @@ class Fills:
                 fill.pass_through = skip
                 return
             response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
+            fill.upstream_status = response.status
             if response.status != 200:
                 body = await read_limited(response, MAX_ERROR_BODY)
                 fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
@@ -425,7 +427,7 @@ class BlobService:
             if started:
                 self._access.observe_answer(req, client, fill.upstream_refusal)
             return relay(fill.upstream_refusal, "PASS")
-        if started and not fill.error:
+        if started and fill.upstream_status == 200:  # only what the upstream said: a skip says nothing
             self._access.observe(req, client, 200)
         if fill.pass_through:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
