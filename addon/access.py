@@ -150,9 +150,9 @@ class Access:
             return (own,)
         return own, Identity(record.identity, judged=frozenset(record.repositories))
 
-    async def requester(self, method: str, authorization: str, body: bytes | None) -> str:
+    async def requester(self, authorization: str, query: str, body: bytes | None, content_type: str) -> str:
         """The identity asking a token realm for a token."""
-        who = token_requester(method, authorization, body)
+        who = token_requester(authorization, query, body, content_type)
         if who.kind == "anonymous":
             return ANONYMOUS
         if who.kind == "basic":

@@ -155,7 +155,8 @@ class TokenService:
             return error_answer(413, "SIZE_INVALID", "token request too large")
         if self._offline and self._access.open_offline:
             return offline_token()
-        requester = await self._access.requester(method, headers.get("Authorization", ""), body)
+        content_type = headers.get("Content-Type", "")
+        requester = await self._access.requester(headers.get("Authorization", ""), query, body, content_type)
         if self._offline:
             return await self._issue(requester, "HIT", "offline")
         forwarded = CIMultiDict((k, headers[k]) for k in _TOKEN_HEADERS if k in headers)
@@ -172,7 +173,7 @@ class TokenService:
         if len(answer.body) > MAX_TOKEN_ANSWER:
             return error_answer(502, "UNAVAILABLE", f"auth realm answered more than {MAX_TOKEN_ANSWER} bytes")
         if answer.status == 200:
-            self._observe(answer.body, requester, requested_repositories(method, query, body))
+            self._observe(answer.body, requester, requested_repositories(query, body, content_type))
         return relay(answer, "PASS")
 
     def _observe(self, body: bytes, requester: str, repositories: tuple[str, ...]) -> None:

@@ -100,24 +100,53 @@ def test_tokens_regcache_issues_carry_an_identity_until_they_expire() -> None:
     assert keyer.verify("regcache.garbage", now) is None
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
 @pytest.mark.parametrize(
-    ("method", "authorization", "body", "kind", "value"),
+    ("authorization", "query", "body", "content_type", "kind", "value"),
     [
-        ("GET", "", None, "anonymous", ""),
-        ("GET", basic("alice:pw"), None, "basic", "alice:pw"),
-        ("POST", "", b"grant_type=password&username=alice&password=pw&service=s", "basic", "alice:pw"),
-        ("POST", basic("bob:x"), b"grant_type=refresh_token&refresh_token=R1", "refresh", "R1"),
-        ("POST", "", b"service=s&scope=repository:a:pull&client_id=regctl", "anonymous", ""),
-        ("POST", "", b"grant_type=client_credentials&client_secret=z", "opaque", ""),
-        ("GET", "Bearer regcache.p.s", None, "issued", "regcache.p.s"),
-        ("GET", "Bearer T", None, "opaque", "Bearer T"),
+        ("", "service=s&scope=repository:a:pull", None, "", "anonymous", ""),
+        ("", "", None, "", "anonymous", ""),
+        # what docker, containerd, podman/skopeo and regctl send without credentials
+        ("", "service=s&scope=repository:a:pull&client_id=regctl&offline_token=true", None, "", "anonymous", ""),
+        ("", "account=alice&service=s", None, "", "anonymous", ""),
+        ("", "", b"service=s&scope=repository:a:pull&client_id=regctl", f"{FORM}; charset=utf-8", "anonymous", ""),
+        ("", "", b"service=s&access_type=offline&client_id=containerd", FORM, "anonymous", ""),
+        ("", "", b"", "multipart/form-data", "anonymous", ""),  # no body at all
+        (basic("alice:pw"), "service=s", None, "", "basic", "alice:pw"),
+        ("", "", b"grant_type=password&username=alice&password=pw&service=s", FORM, "basic", "alice:pw"),
+        (basic("bob:x"), "", b"grant_type=refresh_token&refresh_token=R1", FORM, "refresh", "R1"),
+        # credentials in the query, as a realm reading both (Go's FormValue) takes them
+        ("", "grant_type=password&username=alice&password=pw", b"service=s&scope=repository:a:pull", FORM,
+         "basic", "alice:pw"),
+        ("", "grant_type=refresh_token&refresh_token=R2&service=s", None, "", "refresh", "R2"),
+        ("", "username=alice", b"grant_type=password&password=pw", FORM, "basic", "alice:pw"),
+        ("", "password=pw&service=s", None, "", "opaque", ""),  # a secret, whatever it is for
+        ("", "", b"grant_type=client_credentials&client_secret=z", FORM, "opaque", ""),
+        ("", "client_secret=z", None, "", "opaque", ""),
+        # a body regcache cannot read as a form: whatever it carries, never anonymous
+        ("", "service=s", b"preamble\r\n--b\r\nContent-Disposition: form-data; name=service\r\n\r\ns\r\n--b--",
+         "multipart/form-data; boundary=b", "opaque", ""),
+        ("", "service=s", b"service=s", "", "opaque", ""),
+        ("", "", b'{"username": "alice", "password": "pw"}', "application/json", "opaque", ""),
+        ("Bearer regcache.p.s", "", None, "", "issued", "regcache.p.s"),
+        ("Bearer T", "", None, "", "opaque", "Bearer T"),
     ],
 )
-def test_who_asks_for_a_token(method: str, authorization: str, body: bytes | None, kind: str, value: str) -> None:
-    requester = token_requester(method, authorization, body)
+def test_who_asks_for_a_token(
+    authorization: str, query: str, body: bytes | None, content_type: str, kind: str, value: str
+) -> None:
+    requester = token_requester(authorization, query, body, content_type)
     assert requester.kind == kind
     if kind != "opaque" or value:
         assert requester.value == value
+
+
+def test_opaque_token_requesters_are_told_apart() -> None:
+    """Each unreadable credential is an identity of its own (its keyed hash), never another's."""
+    assert token_requester("", "client_secret=a", None, "") != token_requester("", "client_secret=b", None, "")
+    assert token_requester("", "", b"x", "text/plain") != token_requester("", "", b"y", "text/plain")
 
 
 # what a refusal says about a credential ----------------------------------------------------------------
@@ -453,9 +482,11 @@ def test_a_token_refused_for_another_repository_judges_only_itself(tmp_path: Pat
 
 def test_token_requests_name_their_repositories() -> None:
     query = "service=s&scope=repository:library/a:pull&scope=repository:host:5000/b:pull,push registry:catalog:*"
-    assert requested_repositories("GET", query, None) == ("host:5000/b", "library/a")
-    assert requested_repositories("POST", "", b"grant_type=refresh_token&scope=repository:c:pull") == ("c",)
-    assert requested_repositories("GET", "service=s", None) == ()
+    assert requested_repositories(query, None, "") == ("host:5000/b", "library/a")
+    body = b"grant_type=refresh_token&scope=repository:c:pull"
+    assert requested_repositories("scope=repository:d:pull", body, FORM) == ("c", "d")
+    assert requested_repositories("scope=repository:d:pull", body, "text/plain") == ("d",)  # the query only
+    assert requested_repositories("service=s", None, "") == ()
 
 
 def test_fast_path_asks_nothing_and_refusals_revoke(tmp_path: Path, clock: list[float]) -> None:
