@@ -197,7 +197,8 @@ class MirrorServer:
         tokens = self._runtime.tokens
         named = realm_of(request.rel_url.raw_path, "")
         realm = tokens.realm_for(named) if named is not None else None
-        what = f"token {urlsplit(realm or named or '').hostname or '?'}"
+        # Named after the recorded realm only: what the client wrote may not even parse as a URL.
+        what = f"token {urlsplit(realm).hostname if realm is not None else '?'}"
         if realm is None:
             return what, error_answer(404, "NAME_UNKNOWN", "not the auth realm of a registry regcache caches")
         if (request.content_length or 0) > MAX_TOKEN_REQUEST:
