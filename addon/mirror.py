@@ -226,6 +226,8 @@ class MirrorServer:
         except TimeoutError:
             message = f"token request body not received within {self._body_timeout:g} s"
             return error_answer(408, "UNKNOWN", message)
+        except web.HTTPRequestEntityTooLarge:  # chunked, so no Content-Length said so up front
+            return error_answer(413, "SIZE_INVALID", "token request too large")
         except (OSError, aiohttp.ClientError, http_exceptions.HttpProcessingError) as err:  # the client broke off
             return error_answer(400, "UNKNOWN", f"token request body cut off: {describe_error(err)}")
 
