@@ -40,6 +40,7 @@ from .upstream import (
     UpstreamUnavailable,
     describe_error,
     read_limited,
+    shown,
 )
 from .writes import STORE_ERRORS, best_effort
 
@@ -270,7 +271,7 @@ class Fills:
         except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
             fill.error = str(err)
         except (TimeoutError, aiohttp.ClientError) as err:  # before OSError: some are OSErrors too
-            fill.error = f"GET {url}: {describe_error(err)}"
+            fill.error = f"GET {shown(url)}: {describe_error(err)}"
         except STORE_ERRORS as err:
             fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
             self._disk_failed()

@@ -169,19 +169,20 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         session = self._session_on_loop()
         origin = urlsplit(url).hostname
+        redirected = False
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = await session.request(
                     method, self.resolve(url), headers=headers, data=data, allow_redirects=False, timeout=timeout
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as err:
-                raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+                raise UpstreamUnavailable(f"{method} {shown(url, redirected)}: {describe_error(err)}") from err
             METRICS.upstream_answered(registry_label(self._settings, *origin_of(url)), method, response.headers)
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
             response.release()
-            url = urljoin(url, location)
+            url, redirected = urljoin(url, location), True
             if urlsplit(url).hostname != origin and "Authorization" in headers:
                 # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
                 # must not travel there.
@@ -189,7 +190,7 @@ class UpstreamClient:
                 del headers["Authorization"]
             if response.status == 303 and method != "HEAD":  # a HEAD stays a HEAD (RFC 9110 15.4.4)
                 method, data = "GET", None
-        raise UpstreamUnavailable(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+        raise UpstreamUnavailable(f"{method} {shown(url, redirected)}: more than {MAX_REDIRECTS} redirects")
 
     async def fetch(
         self,
@@ -207,7 +208,7 @@ class UpstreamClient:
         try:
             body = await read_limited(response, max_body) if method != "HEAD" else b""
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+            raise UpstreamUnavailable(f"{method} {shown(url)}: {describe_error(err)}") from err
         finally:
             response.release()
         METRICS.upstream_bytes(len(body))
@@ -273,7 +274,19 @@ def bearer_realm_host(header: str) -> str | None:
     return (urlsplit(realm).hostname or None) if realm else None
 
 
+def shown(url: str, redirected: bool = False) -> str:
+    """A URL as messages (logs, error bodies) name it: never its query or user info, which may
+    sign or authorise it (storage redirects: `X-Amz-Signature=…`); a redirect target by its origin only."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}" + ("/…" if redirected else parts.path)
+
+
 def describe_error(err: BaseException) -> str:
     if isinstance(err, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(err, aiohttp.InvalidURL):  # its text is the URL
+        return "invalid URL"
+    if isinstance(err, aiohttp.ClientResponseError):  # its text names the URL
+        return f"{err.status} {err.message}"
     return str(err) or type(err).__name__

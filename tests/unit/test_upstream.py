@@ -1,0 +1,71 @@
+"""regcache's own upstream client against small real HTTP servers: what its messages name, which
+headers follow a redirect, and which credentials an anonymous token request carries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from addon.config import Settings
+from addon.upstream import UpstreamClient, UpstreamUnavailable
+
+
+@dataclass
+class Server:
+    """Answers `/redirect?to=URL` with a 307 there, anything else with 200; keeps each request's headers."""
+
+    port: int = 0
+    seen: list[CIMultiDict[str]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(CIMultiDict(request.headers))
+        if request.path == "/redirect":
+            return web.Response(status=307, headers={"Location": request.query["to"]})
+        return web.Response(body=b"{}", content_type="application/json")
+
+
+@asynccontextmanager
+async def server() -> AsyncIterator[Server]:
+    recorder = Server()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", recorder.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    recorder.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield recorder
+    finally:
+        await runner.cleanup()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_messages_never_name_a_signed_storage_url() -> None:
+    """A redirect to a signed URL that cannot be reached: the error names the storage host only."""
+
+    async def go() -> None:
+        async with server() as origin:
+            upstream = UpstreamClient(Settings(upstream_timeout=2.0))
+            signed = f"http://127.0.0.1:{closed_port()}/bucket/blob?X-Amz-Credential=AKIA1&X-Amz-Signature=s3cr3t"
+            url = f"http://127.0.0.1:{origin.port}/redirect?to={signed.replace('&', '%26')}"
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await upstream.fetch("GET", url, CIMultiDict())
+            await upstream.close()
+        message = str(raised.value)
+        assert "127.0.0.1" in message and "/bucket/blob" not in message, message
+        assert not [word for word in ("X-Amz", "s3cr3t", "AKIA1", "?") if word in message], message
+
+    asyncio.run(go())
