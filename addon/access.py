@@ -19,7 +19,10 @@ it may reference only what R holds. And
 with that identity (and revoked by a 401/403 that judged it); the `anonymous` identity's grant means
 "readable anonymously" and does not expire. A grant used within `GRANT_SECONDS` needs no upstream
 request (the fast path): a normal pull asks nothing beyond what it asked anyway. Grants live in
-memory and in the access records (access_records.py), each saved at most once a minute.
+memory and in the access records (access_records.py), each saved at most once a minute. A
+revocation is written ahead of every other queued write; one the store refuses (a full disk) is
+kept in memory for the rest of the run — after a restart, the stored grant counts again until it
+expires (an anonymous one: until a fresh refusal of an anonymous token).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class Access:
         self._tokens: dict[str, TokenRecord | None] = {}  # token key → record (None: looked up, unknown)
         self._held: set[str] = set()  # identities granted something this run
         self._revoked: set[tuple[str, str]] = set()  # this run: not to be read back from the store
+        self._undropped: set[tuple[str, str]] = set()  # revocations the store refused: kept in memory
         self._challenges = records.challenges()
 
     # identities ----------------------------------------------------------------------------
@@ -231,6 +235,7 @@ class Access:
             self._forget_expired(now)
         self._grants[key] = grant
         self._revoked.discard(key)
+        self._undropped.discard(key)
         if now - self._saved_at.get(key, 0.0) < SAVE_EVERY:
             self._unsaved[key] = grant  # saved at the next acceptance after SAVE_EVERY, or at close
             return
@@ -239,7 +244,11 @@ class Access:
         self._save(identity, repo, grant)
 
     def _save(self, identity: str, repo: str, grant: Grant) -> None:
-        self.writer.write(f"an access grant for {repo}", lambda: self._records.put_grant(identity, repo, grant))
+        def save() -> None:
+            if (identity, repo) not in self._revoked:  # revoked since: its drop went ahead of this
+                self._records.put_grant(identity, repo, grant)
+
+        self.writer.write(f"an access grant for {repo}", save)
 
     def _refused(self, repo: str, name: str, client: Client) -> None:
         for identity in client.identities:
@@ -250,10 +259,11 @@ class Access:
             self._unsaved.pop(key, None)
             self._saved_at.pop(key, None)
             if len(self._revoked) > MAX_REMEMBERED:
-                self._revoked.clear()  # the store has caught up with these long ago
+                self._revoked &= self._undropped  # the store has caught up with the others long ago
             self._revoked.add(key)
             drop = lambda i=identity.key: self._records.drop_grant(i, repo)  # noqa: E731
-            self.writer.write(f"a revoked grant for {repo}", drop)
+            failed = lambda k=key: self._undropped.add(k)  # noqa: E731
+            self.writer.write(f"a revoked grant for {repo}", drop, first=True, failed=failed)
 
     def _forget_expired(self, now: float) -> None:
         self._grants = {k: g for k, g in self._grants.items() if g.valid(now)}

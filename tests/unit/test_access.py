@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from addon import access as access_module
 from addon.access import Access, judged, with_scope
-from addon.access_records import DiskAccessRecords, Grant, TokenRecord
+from addon.access_records import DiskAccessRecords, Grant, RecordWriter, TokenRecord
 from addon.answers import Answer
 from addon.config import ConfigError, Credential, Settings, load_settings
 from addon.identity import (
@@ -525,3 +525,69 @@ def test_access_settings(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"^{key}: "):
             load_settings(str(path))
+
+
+# revocations -------------------------------------------------------------------------------------------
+
+
+def test_a_revocation_is_written_ahead_of_queued_writes() -> None:
+    async def go() -> None:
+        writer, done = RecordWriter(), []
+        for name in ("a", "b", "c"):
+            writer.write(name, lambda n=name: done.append(n))  # type: ignore[misc]
+        writer.write("drop", lambda: done.append("drop"), first=True)
+        await writer.flush()
+        assert done == ["drop", "a", "b", "c"]  # the worker had taken nothing yet
+
+    asyncio.run(go())
+
+
+class RefusingDrops(DiskAccessRecords):
+    """Access records on a disk that takes no more deletes (full): fault injection."""
+
+    def drop_grant(self, identity: str, repository: str) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_revocation_the_store_refuses_is_kept_for_the_run(
+    tmp_path: Path, clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            world = World(tmp_path, port)
+            world.records.close()
+            world.records = RefusingDrops(tmp_path)
+            world.access = Access(world.store, world.records, world.upstream, world.settings, False)
+            owner = request("team/app", basic("alice:pw"))
+            await world.accept(owner)
+            await world.access.writer.flush()  # the grant is in the store
+            server.status, clock[0] = 401, clock[0] + 400
+            assert await world.decide(owner) == 401  # a Basic refusal of Basic: revoked, the drop refused
+            monkeypatch.setattr(access_module, "MAX_REMEMBERED", 3)
+            for n in range(5):  # revocations of other identities push the in-memory ones out
+                assert await world.decide(request("team/app", basic(f"x{n}:pw"))) == 401
+            await world.access.writer.flush()
+            server.status = 503
+            assert await world.decide(owner) == 503  # not read back from the store this run
+            assert world.records.grant(world.access.keyer.key("basic", "alice:pw"), "docker.io/team/app")
+            await world.close()
+
+    asyncio.run(go())
+
+
+def test_a_grant_saved_before_its_revocation_is_not_written_after_it(tmp_path: Path) -> None:
+    """The revocation's drop goes ahead of the grant's queued save: the save must not undo it."""
+
+    async def go() -> None:
+        world = World(tmp_path, 1)
+        owner = request("team/app", basic("alice:pw"))
+        client = await world.access.client(owner)
+        world.access.observe(owner, client, 200)  # its save is queued...
+        world.access.observe(owner, client, 401, 'Basic realm="registry"')  # ...and the drop goes first
+        alice = world.access.keyer.key("basic", "alice:pw")
+        await world.close()
+        records = DiskAccessRecords(tmp_path)
+        assert records.grant(alice, "docker.io/team/app") is None
+        records.close()
+
+    asyncio.run(go())
