@@ -52,12 +52,12 @@ from .identity import (
 )
 from .routes import RegistryRequest
 from .store import Manifest, Store, referenced_digests
-from .upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of
+from .upstream import Recent, UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of
 from .writes import best_effort
 
 GRANT_SECONDS = 300.0
 SAVE_EVERY = 60.0  # a grant accepted again is saved to the store at most this often
-MAX_REMEMBERED = 50_000  # in-memory entries before the expired ones are forgotten
+MAX_REMEMBERED = 50_000  # in-memory entries of each kind before the least recently set is forgotten
 
 
 def credential(req: RegistryRequest) -> str:
@@ -113,11 +113,13 @@ class Access:
         self._ttl = settings.access_grant_ttl
         self.keyer = Keyer(records.secret())
         self.writer = RecordWriter()
-        self._grants: dict[tuple[str, str], Grant] = {}
-        self._saved_at: dict[tuple[str, str], float] = {}
+        # Bounded (clients choose what is remembered): a grant forgotten here is read from the store.
+        self._grants: Recent[tuple[str, str], Grant] = Recent(MAX_REMEMBERED, self._forget)
+        self._saved_at: dict[tuple[str, str], float] = {}  # of the grants in memory
         self._unsaved: dict[tuple[str, str], Grant] = {}  # accepted again since last saved
-        self._tokens: dict[str, TokenRecord | None] = {}  # token key → record (None: looked up, unknown)
-        self._held: set[str] = set()  # identities granted something this run
+        # token key → record (None: looked up, unknown)
+        self._tokens: Recent[str, TokenRecord | None] = Recent(MAX_REMEMBERED)
+        self._held: Recent[str, None] = Recent(MAX_REMEMBERED)  # identities granted something this run
         self._revoked: set[tuple[str, str]] = set()  # this run: not to be read back from the store
         self._undropped: set[tuple[str, str]] = set()  # revocations the store refused: kept in memory
         self._challenges = records.challenges()
@@ -200,10 +202,7 @@ class Access:
         return record if record is not None and record.until > time.time() else None
 
     def _remember_token(self, key: str, record: TokenRecord | None) -> None:
-        if len(self._tokens) > MAX_REMEMBERED:  # made-up tokens are remembered as unknown: bound them
-            now = time.time()
-            self._tokens = {k: r for k, r in self._tokens.items() if r is not None and r.until > now}
-        self._tokens[key] = record
+        self._tokens[key] = record  # made-up tokens are remembered as unknown: bounded
 
     def issue(self, identity: str) -> str:
         return self.keyer.issue(identity, time.time())
@@ -226,13 +225,11 @@ class Access:
             else:
                 until = now + self._ttl if identity.until is None else min(now + self._ttl, identity.until)
                 grant = Grant(now, until)
-                self._held.add(identity.key)
+                self._held[identity.key] = None
             self._set_grant(identity.key, repo, grant, now)
 
     def _set_grant(self, identity: str, repo: str, grant: Grant, now: float) -> None:
         key = (identity, repo)
-        if len(self._grants) > MAX_REMEMBERED:
-            self._forget_expired(now)
         self._grants[key] = grant
         self._revoked.discard(key)
         self._undropped.discard(key)
@@ -265,10 +262,11 @@ class Access:
             failed = lambda k=key: self._undropped.add(k)  # noqa: E731
             self.writer.write(f"a revoked grant for {repo}", drop, first=True, failed=failed)
 
-    def _forget_expired(self, now: float) -> None:
-        self._grants = {k: g for k, g in self._grants.items() if g.valid(now)}
-        self._unsaved = {k: g for k, g in self._unsaved.items() if g.valid(now)}
-        self._saved_at = {k: t for k, t in self._saved_at.items() if k in self._grants}
+    def _forget(self, key: tuple[str, str], grant: Grant) -> None:
+        """A grant leaves memory (the least recently set): saved first if it was accepted since."""
+        self._saved_at.pop(key, None)
+        if (unsaved := self._unsaved.pop(key, None)) is not None:
+            self._save(*key, unsaved)
 
     def granted_recently(self, client: Client, repo: str) -> bool:
         """The fast path: one of the client's identities was accepted for `repo` within

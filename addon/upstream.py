@@ -20,8 +20,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -33,10 +35,32 @@ from .routes import HOP_BY_HOP, parse_path
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "accept-encoding", "range", "if-range"}
+MAX_TOKENS = 1000  # tokens regcache keeps for its own credentials (one per repository asked for)
+
+
+class Recent(OrderedDict[K, V]):
+    """A map of at most `limit` entries: setting one past that forgets the least recently set
+    (`forgotten` is told), so what clients make regcache remember stays bounded."""
+
+    def __init__(self, limit: int, forgotten: Callable[[K, V], None] | None = None) -> None:
+        super().__init__()
+        self._limit = limit
+        self._forgotten = forgotten
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self._limit:
+            old_key, old_value = self.popitem(last=False)
+            if self._forgotten is not None:
+                self._forgotten(old_key, old_value)
 
 
 class UpstreamUnavailable(Exception):
@@ -65,7 +89,8 @@ class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}  # (host, scope) → (Authorization, until)
+        # (host, scope) → (Authorization, until)
+        self._tokens: Recent[tuple[str, str], tuple[str, float]] = Recent(MAX_TOKENS)
 
     def resolve(self, url: str) -> str:
         """Apply the `upstreams` map: the URL we really connect to for a logical URL."""

@@ -36,7 +36,7 @@ from addon.identity import (
 from addon.routes import RegistryRequest, parse_path
 from addon.store import DiskStore
 from addon.token_service import realm_key, remove_dot_segments
-from addon.upstream import UpstreamClient
+from addon.upstream import Recent, UpstreamClient
 
 DIGEST = "sha256:" + "a" * 64
 SECRET = b"s" * 32
@@ -589,5 +589,41 @@ def test_a_grant_saved_before_its_revocation_is_not_written_after_it(tmp_path: P
         records = DiskAccessRecords(tmp_path)
         assert records.grant(alice, "docker.io/team/app") is None
         records.close()
+
+    asyncio.run(go())
+
+
+# bounded memory ------------------------------------------------------------------------------------------
+
+
+def test_recent_keeps_the_most_recently_set() -> None:
+    forgotten: list[tuple[str, int]] = []
+    recent: Recent[str, int] = Recent(2, lambda k, v: forgotten.append((k, v)))
+    recent["a"], recent["b"], recent["a"], recent["c"] = 1, 2, 3, 4
+    assert dict(recent) == {"a": 3, "c": 4} and forgotten == [("b", 2)]
+
+
+def test_grants_in_memory_are_bounded_and_the_forgotten_still_count(
+    tmp_path: Path, clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anonymous grants never expire, so clients choose how many there are: memory keeps the most
+    recent, the store the rest (accepted again since saved: saved as it leaves memory)."""
+    monkeypatch.setattr(access_module, "MAX_REMEMBERED", 3)
+
+    async def go() -> None:
+        world = World(tmp_path, 1)  # unreachable: only grants decide
+        alice = request("team/app", basic("alice:pw"))
+        await world.accept(alice)
+        clock[0] += 10
+        await world.accept(alice)  # accepted again within a minute: not saved yet
+        for n in range(10):
+            await world.accept(request(f"pub/lic{n}"))
+        assert len(world.access._grants) == 3 and len(world.access._saved_at) <= 3
+        await world.access.writer.flush()
+        alice_key = world.access.keyer.key("basic", "alice:pw")
+        assert world.records.grant(alice_key, "docker.io/team/app") == Grant(clock[0], clock[0] + 86400)
+        assert await world.decide(alice) == 200
+        assert await world.decide(request("pub/lic0", "Bearer made-up")) == 200
+        await world.close()
 
     asyncio.run(go())

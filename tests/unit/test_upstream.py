@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from addon.config import Settings
+from addon import upstream as upstream_module
+from addon.config import Credential, Settings
 from addon.upstream import UpstreamClient, UpstreamUnavailable
 
 
@@ -28,6 +29,16 @@ class Server:
         self.seen.append(CIMultiDict(request.headers))
         if request.path == "/redirect":
             return web.Response(status=307, headers={"Location": request.query["to"]})
+        if request.path == "/token":  # tokens for Basic credentials only
+            if not request.headers.get("Authorization", "").startswith("Basic "):
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+            scope = request.query.get("scope", "")
+            return web.json_response({"token": f"tok {scope}", "expires_in": 300})
+        if request.path.startswith("/v2/") and request.path != "/v2/":  # a registry asking for a token
+            name = request.path.removeprefix("/v2/").rpartition("/manifests/")[0]
+            if request.headers.get("Authorization") != f"Bearer tok repository:{name}:pull":
+                challenge = f'Bearer realm="http://127.0.0.1:{self.port}/token",service="s"'
+                return web.Response(status=401, headers={"WWW-Authenticate": challenge})
         return web.Response(body=b"{}", content_type="application/json")
 
 
@@ -67,5 +78,22 @@ def test_messages_never_name_a_signed_storage_url() -> None:
         message = str(raised.value)
         assert "127.0.0.1" in message and "/bucket/blob" not in message, message
         assert not [word for word in ("X-Amz", "s3cr3t", "AKIA1", "?") if word in message], message
+
+    asyncio.run(go())
+
+
+def test_tokens_for_regcaches_own_credentials_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token per repository asked for: clients choose how many, so only the most recent are kept."""
+    monkeypatch.setattr(upstream_module, "MAX_TOKENS", 3)
+
+    async def go() -> None:
+        async with server() as registry:
+            host = f"127.0.0.1:{registry.port}"
+            upstream = UpstreamClient(Settings(credentials={host: Credential("ci", "pw")}))
+            for n in range(6):
+                answer = await upstream.fetch("GET", f"http://{host}/v2/team/app{n}/manifests/1", CIMultiDict())
+                assert answer.status == 200
+            assert len(upstream._tokens) == 3
+            await upstream.close()
 
     asyncio.run(go())
