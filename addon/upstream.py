@@ -171,11 +171,13 @@ class UpstreamClient:
         self, challenge: dict[str, str], scope: str, authorization: str | None
     ) -> tuple[str, float] | None:
         """A bearer token from a `Bearer` challenge's realm (anonymous when `authorization` is
-        None): (the Authorization value, its lifetime in seconds), or None if refused."""
+        None: never with regcache's own credentials, whatever the realm answers): (the
+        Authorization value, its lifetime in seconds), or None if refused."""
         query = urlencode({k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v})
         headers = CIMultiDict(Authorization=authorization) if authorization else CIMultiDict()
         headers["Accept-Encoding"] = "identity"  # the session does not decompress
-        answer = await self.fetch("GET", f"{challenge['realm']}?{query}", headers)
+        url = f"{challenge['realm']}?{query}"
+        answer = await self.fetch("GET", url, headers, own_credentials=False)
         try:
             document = json.loads(answer.body) if answer.status == 200 else {}
             token = document.get("token") or document.get("access_token")

@@ -97,3 +97,21 @@ def test_tokens_for_regcaches_own_credentials_are_bounded(monkeypatch: pytest.Mo
             await upstream.close()
 
     asyncio.run(go())
+
+
+def test_an_anonymous_token_is_never_asked_with_regcaches_credentials() -> None:
+    """`regcache warm` records its token as anonymous: a realm that refuses anonymous requests
+    (here on the registry's own host, as ghcr.io's is) must not get regcache's credentials instead."""
+
+    async def go() -> None:
+        async with server() as realm:
+            host = f"127.0.0.1:{realm.port}"
+            upstream = UpstreamClient(Settings(credentials={host: Credential("ci", "pw")}))
+            challenge = {"realm": f"http://{host}/token", "service": "s"}
+            assert await upstream.realm_token(challenge, "repository:team/app:pull", None) is None
+            assert [h.get("Authorization") for h in realm.seen] == [None]
+            token = await upstream.realm_token(challenge, "repository:team/app:pull", Credential("ci", "pw").basic())
+            assert token is not None and token[0] == "Bearer tok repository:team/app:pull"
+            await upstream.close()
+
+    asyncio.run(go())
