@@ -4,8 +4,12 @@ mitmproxy has no client for addon-originated requests, so revalidation `HEAD`s, 
 and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for every request:
 
 - a host named in `upstreams` is sent to its configured base URL instead (air-gapped mirrors, tests);
+- of a client's headers, only `Authorization`, `Accept` and `User-Agent` go upstream
+  (`forwardable_headers`): cookies and anything else a client sends stay with regcache;
 - redirects are followed by us, so a blob behind a CDN is stored under its digest, never under the
-  signed URL, and the client's `Authorization` never goes to a host other than the registry's;
+  signed URL; a redirect to another origin (scheme, host or port) carries only what describes
+  the resource (`Accept`, `User-Agent`, `Accept-Encoding`, `Range`), never `Authorization`, and a
+  request body is never sent to another origin;
 - bodies are requested with `Accept-Encoding: identity`, so manifest bytes are the exact bytes whose
   digest the registry names;
 - any failure to get an answer (refused, DNS, TLS, time-out, broken redirect chain) is one
@@ -31,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Credential, Settings
 from .metrics import METRICS, registry_label
-from .routes import HOP_BY_HOP, parse_path
+from .routes import parse_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,12 @@ V = TypeVar("V")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "accept-encoding", "range", "if-range"}
+# A client's headers that go upstream: its rights, what it accepts, who it is. Nothing else (cookies,
+# proxies' and front ends' own headers, conditionals that would spoil regcache's own fetches).
+_FORWARDED = frozenset({"authorization", "accept", "user-agent"})
+# What a request carries to another origin a redirect names (a CDN, a storage service): no credential.
+_CROSS_ORIGIN = frozenset({"accept", "user-agent", "accept-encoding", "range", "if-range"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_TOKENS = 1000  # tokens regcache keeps for its own credentials (one per repository asked for)
 
 
@@ -77,12 +86,22 @@ class UpstreamAnswer:
 
 
 def forwardable_headers(client_headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The client's request headers that describe the resource or the client's rights."""
+    """The client's request headers that go upstream: its rights, what it accepts, who it is."""
     # Pairs, not a Mapping: isinstance against an ABC walks every registered subclass whenever
     # a registration anywhere has reset its caches (0.2 ms in the running proxy here).
-    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client_headers if k.lower() not in _NOT_FORWARDED)
+    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client_headers if k.lower() in _FORWARDED)
     headers["Accept-Encoding"] = "identity"
     return headers
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (the default port of the scheme when none is named)."""
+    first, second = urlsplit(a), urlsplit(b)
+    try:
+        ports = first.port or _DEFAULT_PORTS.get(first.scheme), second.port or _DEFAULT_PORTS.get(second.scheme)
+    except ValueError:  # a port out of range
+        return False
+    return (first.scheme, first.hostname, ports[0]) == (second.scheme, second.hostname, ports[1])
 
 
 class UpstreamClient:
@@ -195,7 +214,7 @@ class UpstreamClient:
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         session = self._session_on_loop()
-        origin = urlsplit(url).hostname
+        origin = url
         redirected = False
         for _ in range(MAX_REDIRECTS + 1):
             try:
@@ -210,13 +229,14 @@ class UpstreamClient:
                 return response
             response.release()
             url, redirected = urljoin(url, location), True
-            if urlsplit(url).hostname != origin and "Authorization" in headers:
-                # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
-                # must not travel there.
-                headers = CIMultiDict(headers)
-                del headers["Authorization"]
             if response.status == 303 and method != "HEAD":  # a HEAD stays a HEAD (RFC 9110 15.4.4)
                 method, data = "GET", None
+            if not same_origin(url, origin):
+                # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
+                # (and whatever else the request carried) must not travel there.
+                headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _CROSS_ORIGIN)
+                if data is not None:  # a token POST's form holds credentials
+                    raise UpstreamUnavailable(f"{method} {shown(url, True)}: a redirect to another origin")
         raise UpstreamUnavailable(f"{method} {shown(url, redirected)}: more than {MAX_REDIRECTS} redirects")
 
     async def fetch(

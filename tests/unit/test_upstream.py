@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from addon import upstream as upstream_module
 from addon.config import Credential, Settings
-from addon.upstream import UpstreamClient, UpstreamUnavailable
+from addon.upstream import UpstreamClient, UpstreamUnavailable, forwardable_headers
 
 
 @dataclass
@@ -113,5 +113,59 @@ def test_an_anonymous_token_is_never_asked_with_regcaches_credentials() -> None:
             token = await upstream.realm_token(challenge, "repository:team/app:pull", Credential("ci", "pw").basic())
             assert token is not None and token[0] == "Bearer tok repository:team/app:pull"
             await upstream.close()
+
+    asyncio.run(go())
+
+
+CLIENT = [
+    ("Authorization", "Bearer registry-token"),
+    ("Cookie", "session=s3cr3t"),
+    ("X-Custom", "c"),
+    ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+    ("User-Agent", "docker/27"),
+    ("If-None-Match", '"x"'),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "keeps_authorization"),
+    [
+        ("http://127.0.0.1:{same}/data", True),  # the same origin
+        ("http://127.0.0.1:{other}/data", False),  # the same host, another port
+        ("http://localhost:{same}/data", False),  # another host
+    ],
+)
+def test_what_follows_a_redirect(target: str, keeps_authorization: bool) -> None:
+    """Of a client's headers only its rights, Accept and User-Agent go upstream; to another
+    origin (scheme, host and port), never its Authorization."""
+
+    async def go() -> None:
+        async with server() as origin, server() as other:
+            upstream = UpstreamClient(Settings())
+            to = target.format(same=origin.port, other=other.port)
+            headers = forwardable_headers(CLIENT)
+            answer = await upstream.fetch("GET", f"http://127.0.0.1:{origin.port}/redirect?to={to}", headers)
+            assert answer.status == 200
+            await upstream.close()
+            first, followed = origin.seen[0], (origin.seen + other.seen)[-1]
+            for sent in (first, followed):
+                assert {"Cookie", "X-Custom", "If-None-Match"} & set(sent) == set()
+                assert (sent["Accept"], sent["User-Agent"]) == (CLIENT[3][1], CLIENT[4][1])
+            assert first["Authorization"] == "Bearer registry-token"
+            assert ("Authorization" in followed) is keeps_authorization
+
+    asyncio.run(go())
+
+
+def test_a_request_body_never_follows_a_redirect_to_another_origin() -> None:
+    async def go() -> None:
+        async with server() as origin, server() as other:
+            upstream = UpstreamClient(Settings(upstream_timeout=2.0))
+            url = f"http://127.0.0.1:{origin.port}/redirect?to=http://localhost:{other.port}/token"
+            form = b"grant_type=password&username=alice&password=pw"
+            with pytest.raises(UpstreamUnavailable, match="a redirect to another origin"):
+                await upstream.fetch("POST", url, CIMultiDict(), data=form)
+            await upstream.close()
+            assert other.seen == []
 
     asyncio.run(go())
