@@ -21,7 +21,8 @@ Consistency rules:
   writes fail as they would on that disk (`read_only` says why).
 - one running cache per cache_dir: the process that runs it holds an exclusive `flock` on
   `<cache_dir>/regcache.lock` (which names its PID), so a second one can neither clear the first's
-  `staging/` nor fill beside it. Admin tools open the store without it.
+  `staging/` nor fill beside it. Admin tools open the store without it. The running cache makes
+  the store's directories (and cache_dir, if it owns it) 0700: private content stays its owner's.
 
 Besides content, the store keeps small bookkeeping entries that are never evicted: `pins` and
 `usage-counters` (the totals `regcache stats` shows, added to in batches). What regcache knows about
@@ -30,6 +31,7 @@ access (grants, tokens, realms) is kept apart, in access_records.py.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -344,6 +346,19 @@ def require_writable(cache_dir: Path) -> None:
         raise StoreError(f"cache_dir {cache_dir} is not writable: {err.strerror or err}") from err
 
 
+def restrict_to_owner(cache_dir: Path) -> None:
+    """Cached private manifests and blobs, and the index naming them, readable by the owner only,
+    whatever the umask: the store's directories 0700 (StoreError naming cache_dir if that fails),
+    and cache_dir itself where this user owns it (a mounted volume may belong to another)."""
+    try:
+        for directory in (cache_dir / "store", cache_dir / "staging"):
+            os.chmod(directory, 0o700)
+    except OSError as err:
+        raise StoreError(f"cache_dir {cache_dir} cannot be made private to its owner: {err.strerror or err}") from err
+    with contextlib.suppress(PermissionError):
+        os.chmod(cache_dir, 0o700)
+
+
 @dataclass
 class _StagedFile:
     path: Path
@@ -450,6 +465,8 @@ class DiskStore:
             if took_lock:
                 shutil.rmtree(self.staging_dir, ignore_errors=True)
             self.staging_dir.mkdir(parents=True, exist_ok=True)
+            if owner:
+                restrict_to_owner(cache_dir)
             self._cache = diskcache.Cache(
                 str(self._directory),
                 disk=_AdoptingDisk,

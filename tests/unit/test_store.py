@@ -310,6 +310,22 @@ def test_a_tool_reads_a_full_disk_store_that_no_process_has_open(tmpfs: Tmpfs) -
         DiskStore(disk / "cache", 10**9)
 
 
+def test_the_running_cache_keeps_its_store_to_its_owner(tmp_path: Path) -> None:
+    """Under umask 022 an index and blob files are 0644: their directories keep other local users
+    out (cached private manifests, the seen records), also for a store created before."""
+    old = os.umask(0o022)
+    try:
+        DiskStore(tmp_path / "cache", 10**9, owner=False).close()  # a tool made it: 0755
+        assert (tmp_path / "cache" / "store").stat().st_mode & 0o077 == 0o055
+        running = DiskStore(tmp_path / "cache", 10**9)
+        fill(running, DIGEST, DATA, len(DATA))
+        for directory in ("", "store", "staging"):
+            assert (tmp_path / "cache" / directory).stat().st_mode & 0o777 == 0o700, directory
+        running.close()
+    finally:
+        os.umask(old)
+
+
 def test_one_running_cache_per_cache_dir(tmp_path: Path) -> None:
     """Another process's owner store refuses, naming the holder; this process may hold it twice
     (a configuration reload), and the second one keeps the first one's staging files."""
