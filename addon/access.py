@@ -9,11 +9,16 @@ it may reference only what R holds. And
 - with a fresh upstream answer (reachable, and 200/401/403/404): when the upstream accepts this
   client's own request for R — the tag `HEAD` every pull starts with, a fetch, or one `HEAD` of the
   object itself (free on Docker Hub); refusals are relayed with their challenge;
-- without one (unreachable, time-out, 429, 5xx, a token regcache issued, offline mode): only to a
+- without one (unreachable, time-out, 429, 5xx, offline mode): only to a
   client presenting an identity (identity.py) the upstream accepted for R within `access_grant_ttl`
   — for a bearer token, also before it expires — or when R was seen to be readable anonymously.
   Otherwise it fails closed: the upstream's own 429/5xx answer, else `503 UNAVAILABLE`; offline,
   `401` with the registry's recorded challenge. `offline_access: open` serves everything offline.
+
+A token regcache issued (while the auth realm could not answer) goes upstream like any other
+credential when the upstream can be asked: the upstream's refusal is relayed with its challenge, so
+the client gets a real token from the realm, and revokes nothing (it judges regcache's token, not
+the identity the token carries); without a fresh answer, the carried identity's grants decide.
 
 *Grants* — (identity, R) → when the upstream accepted it — are made by every 200 for a request made
 with that identity (and revoked by a 401/403 that judged it); the `anonymous` identity's grant means
@@ -210,7 +215,7 @@ class Access:
     # grants ----------------------------------------------------------------------------------
     def observe(self, req: RegistryRequest, client: Client, status: int, challenge: str = "") -> None:
         """The upstream answered this client's own request for the request's repository."""
-        if client.issued_here:  # never sent upstream
+        if client.issued_here:  # the upstream judged regcache's token, not the identity it carries
             return
         if status == 200:
             self._accepted(repository(req), client)
@@ -342,7 +347,7 @@ class Access:
         caller has asked the store already."""
         if known is None:
             known = await asyncio.to_thread(self._store.is_seen, repository(req), digest)
-        if self._offline or client.issued_here:
+        if self._offline:
             return None if await self.may_serve(req, client, digest, known) else self.cannot_check(req)
         if known and self.granted_recently(client, repository(req)):
             return None

@@ -29,7 +29,7 @@ from multidict import CIMultiDict
 from .access import Access, repository
 from .answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
 from .identity import Client
-from .manifests import ISSUED_HERE, not_in_offline_cache, unavailable
+from .manifests import not_in_offline_cache, unavailable
 from .metrics import METRICS
 from .routes import RegistryRequest
 from .store import BlobStaging, DigestMismatch, Store
@@ -397,8 +397,6 @@ class BlobService:
                 fill = None
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
-        if client.issued_here:
-            return unavailable(req, ISSUED_HERE)
         if req.head:
             try:
                 answer = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))

@@ -15,6 +15,8 @@ pass through); the mirror's `/_token/…` relay does the same.
   (`regcache.<payload>.<signature>`, 1 h) carrying the requester's identity — only for anonymous
   requests or credentials the upstream accepted for something (a grant); anything else gets
   `401 UNAUTHORIZED`. With `offline_access: open`, offline, anyone gets a token (it is not checked).
+  Once the registry answers again, a request bearing such a token is asked upstream, which refuses
+  it with its challenge: the client comes back for a real token (access.py).
 """
 
 from __future__ import annotations

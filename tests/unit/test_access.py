@@ -627,3 +627,30 @@ def test_grants_in_memory_are_bounded_and_the_forgotten_still_count(
         await world.close()
 
     asyncio.run(go())
+
+
+# tokens regcache issued ----------------------------------------------------------------------------------
+
+
+def test_a_token_regcache_issued_is_judged_upstream_and_revokes_nothing(tmp_path: Path, clock: list[float]) -> None:
+    """Online, a request bearing regcache's own token is asked upstream like any other: the
+    refusal is relayed with its challenge (the client gets a real token) and revokes nothing."""
+
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            world = World(tmp_path, port)
+            owner = request("team/app", basic("alice:pw"))
+            await world.accept(owner)
+            issued = request("team/app", f"Bearer {world.access.issue(world.access.keyer.key('basic', 'alice:pw'))}")
+            clock[0] += 400  # past the fast path
+            server.challenge, server.status = 'Bearer realm="https://auth.example/token",error="invalid_token"', 401
+            client = await world.access.client(issued)
+            answer = await world.access.check(issued, client, DIGEST, "blobs", known=True)
+            assert answer is not None and answer.status == 401 and server.asked == 1
+            assert ("WWW-Authenticate", server.challenge) in answer.headers
+            server.status = 503  # no fresh answer: the identity it carries still holds its grant
+            assert await world.decide(issued) == 200
+            assert await world.decide(owner) == 200
+            await world.close()
+
+    asyncio.run(go())
