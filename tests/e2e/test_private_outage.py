@@ -313,6 +313,9 @@ def test_grants_survive_a_restart_and_no_credential_is_stored(
     # Every token the bed issues is a JWT ({"alg"... → eyJ): none in the access records.
     for path in (regcache.workdir / "cache" / "access").rglob("*"):
         assert not path.is_file() or b"eyJ" not in path.read_bytes(), path
+    # nor in regcache's log (both runs)
+    log = regcache.log()
+    assert "eyJ" not in log and not [s for s in secrets if s in log], "a credential in clear in the log"
 
 
 def test_a_token_regcache_issued_is_judged_upstream_once_it_answers(
