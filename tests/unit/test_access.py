@@ -38,6 +38,8 @@ from addon.store import DiskStore
 from addon.token_service import realm_key, remove_dot_segments
 from addon.upstream import Recent, UpstreamClient
 
+from .flows import serving
+
 DIGEST = "sha256:" + "a" * 64
 SECRET = b"s" * 32
 
@@ -267,16 +269,8 @@ class Upstream:
 @asynccontextmanager
 async def upstream_server() -> AsyncIterator[tuple[Upstream, int]]:
     upstream = Upstream()
-    app = web.Application()
-    app.router.add_route("HEAD", "/{tail:.*}", upstream.head)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield upstream, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+    async with serving(upstream.head, "HEAD") as port:
+        yield upstream, port
 
 
 def settings_for(tmp_path: Path, port: int, **changes: object) -> Settings:

@@ -17,6 +17,8 @@ from addon import upstream as upstream_module
 from addon.config import Credential, Settings
 from addon.upstream import UpstreamClient, UpstreamUnavailable, forwardable_headers
 
+from .flows import serving
+
 
 @dataclass
 class Server:
@@ -45,17 +47,8 @@ class Server:
 @asynccontextmanager
 async def server() -> AsyncIterator[Server]:
     recorder = Server()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recorder.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    recorder.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(recorder.handle) as recorder.port:
         yield recorder
-    finally:
-        await runner.cleanup()
 
 
 def closed_port() -> int:
