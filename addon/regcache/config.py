@@ -124,7 +124,7 @@ class Settings:
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
-        An entry `host:port` matches that port only, a plain `host` any port."""
+        An entry `host:port` matches that port only, a plain `host` port 443 (HTTPS's default) only."""
         return _lookup(self.registries, host, port)
 
     def upstream_for(self, host: str, port: int | None = None) -> Upstream | None:
@@ -147,10 +147,13 @@ class Settings:
 
 
 def _lookup(table: Mapping[str, T], host: str, port: int | None) -> T | None:
-    host = host.lower()
-    if port is not None and (found := table.get(f"{host}:{port}")) is not None:
+    """The entry for `host:port`, else, on port 443 (None: no port named, HTTPS's default), for the
+    plain `host`: `registry-1.docker.io:8443` is another registry, with a namespace, grants,
+    credentials and re-targeting of its own."""
+    host, port = host.lower(), port or 443
+    if (found := table.get(f"{host}:{port}")) is not None:
         return found
-    return table.get(host)
+    return table.get(host) if port == 443 else None
 
 
 def parse_size(key: str, value: object) -> int:

@@ -6,9 +6,13 @@ every other repository stays public.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +29,15 @@ from .test_pull import request_through
 ALICE, BOB = "alice:alice-password", "bob:bob-password"
 
 
+def private_to_alice(token_server: TokenServer, repo: str) -> None:
+    """alice and bob are users; `repo` is readable by alice only (until the test ends)."""
+    token_server.policy = Policy(users=dict(pair.split(":") for pair in (ALICE, BOB)), private_repos={repo: {"alice"}})
+
+
 @pytest.fixture
 def secret(upstream_registry: Registry, token_server: TokenServer, bed_workdir: Path) -> PushedImage:
     image = push_variant(upstream_registry, bed_workdir / "secret", "library/secret", "1", seed="secret")
-    token_server.policy = Policy(
-        users=dict(pair.split(":") for pair in (ALICE, BOB)), private_repos={"library/secret": {"alice"}}
-    )
+    private_to_alice(token_server, image.repo)
     return image
 
 
@@ -206,3 +213,42 @@ def test_hostile_requests_get_clear_errors(regcache: Mitmdump, proxy_confdir: Pa
     assert 400 <= status < 500
     # The CA's private key is the proxy's alone.
     assert (proxy_confdir / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
+
+
+def test_a_stranger_cannot_join_a_running_fill_of_a_private_blob(
+    images: ImageSet,
+    regcache: Mitmdump,
+    token_server: TokenServer,
+    cdn: Cdn,
+    tmp_path: Path,
+) -> None:
+    """alice's fill of a private 100 MB layer is running (a throttled CDN): bob's request for the
+    same digest is checked upstream before it may follow the fill, and refused."""
+    image = images.big
+    private_to_alice(token_server, image.repo)
+    layer = max(image.layers, key=lambda blob: blob.size)
+    url = f"https://registry-1.docker.io/v2/{image.repo}/blobs/{layer.digest}"
+
+    def token(pair: str) -> dict[str, str]:
+        scope = f"service=registry.docker.io&scope=repository:{image.repo}:pull"
+        basic = {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        status, _, body = request_through(regcache, f"https://auth.docker.io/token?{scope}", basic)
+        assert status == 200, body
+        return {"Authorization": f"Bearer {json.loads(body)['token']}"}
+
+    alice, bob = token(ALICE), token(BOB)
+    cdn.throttle(25 * 10**6)  # ~4 s for the layer
+    staging = regcache.workdir / "cache" / "staging"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pulled = pool.submit(request_through, regcache, url, alice)
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_size >= 10**6 for p in staging.glob("fill-*")):
+            assert time.monotonic() < deadline and not pulled.done(), "alice's fill did not start"
+            time.sleep(0.05)
+        mark = len(regcache.log())
+        status, _, body = request_through(regcache, url, bob)
+        assert not pulled.done(), "the fill ended before bob asked: nothing was joined"
+        assert (status, json.loads(body)["errors"][0]["code"]) == (401, "UNAUTHORIZED")
+        assert "joined a running fill" not in regcache.log()[mark:]
+        status, _, data = pulled.result()
+    assert status == 200 and "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from bed.dockerd import Dockerd
 from bed.images import ImageSet
 from bed.regcache_run import Mitmdump
@@ -101,16 +102,20 @@ def test_skopeo_oci_layout_seeds_the_cache(
     upstream_gone: Callable[[], None],
     tmp_path: Path,
 ) -> None:
-    """A layout written by `skopeo copy --all docker://… oci:DIR:TAG`, named on import with --as."""
+    """A layout written by `skopeo copy --all docker://… oci:DIR:TAG`, named on import with --as:
+    private unless imported with --public (it says nothing about access)."""
     direct = skopeo_factory(None)
     source = f"docker://{upstream_registry.admin_host}/{images.oci_multi.ref}"
     direct.run("copy", "--all", "--src-tls-verify=false", source, f"oci:{tmp_path / 'layout'}:1")
     layout_digest = json.loads((tmp_path / "layout" / "index.json").read_text())["manifests"][0]["digest"]
-    cache = tmp_path / "seeded"
     reference = f"docker.io/{images.oci_multi.ref}"
-    regcache_cli("import", "--cache-dir", str(cache), str(tmp_path / "layout"), "--as", reference)
+    for cache, public in ((tmp_path / "seeded-private", []), (tmp_path / "seeded", ["--public"])):
+        regcache_cli("import", "--cache-dir", str(cache), str(tmp_path / "layout"), "--as", reference, *public)
     upstream_gone()
-    offline = offline_regcache(cache)
+    private = offline_regcache(tmp_path / "seeded-private")
+    with pytest.raises(Exception, match=r"unauthorized|401"):
+        skopeo_factory(private.url, private.ca_cert).copy_to_dir(images.oci_multi.ref, tmp_path / "refused")
+    offline = offline_regcache(tmp_path / "seeded")
     skopeo = skopeo_factory(offline.url, offline.ca_cert)
     assert skopeo.copy_to_dir(images.oci_multi.ref, tmp_path / "out", all_platforms=True) == layout_digest
     assert layout_digest == images.oci_multi.digest  # an OCI index survives skopeo's oci: byte for byte

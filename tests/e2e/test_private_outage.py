@@ -313,6 +313,36 @@ def test_grants_survive_a_restart_and_no_credential_is_stored(
     # Every token the bed issues is a JWT ({"alg"... → eyJ): none in the access records.
     for path in (regcache.workdir / "cache" / "access").rglob("*"):
         assert not path.is_file() or b"eyJ" not in path.read_bytes(), path
+    # nor in regcache's log (both runs)
+    log = regcache.log()
+    assert "eyJ" not in log and not [s for s in secrets if s in log], "a credential in clear in the log"
+
+
+def test_a_token_regcache_issued_is_judged_upstream_once_it_answers(
+    secret: PushedImage,  # noqa: F811 - the fixture
+    regcache: Mitmdump,
+    skopeo_factory: Callable[..., Skopeo],
+    token_server: TokenServer,
+    upstream_gone: Callable[[], None],
+    tmp_path: Path,
+) -> None:
+    """alice gets regcache's own token while the realm is down; once the registry answers, a
+    request bearing it is asked upstream, refused with the registry's challenge (alice then gets a
+    real token), and nothing of alice's is revoked: in an outage the same token serves her image."""
+    skopeo = skopeo_factory(regcache.url, regcache.ca_cert)
+    assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice", creds=ALICE) == secret.digest
+    token_server.stop()
+    issued = token_through(regcache, secret.repo, ALICE)
+    assert issued.startswith("regcache.")
+    token_server.start()
+    manifest = f"{REGISTRY}/v2/{secret.repo}/manifests/{secret.tag}"
+    status, headers, body = request_through(regcache, manifest, {"Accept": ACCEPT_ALL, **bearer(issued)})
+    assert status == 401 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert headers["WWW-Authenticate"].startswith('Bearer realm="https://auth.docker.io/token"')
+    assert skopeo.copy_to_dir(secret.ref, tmp_path / "alice-again", creds=ALICE) == secret.digest
+    upstream_gone()
+    status, _, body = request_through(regcache, manifest, {"Accept": ACCEPT_ALL, **bearer(issued)})
+    assert (status, body) == (200, secret.manifest)
 
 
 def test_offline_serves_private_images_to_recorded_credentials_only(

@@ -1,10 +1,13 @@
-"""Helpers for addon tests: registry flows and configuration files."""
+"""Helpers for addon tests: registry flows, configuration files, small real HTTP servers."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import yaml
+from aiohttp import typedefs, web
 from mitmproxy import http
 from mitmproxy.test import tflow
 
@@ -31,3 +34,18 @@ def write_config(tmp_path: Path, upstream_port: int, timeout: float) -> str:
     }
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+@asynccontextmanager
+async def serving(handler: typedefs.Handler, method: str = "*") -> AsyncIterator[int]:
+    """`handler` answering every path on 127.0.0.1 (its `method` requests), on a free port: the port."""
+    app = web.Application()
+    app.router.add_route(method, "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()

@@ -33,9 +33,11 @@ from regcache.services.identity import (
     split_authorization,
     token_requester,
 )
-from regcache.services.upstream import UpstreamClient
-from regcache.store.access import ANONYMOUS, DiskAccessRecords, Grant, TokenRecord
+from regcache.services.upstream import Recent, UpstreamClient
+from regcache.store.access import ANONYMOUS, DiskAccessRecords, Grant, RecordWriter, TokenRecord
 from regcache.store.disk import DiskStore
+
+from .flows import serving
 
 DIGEST = "sha256:" + "a" * 64
 SECRET = b"s" * 32
@@ -99,24 +101,53 @@ def test_tokens_regcache_issues_carry_an_identity_until_they_expire() -> None:
     assert keyer.verify("regcache.garbage", now) is None
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
 @pytest.mark.parametrize(
-    ("method", "authorization", "body", "kind", "value"),
+    ("authorization", "query", "body", "content_type", "kind", "value"),
     [
-        ("GET", "", None, "anonymous", ""),
-        ("GET", basic("alice:pw"), None, "basic", "alice:pw"),
-        ("POST", "", b"grant_type=password&username=alice&password=pw&service=s", "basic", "alice:pw"),
-        ("POST", basic("bob:x"), b"grant_type=refresh_token&refresh_token=R1", "refresh", "R1"),
-        ("POST", "", b"service=s&scope=repository:a:pull&client_id=regctl", "anonymous", ""),
-        ("POST", "", b"grant_type=client_credentials&client_secret=z", "opaque", ""),
-        ("GET", "Bearer regcache.p.s", None, "issued", "regcache.p.s"),
-        ("GET", "Bearer T", None, "opaque", "Bearer T"),
+        ("", "service=s&scope=repository:a:pull", None, "", "anonymous", ""),
+        ("", "", None, "", "anonymous", ""),
+        # what docker, containerd, podman/skopeo and regctl send without credentials
+        ("", "service=s&scope=repository:a:pull&client_id=regctl&offline_token=true", None, "", "anonymous", ""),
+        ("", "account=alice&service=s", None, "", "anonymous", ""),
+        ("", "", b"service=s&scope=repository:a:pull&client_id=regctl", f"{FORM}; charset=utf-8", "anonymous", ""),
+        ("", "", b"service=s&access_type=offline&client_id=containerd", FORM, "anonymous", ""),
+        ("", "", b"", "multipart/form-data", "anonymous", ""),  # no body at all
+        (basic("alice:pw"), "service=s", None, "", "basic", "alice:pw"),
+        ("", "", b"grant_type=password&username=alice&password=pw&service=s", FORM, "basic", "alice:pw"),
+        (basic("bob:x"), "", b"grant_type=refresh_token&refresh_token=R1", FORM, "refresh", "R1"),
+        # credentials in the query, as a realm reading both (Go's FormValue) takes them
+        ("", "grant_type=password&username=alice&password=pw", b"service=s&scope=repository:a:pull", FORM,
+         "basic", "alice:pw"),
+        ("", "grant_type=refresh_token&refresh_token=R2&service=s", None, "", "refresh", "R2"),
+        ("", "username=alice", b"grant_type=password&password=pw", FORM, "basic", "alice:pw"),
+        ("", "password=pw&service=s", None, "", "opaque", ""),  # a secret, whatever it is for
+        ("", "", b"grant_type=client_credentials&client_secret=z", FORM, "opaque", ""),
+        ("", "client_secret=z", None, "", "opaque", ""),
+        # a body regcache cannot read as a form: whatever it carries, never anonymous
+        ("", "service=s", b"preamble\r\n--b\r\nContent-Disposition: form-data; name=service\r\n\r\ns\r\n--b--",
+         "multipart/form-data; boundary=b", "opaque", ""),
+        ("", "service=s", b"service=s", "", "opaque", ""),
+        ("", "", b'{"username": "alice", "password": "pw"}', "application/json", "opaque", ""),
+        ("Bearer regcache.p.s", "", None, "", "issued", "regcache.p.s"),
+        ("Bearer T", "", None, "", "opaque", "Bearer T"),
     ],
 )
-def test_who_asks_for_a_token(method: str, authorization: str, body: bytes | None, kind: str, value: str) -> None:
-    requester = token_requester(method, authorization, body)
+def test_who_asks_for_a_token(
+    authorization: str, query: str, body: bytes | None, content_type: str, kind: str, value: str
+) -> None:
+    requester = token_requester(authorization, query, body, content_type)
     assert requester.kind == kind
     if kind != "opaque" or value:
         assert requester.value == value
+
+
+def test_opaque_token_requesters_are_told_apart() -> None:
+    """Each unreadable credential is an identity of its own (its keyed hash), never another's."""
+    assert token_requester("", "client_secret=a", None, "") != token_requester("", "client_secret=b", None, "")
+    assert token_requester("", "", b"x", "text/plain") != token_requester("", "", b"y", "text/plain")
 
 
 # what a refusal says about a credential ----------------------------------------------------------------
@@ -237,16 +268,8 @@ class Upstream:
 @asynccontextmanager
 async def upstream_server() -> AsyncIterator[tuple[Upstream, int]]:
     upstream = Upstream()
-    app = web.Application()
-    app.router.add_route("HEAD", "/{tail:.*}", upstream.head)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield upstream, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+    async with serving(upstream.head, "HEAD") as port:
+        yield upstream, port
 
 
 def settings_for(tmp_path: Path, port: int, **changes: object) -> Settings:
@@ -452,9 +475,11 @@ def test_a_token_refused_for_another_repository_judges_only_itself(tmp_path: Pat
 
 def test_token_requests_name_their_repositories() -> None:
     query = "service=s&scope=repository:library/a:pull&scope=repository:host:5000/b:pull,push registry:catalog:*"
-    assert requested_repositories("GET", query, None) == ("host:5000/b", "library/a")
-    assert requested_repositories("POST", "", b"grant_type=refresh_token&scope=repository:c:pull") == ("c",)
-    assert requested_repositories("GET", "service=s", None) == ()
+    assert requested_repositories(query, None, "") == ("host:5000/b", "library/a")
+    body = b"grant_type=refresh_token&scope=repository:c:pull"
+    assert requested_repositories("scope=repository:d:pull", body, FORM) == ("c", "d")
+    assert requested_repositories("scope=repository:d:pull", body, "text/plain") == ("d",)  # the query only
+    assert requested_repositories("service=s", None, "") == ()
 
 
 def test_fast_path_asks_nothing_and_refusals_revoke(tmp_path: Path, clock: list[float]) -> None:
@@ -493,3 +518,132 @@ def test_access_settings(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"^{key}: "):
             load_settings(str(path))
+
+
+# revocations -------------------------------------------------------------------------------------------
+
+
+def test_a_revocation_is_written_ahead_of_queued_writes() -> None:
+    async def go() -> None:
+        writer, done = RecordWriter(), []
+        for name in ("a", "b", "c"):
+            writer.write(name, lambda n=name: done.append(n))  # type: ignore[misc]
+        writer.write("drop", lambda: done.append("drop"), first=True)
+        await writer.flush()
+        assert done == ["drop", "a", "b", "c"]  # the worker had taken nothing yet
+
+    asyncio.run(go())
+
+
+class RefusingDrops(DiskAccessRecords):
+    """Access records on a disk that takes no more deletes (full): fault injection."""
+
+    def drop_grant(self, identity: str, repository: str) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_revocation_the_store_refuses_is_kept_for_the_run(
+    tmp_path: Path, clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            world = World(tmp_path, port)
+            world.records.close()
+            world.records = RefusingDrops(tmp_path)
+            world.access = Access(world.store, world.records, world.upstream, world.settings, False)
+            owner = request("team/app", basic("alice:pw"))
+            await world.accept(owner)
+            await world.access.writer.flush()  # the grant is in the store
+            server.status, clock[0] = 401, clock[0] + 400
+            assert await world.decide(owner) == 401  # a Basic refusal of Basic: revoked, the drop refused
+            monkeypatch.setattr(access_module, "MAX_REMEMBERED", 3)
+            for n in range(5):  # revocations of other identities push the in-memory ones out
+                assert await world.decide(request("team/app", basic(f"x{n}:pw"))) == 401
+            await world.access.writer.flush()
+            server.status = 503
+            assert await world.decide(owner) == 503  # not read back from the store this run
+            assert world.records.grant(world.access.keyer.key("basic", "alice:pw"), "docker.io/team/app")
+            await world.close()
+
+    asyncio.run(go())
+
+
+def test_a_grant_saved_before_its_revocation_is_not_written_after_it(tmp_path: Path) -> None:
+    """The revocation's drop goes ahead of the grant's queued save: the save must not undo it."""
+
+    async def go() -> None:
+        world = World(tmp_path, 1)
+        owner = request("team/app", basic("alice:pw"))
+        client = await world.access.client(owner)
+        world.access.observe(owner, client, 200)  # its save is queued...
+        world.access.observe(owner, client, 401, 'Basic realm="registry"')  # ...and the drop goes first
+        alice = world.access.keyer.key("basic", "alice:pw")
+        await world.close()
+        records = DiskAccessRecords(tmp_path)
+        assert records.grant(alice, "docker.io/team/app") is None
+        records.close()
+
+    asyncio.run(go())
+
+
+# bounded memory ------------------------------------------------------------------------------------------
+
+
+def test_recent_keeps_the_most_recently_set() -> None:
+    forgotten: list[tuple[str, int]] = []
+    recent: Recent[str, int] = Recent(2, lambda k, v: forgotten.append((k, v)))
+    recent["a"], recent["b"], recent["a"], recent["c"] = 1, 2, 3, 4
+    assert dict(recent) == {"a": 3, "c": 4} and forgotten == [("b", 2)]
+
+
+def test_grants_in_memory_are_bounded_and_the_forgotten_still_count(
+    tmp_path: Path, clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anonymous grants never expire, so clients choose how many there are: memory keeps the most
+    recent, the store the rest (accepted again since saved: saved as it leaves memory)."""
+    monkeypatch.setattr(access_module, "MAX_REMEMBERED", 3)
+
+    async def go() -> None:
+        world = World(tmp_path, 1)  # unreachable: only grants decide
+        alice = request("team/app", basic("alice:pw"))
+        await world.accept(alice)
+        clock[0] += 10
+        await world.accept(alice)  # accepted again within a minute: not saved yet
+        for n in range(10):
+            await world.accept(request(f"pub/lic{n}"))
+        assert len(world.access._grants) == 3 and len(world.access._saved_at) <= 3
+        await world.access.writer.flush()
+        alice_key = world.access.keyer.key("basic", "alice:pw")
+        assert world.records.grant(alice_key, "docker.io/team/app") == Grant(clock[0], clock[0] + 86400)
+        assert await world.decide(alice) == 200
+        assert await world.decide(request("pub/lic0", "Bearer made-up")) == 200
+        await world.close()
+
+    asyncio.run(go())
+
+
+# tokens regcache issued ----------------------------------------------------------------------------------
+
+
+def test_a_token_regcache_issued_is_judged_upstream_and_revokes_nothing(tmp_path: Path, clock: list[float]) -> None:
+    """Online, a request bearing regcache's own token is asked upstream like any other: the
+    refusal is relayed with its challenge (the client gets a real token) and revokes nothing."""
+
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            world = World(tmp_path, port)
+            owner = request("team/app", basic("alice:pw"))
+            await world.accept(owner)
+            issued = request("team/app", f"Bearer {world.access.issue(world.access.keyer.key('basic', 'alice:pw'))}")
+            clock[0] += 400  # past the fast path
+            server.challenge, server.status = 'Bearer realm="https://auth.example/token",error="invalid_token"', 401
+            client = await world.access.client(issued)
+            answer = await world.access.check(issued, client, DIGEST, "blobs", known=True)
+            assert answer is not None and answer.status == 401 and server.asked == 1
+            assert ("WWW-Authenticate", server.challenge) in answer.headers
+            server.status = 503  # no fresh answer: the identity it carries still holds its grant
+            assert await world.decide(issued) == 200
+            assert await world.decide(owner) == 200
+            await world.close()
+
+    asyncio.run(go())

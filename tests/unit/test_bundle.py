@@ -9,7 +9,7 @@ import pytest
 
 from regcache.oci.digest import digest_of
 from regcache.oci.reference import TagRef
-from regcache.ops.bundle import BundleError, import_bundle, parse_image_ref, read_layout
+from regcache.ops.bundle import OCI_INDEX, BundleError, import_bundle, parse_image_ref, read_layout
 from regcache.store.disk import DiskStore
 
 
@@ -97,8 +97,8 @@ def layout_dir(path: Path, annotations: list[dict[str, str]]) -> Path:
 
 
 def test_what_an_import_marks_readable_anonymously(tmp_path: Path) -> None:
-    """regcache's own bundles say so per entry; another tool's layout is vouched for by whoever
-    imports it, unless --private."""
+    """regcache's own bundles say so per entry; anything else stays private (fails closed), unless
+    imported with --public, which makes every imported repository public."""
     names = {"io.regcache.registry": "docker.io", "io.regcache.tag": "1"}
     layout = layout_dir(
         tmp_path / "layout",
@@ -108,5 +108,38 @@ def test_what_an_import_marks_readable_anonymously(tmp_path: Path) -> None:
             {"org.opencontainers.image.ref.name": "docker.io/library/skopeo-made:1"},
         ],
     )
-    assert read_layout(layout, None).public == {"docker.io/library/pub", "docker.io/library/skopeo-made"}
-    assert read_layout(layout, None, private=True).public == set()
+    assert read_layout(layout, None).public == {"docker.io/library/pub"}
+    everything = {"docker.io/library/pub", "docker.io/library/priv", "docker.io/library/skopeo-made"}
+    assert read_layout(layout, None, public=True).public == everything
+
+
+def test_an_import_vouches_only_for_what_the_bundle_holds(tmp_path: Path) -> None:
+    """An index whose bundle lacks one of its platform manifests: that digest is not marked as
+    belonging to the repository (a manifest of it may be cached from elsewhere)."""
+    config = b"{}"
+    image = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config), "size": 2},
+        "layers": [],
+    }
+    image_bytes = json.dumps(image).encode()
+    absent = "sha256:" + "e" * 64
+    children = [
+        {"mediaType": image["mediaType"], "digest": digest, "size": 1} for digest in (digest_of(image_bytes), absent)
+    ]
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}).encode()
+    names = {"io.regcache.registry": "docker.io", "io.regcache.repository": "library/multi", "io.regcache.tag": "1"}
+    entry = {"mediaType": OCI_INDEX, "digest": digest_of(index), "size": len(index), "annotations": names}
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    for data in (config, image_bytes, index):
+        (layout / "blobs" / "sha256" / digest_of(data)[7:]).write_bytes(data)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    store = DiskStore(tmp_path / "cache", 10**9)
+    import_bundle(store, layout, None)
+    repository = "docker.io/library/multi"
+    assert [store.is_seen(repository, digest_of(data)) for data in (config, image_bytes, index)] == [True] * 3
+    assert not store.is_seen(repository, absent)
+    store.close()

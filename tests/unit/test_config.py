@@ -8,6 +8,7 @@ from regcache.config import (
     DEFAULT_REGISTRIES,
     ConfigError,
     Credential,
+    Settings,
     Upstream,
     load_settings,
     parse_duration,
@@ -159,8 +160,20 @@ def test_registry_with_a_port_matches_that_port(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "registries: [registry.local:5000, plain.example]"))
     assert settings.namespace_for("registry.local", 5000) == "registry.local:5000"
     assert settings.namespace_for("registry.local", 443) is None
-    assert settings.namespace_for("plain.example", 8443) == "plain.example"
+    assert settings.namespace_for("plain.example", 443) == settings.namespace_for("plain.example") == "plain.example"
+    # A plain host is that host on HTTPS's default port only: another port is another registry.
+    assert settings.namespace_for("plain.example", 8443) is None
+    assert settings.namespace_for("plain.example", 80) is None
     assert settings.intercepts("registry.local", 5000)
+    hub = "registry-1.docker.io"
+    defaults = Settings(credentials={hub: Credential("ci", "pw")}, upstreams={hub: Upstream("http", "127.0.0.1", 5000)})
+    found = lambda port: (  # noqa: E731
+        defaults.namespace_for(hub, port), defaults.credential_for(hub, port), defaults.upstream_for(hub, port)
+    )
+    for port in (None, 443):
+        assert None not in found(port)
+    for port in (80, 5000, 8443):
+        assert found(port) == (None, None, None) and not defaults.intercepts(hub, port)
 
 
 def test_credentials_inline_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 from bed.tmpfs import Tmpfs
 
 from regcache.oci.digest import DigestMismatch, digest_of
-from regcache.oci.manifest import Manifest
+from regcache.oci.manifest import Manifest, referenced_digests
 from regcache.oci.media import ACCEPT_KEY_TYPES, accept_key
 from regcache.oci.reference import TagRef
 from regcache.store.base import MAX_TAG_RECORDS, TagRecord
@@ -80,6 +80,35 @@ def test_manifests_are_verified_and_byte_exact(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatch):
         store.put_manifest(digest_of(b"other"), Manifest("application/json", body))
     assert store.get_manifest(digest_of(b"other")) is None
+
+
+def descriptor(n: int, **extra: object) -> dict[str, object]:
+    return {"mediaType": "application/octet-stream", "digest": f"sha256:{n:064x}", "size": 1, **extra}
+
+
+def test_references_are_read_by_the_declared_media_type_only() -> None:
+    """What a manifest vouches for in its repository: an index its platform manifests, an image
+    manifest its config and layers, never foreign layers (`urls`) or any other member."""
+    image = {
+        "schemaVersion": 2,
+        "config": descriptor(1),
+        "layers": [descriptor(2), descriptor(3, urls=["https://x.invalid/l"])],
+        "manifests": [descriptor(4)],  # an unknown member of an image manifest
+        "subject": descriptor(5),
+        "annotations": {"x": f"sha256:{6:064x}"},
+    }
+    index = {**image, "manifests": [descriptor(7), descriptor(8, urls=["https://x"])]}  # and config, layers
+    digests = lambda n: [f"sha256:{i:064x}" for i in n]  # noqa: E731
+    images = ("application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json")
+    indexes = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+    for media_type in images:
+        assert referenced_digests(Manifest(media_type, json.dumps(image).encode())) == digests([1, 2])
+    for media_type in indexes:
+        assert referenced_digests(Manifest(media_type, json.dumps(index).encode())) == digests([7])
+    assert referenced_digests(Manifest("application/vnd.oci.image.index.v1+json; x=y", json.dumps(index).encode()))
+    for media_type in ("application/json", "", "application/vnd.oci.artifact.manifest.v1+json"):
+        assert referenced_digests(Manifest(media_type, json.dumps(index).encode())) == []
+    assert referenced_digests(Manifest("application/vnd.oci.image.index.v1+json", b"[1]")) == []
 
 
 def test_tag_records_are_keyed_by_registry_and_accept(tmp_path: Path) -> None:
@@ -272,6 +301,22 @@ def test_a_tool_reads_a_full_disk_store_that_no_process_has_open(tmpfs: Tmpfs) -
     looking.close()
     with pytest.raises((OSError, sqlite3.Error)):
         DiskStore(disk / "cache", 10**9)
+
+
+def test_the_running_cache_keeps_its_store_to_its_owner(tmp_path: Path) -> None:
+    """Under umask 022 an index and blob files are 0644: their directories keep other local users
+    out (cached private manifests, the seen records), also for a store created before."""
+    old = os.umask(0o022)
+    try:
+        DiskStore(tmp_path / "cache", 10**9, owner=False).close()  # a tool made it: 0755
+        assert (tmp_path / "cache" / "store").stat().st_mode & 0o077 == 0o055
+        running = DiskStore(tmp_path / "cache", 10**9)
+        fill(running, DIGEST, DATA, len(DATA))
+        for directory in ("", "store", "staging"):
+            assert (tmp_path / "cache" / directory).stat().st_mode & 0o777 == 0o700, directory
+        running.close()
+    finally:
+        os.umask(old)
 
 
 def test_one_running_cache_per_cache_dir(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ Owns:
 - connection bounds: a client has `header_timeout` seconds from connecting to send its first
   request head, and a keep-alive connection may sit idle `idle_timeout` seconds between requests
   (aiohttp's keep-alive timer; before a first request it waits as long as the connection lasts);
+  a request body left unread is drained for at most `header_timeout` seconds before the close;
 - malformed requests: a registry-style JSON `400` and one log line, never a traceback.
 """
 
@@ -170,6 +171,9 @@ class Listener:
             header_timeout=self._timeouts.header,
             loop=asyncio.get_running_loop(),
             keepalive_timeout=self._timeouts.idle,
+            # A body a handler left unread is drained (so the answer is not lost to a reset) no
+            # longer than a request head may take, not aiohttp's 10 s.
+            lingering_time=self._timeouts.header,
             access_log=None,
         )
 

@@ -25,6 +25,7 @@ TLS front end before it that keeps `Host` and sets `X-Forwarded-Proto: https`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -32,7 +33,7 @@ from collections.abc import Iterable
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 from regcache.addresses import base_url, is_loopback
@@ -128,6 +129,7 @@ class MirrorServer:
         app = application(client_max_size=MAX_TOKEN_REQUEST)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.listener = Listener(f"mirror of {registry_host}", app, listen, timeouts)
+        self._body_timeout = timeouts.header  # a token POST's body: as long as a request head may take
 
     @property
     def url(self) -> str:
@@ -154,7 +156,10 @@ class MirrorServer:
         started = time.monotonic()
         if request.rel_url.raw_path.startswith(TOKEN_PATH):
             what, answer = await self._token(request)
-            return await self._send_answer(request, answer, what, started)
+            token_response = await self._send_answer(request, answer, what, started)
+            if not request.content.is_eof():  # a body left unread: this connection cannot go on
+                token_response.force_close()
+            return token_response
         settings = self._runtime.settings
         ns = request.query.get("ns")
         host = target_registry(settings, self.registry_host, ns)
@@ -189,16 +194,34 @@ class MirrorServer:
         tokens = self._runtime.tokens
         named = realm_of(request.rel_url.raw_path, "")
         realm = tokens.realm_for(named) if named is not None else None
-        what = f"token {urlsplit(realm or named or '').hostname or '?'}"
+        # Named after the recorded realm only: what the client wrote may not even parse as a URL.
+        what = f"token {urlsplit(realm).hostname if realm is not None else '?'}"
         if realm is None:
             return what, error_answer(404, "NAME_UNKNOWN", "not the auth realm of a registry regcache caches")
         if (request.content_length or 0) > MAX_TOKEN_REQUEST:
             return what, error_answer(413, "SIZE_INVALID", "token request too large")
-        body = await request.read() if request.method == "POST" else None
+        body = None
+        if request.method == "POST":
+            read = await self._token_body(request)
+            if isinstance(read, Answer):
+                return what, read
+            body = read
         query = request.rel_url.raw_query_string
         answer = await tokens.answer(realm, request.method, query, request.headers, body)
         METRICS.request_answered(urlsplit(realm).hostname or "", "token", request.method, answer.result, "")
         return what, answer
+
+    async def _token_body(self, request: web.Request) -> bytes | Answer:
+        """A token POST's body, read within the body time-out; else the error to answer with."""
+        try:
+            return await asyncio.wait_for(request.read(), self._body_timeout)
+        except TimeoutError:
+            message = f"token request body not received within {self._body_timeout:g} s"
+            return error_answer(408, "UNKNOWN", message)
+        except web.HTTPRequestEntityTooLarge:  # chunked, so no Content-Length said so up front
+            return error_answer(413, "SIZE_INVALID", "token request too large")
+        except (OSError, aiohttp.ClientError, http_exceptions.HttpProcessingError) as err:  # the client broke off
+            return error_answer(400, "UNKNOWN", f"token request body cut off: {describe_error(err)}")
 
     async def _relay(
         self, request: web.Request, req: RegistryRequest, what: str, started: float, why: PassThrough

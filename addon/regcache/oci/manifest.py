@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from regcache.oci.api import DIGEST_RE
-from regcache.oci.media import CACHEABLE_MEDIA_TYPES, normalize_media_type
+from regcache.oci.media import CACHEABLE_MEDIA_TYPES, IMAGE_MEDIA_TYPES, INDEX_MEDIA_TYPES, normalize_media_type
 
 Descriptor = dict[str, object]
 
@@ -27,24 +27,40 @@ class Manifest:
 
 
 def manifest_references(manifest: Manifest) -> tuple[list[Descriptor], list[Descriptor]]:
-    """(child manifest descriptors, blob descriptors) of an index or an image manifest.
+    """(child manifest descriptors, blob descriptors) of an index or an image manifest, read by its
+    declared media type only: an index its `manifests`, an image manifest its `config` and `layers`;
+    anything else references nothing. Nothing else in a document counts (unknown members,
+    `subject`, annotations): a registry checks only these against what the repository holds.
     Raises ValueError when the body is not a JSON object."""
     document = json.loads(manifest.body)
     if not isinstance(document, dict):
         raise ValueError("manifest is not a JSON object")
-    if "manifests" in document:
-        return [d for d in document.get("manifests") or [] if isinstance(d, dict)], []
-    blobs = [document["config"]] if isinstance(document.get("config"), dict) else []
-    return [], blobs + [d for d in document.get("layers") or [] if isinstance(d, dict)]
+    media_type = normalize_media_type(manifest.media_type)
+    if media_type in INDEX_MEDIA_TYPES:
+        return _descriptors(document.get("manifests")), []
+    if media_type not in IMAGE_MEDIA_TYPES:
+        return [], []
+    config = document.get("config")
+    return [], ([config] if isinstance(config, dict) else []) + _descriptors(document.get("layers"))
+
+
+def _descriptors(value: object) -> list[Descriptor]:
+    return [d for d in value if isinstance(d, dict)] if isinstance(value, list) else []
 
 
 def referenced_digests(manifest: Manifest) -> list[str]:
-    """Every digest a manifest refers to (platform manifests, config, layers); [] if unparsable."""
+    """The digests a manifest of a repository vouches for in that repository (platform manifests,
+    config, layers); [] if unparsable. Foreign layers (descriptors with `urls`) are left out: a
+    registry does not check that the repository holds them."""
     try:
         child_manifests, blobs = manifest_references(manifest)
     except ValueError:
         return []
-    return [digest for d in child_manifests + blobs if isinstance(digest := d.get("digest"), str)]
+    return [
+        digest
+        for d in child_manifests + blobs
+        if isinstance(digest := d.get("digest"), str) and "urls" not in d
+    ]
 
 
 def children(manifest: Manifest) -> tuple[list[Descriptor], list[Descriptor]]:

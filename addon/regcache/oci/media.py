@@ -24,6 +24,13 @@ SCHEMA1_MEDIA_TYPES = frozenset(
         "application/vnd.docker.distribution.manifest.v1+json",
     }
 )
+# What a manifest may reference, by its declared media type (oci/manifest.py).
+INDEX_MEDIA_TYPES = frozenset(
+    {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
+)
+IMAGE_MEDIA_TYPES = frozenset(
+    {"application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"}
+)
 ANY_MEDIA_TYPE = "*/*"
 ACCEPT_KEY_TYPES = frozenset({*CACHEABLE_MEDIA_TYPES, *SCHEMA1_MEDIA_TYPES, ANY_MEDIA_TYPE})
 # What reading a client's `Accept` headers may cost: dockerd sends 6 entries in about 400 bytes.

@@ -6,9 +6,11 @@ containerd and other OCI tools can read it, and a layout they wrote can seed the
 (`io.regcache.*`, plus the conventional `org.opencontainers.image.ref.name` and
 `io.containerd.image.name` holding the full reference), for which Accept list it was recorded, and
 whether its repository is readable anonymously (`io.regcache.access: public|private`). Import marks
-the public ones public; an entry without that annotation (a layout skopeo or others wrote) counts as
-public — whoever imports their own files vouches for them — unless imported with `private`.
-Credentials and grants never go into a bundle: a private image stays private after import.
+the entries annotated public public; any other entry (annotated private, or from a layout skopeo or
+others wrote) stays private — it fails closed — unless imported with `public`, which marks every
+imported repository readable anonymously. What an import marks as belonging to a repository is only
+what the bundle holds. Credentials and grants never go into a bundle: a private image stays private
+after import.
 
 Import is all or nothing: every manifest and blob is hashed and checked against its digest and
 size while it is staged, and only when the whole bundle is good is anything committed.
@@ -265,9 +267,9 @@ def _entry_ref(entry: dict[str, object], as_ref: TagRef | None, unnamed: int) ->
     )
 
 
-def read_layout(root: Path, as_ref: TagRef | None, private: bool = False) -> Contents:
-    """Parse and verify every manifest of a layout (blobs are verified when staged). `private`:
-    mark no repository readable anonymously, whatever the layout says."""
+def read_layout(root: Path, as_ref: TagRef | None, public: bool = False) -> Contents:
+    """Parse and verify every manifest of a layout (blobs are verified when staged). Readable
+    anonymously: the repositories of entries annotated public; with `public`, every one."""
     if _read_json(root / "oci-layout").get("imageLayoutVersion") != "1.0.0":
         raise BundleError("oci-layout: imageLayoutVersion is not 1.0.0")
     entries = _read_json(root / "index.json").get("manifests")
@@ -284,7 +286,7 @@ def read_layout(root: Path, as_ref: TagRef | None, private: bool = False) -> Con
         annotations = entry.get("annotations") or {}
         accepted = str(annotations.get(ACCEPT) or accept_key((manifest.media_type,)))
         contents.tags.append((ref, accepted, TagRecord(digest, manifest.media_type, len(manifest.body), now)))
-        if not private and annotations.get(ACCESS, "public") == "public":
+        if public or annotations.get(ACCESS) == "public":
             contents.public.add(ref.repository)
     return contents
 
@@ -359,13 +361,13 @@ def import_bundle(
     as_ref: TagRef | None,
     pin: bool = False,
     records: AccessRecords | None = None,
-    private: bool = False,
+    public: bool = False,
 ) -> Contents:
-    """Merge a layout into the store; with `records`, its public repositories are marked readable
-    anonymously (see the module docstring)."""
+    """Merge a layout into the store; with `records`, its public repositories (every one with
+    `public`) are marked readable anonymously (see the module docstring)."""
     with opened_layout(source, store.staging_dir) as root:
         try:
-            contents = read_layout(root, as_ref, private)
+            contents = read_layout(root, as_ref, public)
         except (ValueError, TypeError, AttributeError, KeyError, AssertionError) as err:
             raise BundleError(f"malformed index.json or manifest: {err!r}") from err
         staged = stage_blobs(store, root, contents.blobs)
@@ -378,9 +380,11 @@ def import_bundle(
             staging.discard()  # what was not committed (no-op for what was)
     for digest, manifest in contents.manifests.items():
         store.put_manifest(digest, manifest)
+    held = contents.manifests.keys() | contents.blobs.keys()
     for ref, accepted, record in contents.tags:
         store.put_tag(ref, tuple(accepted.split(",")) if accepted else (), record)
-        needed = reachable([record.digest], bundled_needs(contents.manifests))
+        # What the bundle holds only: an index child it lacks is not vouched for by it.
+        needed = reachable([record.digest], bundled_needs(contents.manifests)) & held
         store.mark_seen(ref.repository, sorted(needed))
         if pin:
             store.pin(ref, record.digest)

@@ -217,7 +217,7 @@ def import_(options: argparse.Namespace) -> int:
     records = DiskAccessRecords(store.cache_dir)
     try:
         contents = import_bundle(
-            store, Path(options.bundle), as_ref, pin=options.pin, records=records, private=options.private
+            store, Path(options.bundle), as_ref, pin=options.pin, records=records, public=options.public
         )
     finally:
         records.close()
@@ -503,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     import_parser.add_argument("--pin", action="store_true", help="pin every imported image (never evicted)")
     import_parser.add_argument(
-        "--private",
+        "--public",
         action="store_true",
-        help="mark no imported repository readable anonymously (default: as the bundle says; a layout "
-        "from another tool counts as public)",
+        help="mark every imported repository readable anonymously, those the bundle says are private "
+        "too (default: only entries regcache exported as public; a layout from another tool stays private)",
     )
     import_parser.set_defaults(handler=import_)
 

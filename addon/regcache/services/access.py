@@ -2,21 +2,32 @@
 
 A cached manifest or blob of repository R is served only if it is known to belong to R (*seen*:
 fetched through R, referenced by a manifest of R, or confirmed by a `HEAD` through R), so a digest
-cannot be read through another repository, and
+cannot be read through another repository. A manifest's references are read by its media type
+only (store.referenced_digests: an index's platform manifests, an image manifest's config and
+layers, never foreign layers with `urls`): what a registry checks a manifest pushed to R against —
+it may reference only what R holds. And
 - with a fresh upstream answer (reachable, and 200/401/403/404): when the upstream accepts this
   client's own request for R — the tag `HEAD` every pull starts with, a fetch, or one `HEAD` of the
   object itself (free on Docker Hub); refusals are relayed with their challenge;
-- without one (unreachable, time-out, 429, 5xx, a token regcache issued, offline mode): only to a
+- without one (unreachable, time-out, 429, 5xx, offline mode): only to a
   client presenting an identity (identity.py) the upstream accepted for R within `access_grant_ttl`
   — for a bearer token, also before it expires — or when R was seen to be readable anonymously.
   Otherwise it fails closed: the upstream's own 429/5xx answer, else `503 UNAVAILABLE`; offline,
   `401` with the registry's recorded challenge. `offline_access: open` serves everything offline.
 
+A token regcache issued (while the auth realm could not answer) goes upstream like any other
+credential when the upstream can be asked: the upstream's refusal is relayed with its challenge, so
+the client gets a real token from the realm, and revokes nothing (it judges regcache's token, not
+the identity the token carries); without a fresh answer, the carried identity's grants decide.
+
 *Grants* — (identity, R) → when the upstream accepted it — are made by every 200 for a request made
 with that identity (and revoked by a 401/403 that judged it); the `anonymous` identity's grant means
 "readable anonymously" and does not expire. A grant used within `GRANT_SECONDS` needs no upstream
 request (the fast path): a normal pull asks nothing beyond what it asked anyway. Grants live in
-memory and in the access records (store/access.py), each saved at most once a minute.
+memory and in the access records (store/access.py), each saved at most once a minute. A
+revocation is written ahead of every other queued write; one the store refuses (a full disk) is
+kept in memory for the rest of the run — after a restart, the stored grant counts again until it
+expires (an anonymous one: until a fresh refusal of an anonymous token).
 """
 
 from __future__ import annotations
@@ -44,14 +55,21 @@ from regcache.services.identity import (
     split_authorization,
     token_requester,
 )
-from regcache.services.upstream import UpstreamAnswer, UpstreamClient, UpstreamUnavailable, origin_of, upstream_failed
+from regcache.services.upstream import (
+    Recent,
+    UpstreamAnswer,
+    UpstreamClient,
+    UpstreamUnavailable,
+    origin_of,
+    upstream_failed,
+)
 from regcache.store.access import ANONYMOUS, AccessRecords, Grant, RecordWriter, TokenRecord
 from regcache.store.base import Store
 from regcache.store.errors import STORE_ERRORS, best_effort
 
 GRANT_SECONDS = 300.0
 SAVE_EVERY = 60.0  # a grant accepted again is saved to the store at most this often
-MAX_REMEMBERED = 50_000  # in-memory entries before the expired ones are forgotten
+MAX_REMEMBERED = 50_000  # in-memory entries of each kind before the least recently set is forgotten
 
 
 def credential(req: RegistryRequest) -> str:
@@ -98,12 +116,15 @@ class Access:
         self._ttl = settings.access_grant_ttl
         self.keyer = Keyer(records.secret())
         self.writer = RecordWriter()
-        self._grants: dict[tuple[str, str], Grant] = {}
-        self._saved_at: dict[tuple[str, str], float] = {}
+        # Bounded (clients choose what is remembered): a grant forgotten here is read from the store.
+        self._grants: Recent[tuple[str, str], Grant] = Recent(MAX_REMEMBERED, self._forget)
+        self._saved_at: dict[tuple[str, str], float] = {}  # of the grants in memory
         self._unsaved: dict[tuple[str, str], Grant] = {}  # accepted again since last saved
-        self._tokens: dict[str, TokenRecord | None] = {}  # token key → record (None: looked up, unknown)
-        self._held: set[str] = set()  # identities granted something this run
+        # token key → record (None: looked up, unknown)
+        self._tokens: Recent[str, TokenRecord | None] = Recent(MAX_REMEMBERED)
+        self._held: Recent[str, None] = Recent(MAX_REMEMBERED)  # identities granted something this run
         self._revoked: set[tuple[str, str]] = set()  # this run: not to be read back from the store
+        self._undropped: set[tuple[str, str]] = set()  # revocations the store refused: kept in memory
         self._challenges = records.challenges()
 
     # identities ----------------------------------------------------------------------------
@@ -138,9 +159,9 @@ class Access:
             return (own,)
         return own, Identity(record.identity, judged=frozenset(record.repositories))
 
-    async def requester(self, method: str, authorization: str, body: bytes | None) -> str:
+    async def requester(self, authorization: str, query: str, body: bytes | None, content_type: str) -> str:
         """The identity asking a token realm for a token."""
-        who = token_requester(method, authorization, body)
+        who = token_requester(authorization, query, body, content_type)
         if who.kind == "anonymous":
             return ANONYMOUS
         if who.kind == "basic":
@@ -184,10 +205,7 @@ class Access:
         return record if record is not None and record.until > time.time() else None
 
     def _remember_token(self, key: str, record: TokenRecord | None) -> None:
-        if len(self._tokens) > MAX_REMEMBERED:  # made-up tokens are remembered as unknown: bound them
-            now = time.time()
-            self._tokens = {k: r for k, r in self._tokens.items() if r is not None and r.until > now}
-        self._tokens[key] = record
+        self._tokens[key] = record  # made-up tokens are remembered as unknown: bounded
 
     def issue(self, identity: str) -> str:
         return self.keyer.issue(identity, time.time())
@@ -195,7 +213,7 @@ class Access:
     # grants ----------------------------------------------------------------------------------
     def observe(self, req: RegistryRequest, client: Client, status: int, challenge: str = "") -> None:
         """The upstream answered this client's own request for the request's repository."""
-        if client.issued_here:  # never sent upstream
+        if client.issued_here:  # the upstream judged regcache's token, not the identity it carries
             return
         if status == 200:
             self._accepted(req.repository, client)
@@ -210,15 +228,14 @@ class Access:
             else:
                 until = now + self._ttl if identity.until is None else min(now + self._ttl, identity.until)
                 grant = Grant(now, until)
-                self._held.add(identity.key)
+                self._held[identity.key] = None
             self._set_grant(identity.key, repo, grant, now)
 
     def _set_grant(self, identity: str, repo: str, grant: Grant, now: float) -> None:
         key = (identity, repo)
-        if len(self._grants) > MAX_REMEMBERED:
-            self._forget_expired(now)
         self._grants[key] = grant
         self._revoked.discard(key)
+        self._undropped.discard(key)
         if now - self._saved_at.get(key, 0.0) < SAVE_EVERY:
             self._unsaved[key] = grant  # saved at the next acceptance after SAVE_EVERY, or at close
             return
@@ -227,7 +244,11 @@ class Access:
         self._save(identity, repo, grant)
 
     def _save(self, identity: str, repo: str, grant: Grant) -> None:
-        self.writer.write(f"an access grant for {repo}", lambda: self._records.put_grant(identity, repo, grant))
+        def save() -> None:
+            if (identity, repo) not in self._revoked:  # revoked since: its drop went ahead of this
+                self._records.put_grant(identity, repo, grant)
+
+        self.writer.write(f"an access grant for {repo}", save)
 
     def _refused(self, repo: str, name: str, client: Client) -> None:
         for identity in client.identities:
@@ -238,15 +259,17 @@ class Access:
             self._unsaved.pop(key, None)
             self._saved_at.pop(key, None)
             if len(self._revoked) > MAX_REMEMBERED:
-                self._revoked.clear()  # the store has caught up with these long ago
+                self._revoked &= self._undropped  # the store has caught up with the others long ago
             self._revoked.add(key)
             drop = lambda i=identity.key: self._records.drop_grant(i, repo)  # noqa: E731
-            self.writer.write(f"a revoked grant for {repo}", drop)
+            failed = lambda k=key: self._undropped.add(k)  # noqa: E731
+            self.writer.write(f"a revoked grant for {repo}", drop, first=True, failed=failed)
 
-    def _forget_expired(self, now: float) -> None:
-        self._grants = {k: g for k, g in self._grants.items() if g.valid(now)}
-        self._unsaved = {k: g for k, g in self._unsaved.items() if g.valid(now)}
-        self._saved_at = {k: t for k, t in self._saved_at.items() if k in self._grants}
+    def _forget(self, key: tuple[str, str], grant: Grant) -> None:
+        """A grant leaves memory (the least recently set): saved first if it was accepted since."""
+        self._saved_at.pop(key, None)
+        if (unsaved := self._unsaved.pop(key, None)) is not None:
+            self._save(*key, unsaved)
 
     def granted_recently(self, client: Client, repo: str) -> bool:
         """The fast path: one of the client's identities was accepted for `repo` within
@@ -322,7 +345,7 @@ class Access:
         caller has asked the store already."""
         if known is None:
             known = await asyncio.to_thread(self._store.is_seen, req.repository, digest)
-        if self._offline or client.issued_here:
+        if self._offline:
             return None if await self.may_serve(req, client, digest, known) else self.cannot_check(req)
         if known and self.granted_recently(client, req.repository):
             return None

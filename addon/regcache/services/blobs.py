@@ -32,7 +32,7 @@ from regcache.oci.digest import DigestMismatch
 from regcache.services.access import Access
 from regcache.services.answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
 from regcache.services.identity import Client
-from regcache.services.manifests import ISSUED_HERE, not_in_offline_cache, unavailable
+from regcache.services.manifests import not_in_offline_cache, unavailable
 from regcache.services.upstream import (
     MAX_ERROR_BODY,
     TRANSFER_ERRORS,
@@ -42,6 +42,7 @@ from regcache.services.upstream import (
     UpstreamUnavailable,
     describe_error,
     read_limited,
+    shown,
 )
 from regcache.store.base import Store
 from regcache.store.errors import STORE_ERRORS, best_effort
@@ -111,6 +112,7 @@ class Fill:
     def __init__(self, digest: str) -> None:
         self.digest = digest
         self.started = asyncio.Event()  # the upstream status is known (or the fill failed)
+        self.upstream_status: int | None = None  # the upstream's answer (None: it was not asked, or gave none)
         self.upstream_refusal: UpstreamAnswer | None = None  # a non-200 upstream answer
         self.error: str | None = None
         self.expected_size: int | None = None
@@ -299,6 +301,7 @@ class Fills:
                 fill.pass_through = skip
                 return
             response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
+            fill.upstream_status = response.status
             if response.status != 200:
                 body = await read_limited(response, MAX_ERROR_BODY)
                 fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
@@ -337,7 +340,7 @@ class Fills:
         except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
             fill.error = str(err)
         except TRANSFER_ERRORS as err:  # before OSError: some are OSErrors too
-            fill.error = f"GET {url}: {describe_error(err)}"
+            fill.error = f"GET {shown(url)}: {describe_error(err)}"
         except STORE_ERRORS as err:
             fill.error = f"writing {fill.digest} to the store: {describe_error(err)}"
             self._disk_failed()
@@ -459,8 +462,6 @@ class BlobService:
                 fill = None
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
-        if client.issued_here:
-            return unavailable(req, ISSUED_HERE)
         if req.head:
             try:
                 answer = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
@@ -490,7 +491,7 @@ class BlobService:
             if started:
                 self._access.observe_answer(req, client, fill.upstream_refusal)
             return relay(fill.upstream_refusal, "PASS")
-        if started and not fill.error:
+        if started and fill.upstream_status == 200:  # only what the upstream said: a skip says nothing
             self._access.observe(req, client, 200)
         if fill.pass_through:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")

@@ -11,6 +11,11 @@ the credentials it presents, never the credentials themselves:
 - nothing → `anonymous` (or, when regcache authenticates with its own `credentials`,
   `configured:<hmac of the registry host>`).
 
+Who asks a token realm for a token (`token_requester`) is read from its Authorization, its body and
+its query alike (realms read both): a password or refresh grant is that credential; a request is
+anonymous only with nothing but non-secret parameters in a form body and the query; anything else
+is an identity of its own, never anonymous.
+
 Everything here is pure: parsing, hashing, signing.
 """
 
@@ -145,16 +150,33 @@ class Requester:
     value: str = ""
 
 
-def _form(method: str, body: bytes | None) -> dict[str, list[str]]:
-    return parse_qs((body or b"").decode("utf-8", "replace"), keep_blank_values=True) if method == "POST" else {}
+# The token request parameters that carry no secret: all that docker, containerd, podman/skopeo
+# and regctl send when they have no credentials (distribution's token.md GET, oauth.md POST).
+NON_SECRET_PARAMETERS = frozenset({"service", "scope", "account", "client_id", "offline_token", "access_type"})
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 
 
-def requested_repositories(method: str, query: str, body: bytes | None) -> tuple[str, ...]:
+def token_parameters(query: str, body: bytes | None, content_type: str) -> dict[str, list[str]] | None:
+    """A token request's parameters from its body and its query, the body's values first (as a
+    realm reading both, like Go's FormValue, sees them); None when a body is not a form, so that
+    what it carries cannot be read."""
+    form: dict[str, list[str]] = {}
+    if body:
+        if content_type.split(";", 1)[0].strip().lower() != FORM_MEDIA_TYPE:
+            return None
+        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    merged = {key: list(values) for key, values in form.items()}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        merged.setdefault(key, []).extend(values)
+    return merged
+
+
+def requested_repositories(query: str, body: bytes | None, content_type: str) -> tuple[str, ...]:
     """The repository names a token request asks for: `scope=repository:library/alpine:pull`
     (several scopes, space-separated or repeated; a name may hold `:`, as in `host:port/x`)."""
-    scopes = [*parse_qs(query).get("scope", []), *_form(method, body).get("scope", [])]
+    parameters = token_parameters(query, body, content_type) or token_parameters(query, None, "") or {}
     names = set()
-    for scope in (part for value in scopes for part in value.split()):
+    for scope in (part for value in parameters.get("scope", []) for part in value.split()):
         kind, _, rest = scope.partition(":")
         name, _, _ = rest.rpartition(":")
         if kind == "repository" and name:
@@ -162,12 +184,18 @@ def requested_repositories(method: str, query: str, body: bytes | None) -> tuple
     return tuple(sorted(names))
 
 
-def token_requester(method: str, authorization: str, body: bytes | None) -> Requester:
-    """The credential a token request presents (distribution's token.md GET, oauth.md POST)."""
-    form = _form(method, body)
+def token_requester(authorization: str, query: str, body: bytes | None, content_type: str) -> Requester:
+    """The credential a token request presents (distribution's token.md GET, oauth.md POST), in
+    its Authorization, its body or its query. Anonymous only without an Authorization and with
+    nothing but non-secret parameters in a form body and the query: whatever else a request
+    carries is a credential regcache cannot read, an identity of its own."""
+    parameters = token_parameters(query, body, content_type)
+    if parameters is None:
+        raw = (body or b"").decode("utf-8", "replace")
+        return Requester("opaque", json.dumps([authorization.strip(), query, content_type, raw]))
 
     def field(name: str) -> str:
-        return (form.get(name) or [""])[0]
+        return (parameters.get(name) or [""])[0]
 
     grant = field("grant_type")
     if grant == "password":
@@ -181,7 +209,6 @@ def token_requester(method: str, authorization: str, body: bytes | None) -> Requ
         return Requester("issued", value)
     if scheme != "none":
         return Requester("opaque", authorization.strip())
-    if method == "POST" and (form.keys() - {"service", "scope", "client_id", "access_type"}):
-        # Some other grant: whatever it carries is a credential regcache cannot read. Never anonymous.
-        return Requester("opaque", json.dumps(sorted(form.items())))
+    if parameters.keys() - NON_SECRET_PARAMETERS:
+        return Requester("opaque", json.dumps(sorted(parameters.items())))
     return Requester("anonymous")

@@ -79,8 +79,6 @@ class ManifestService:
             return await self._access.check(req, client, digest, "manifests", seen) or manifest_answer(
                 stored, digest, req.head, "HIT"
             )
-        if client.issued_here:
-            return unavailable(req, ISSUED_HERE)
         try:
             return await self._fetch(req, client, digest)
         except UpstreamUnavailable as err:
@@ -91,8 +89,6 @@ class ManifestService:
         return self._store.get_manifest(digest), self._store.is_seen(req.repository, digest)
 
     async def _by_tag(self, req: RegistryRequest, client: Client) -> Answer:
-        if client.issued_here:
-            return await self._stale(req, client, ISSUED_HERE)
         try:
             check = await self._upstream.fetch("HEAD", req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:
@@ -235,11 +231,6 @@ class ManifestService:
 
 def tag_ref(req: RegistryRequest) -> TagRef:
     return TagRef(req.namespace, req.route.name, req.route.reference)
-
-
-# Why a request bearing a token regcache issued (offline, or while the auth realm was down) is not
-# sent upstream: the upstream would refuse it, and that refusal would say nothing about the client.
-ISSUED_HERE = "a token regcache issued: the upstream is not asked"
 
 
 def unavailable(req: RegistryRequest, reason: str) -> Answer:

@@ -157,8 +157,6 @@ class Runtime:
         client = await self.access.client(req)
         if self.offline:
             return await self._recorded_ping(req, client, "HIT", "offline")
-        if client.issued_here:
-            return await self._recorded_ping(req, client, "STALE", "a token regcache issued")
         try:
             answer = await self.upstream.fetch(req.method, req.url, CIMultiDict(req.headers))
         except UpstreamUnavailable as err:

@@ -15,6 +15,8 @@ pass through); the mirror's `/_token/…` relay does the same.
   (`regcache.<payload>.<signature>`, 1 h) carrying the requester's identity — only for anonymous
   requests or credentials the upstream accepted for something (a grant); anything else gets
   `401 UNAUTHORIZED`. With `offline_access: open`, offline, anyone gets a token (it is not checked).
+  Once the registry answers again, a request bearing such a token is asked upstream, which refuses
+  it with its challenge: the client comes back for a real token (access.py).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class TokenService:
             return error_answer(413, "SIZE_INVALID", "token request too large")
         if self._offline and self._access.open_offline:
             return offline_token()
-        requester = await self._access.requester(method, headers.get("Authorization", ""), body)
+        content_type = headers.get("Content-Type", "")
+        requester = await self._access.requester(headers.get("Authorization", ""), query, body, content_type)
         if self._offline:
             return await self._issue(requester, "HIT", "offline")
         forwarded = CIMultiDict((k, headers[k]) for k in _TOKEN_HEADERS if k in headers)
@@ -130,7 +133,7 @@ class TokenService:
         if len(answer.body) > MAX_TOKEN_ANSWER:
             return error_answer(502, "UNAVAILABLE", f"auth realm answered more than {MAX_TOKEN_ANSWER} bytes")
         if answer.status == 200:
-            self._observe(answer.body, requester, requested_repositories(method, query, body))
+            self._observe(answer.body, requester, requested_repositories(query, body, content_type))
         return relay(answer, "PASS")
 
     def _observe(self, body: bytes, requester: str, repositories: tuple[str, ...]) -> None:

@@ -4,8 +4,12 @@ mitmproxy has no client for addon-originated requests, so revalidation `HEAD`s, 
 and blob fills use aiohttp on mitmproxy's event loop. Rules enforced here, for every request:
 
 - a host named in `upstreams` is sent to its configured base URL instead (air-gapped mirrors, tests);
+- of a client's headers, only `Authorization`, `Accept` and `User-Agent` go upstream
+  (`forwardable_headers`): cookies and anything else a client sends stay with regcache;
 - redirects are followed by us, so a blob behind a CDN is stored under its digest, never under the
-  signed URL, and the client's `Authorization` never goes to a host other than the registry's;
+  signed URL; a redirect to another origin (scheme, host or port) carries only what describes
+  the resource (`Accept`, `User-Agent`, `Accept-Encoding`, `Range`), never `Authorization`, and a
+  request body is never sent to another origin;
 - bodies are requested with `Accept-Encoding: identity`, so manifest bytes are the exact bytes whose
   digest the registry names;
 - any failure to get an answer (refused, DNS, TLS, time-out, broken redirect chain) is one
@@ -18,8 +22,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -27,15 +33,41 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from regcache.config import Credential, Settings
 from regcache.metrics import METRICS, registry_label
-from regcache.oci.api import HOP_BY_HOP
 from regcache.oci.auth import bearer_challenge, registrable_domain, scope_of
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "accept-encoding", "range", "if-range"}
+# A client's headers that go upstream: its rights, what it accepts, who it is. Nothing else (cookies,
+# proxies' and front ends' own headers, conditionals that would spoil regcache's own fetches).
+_FORWARDED = frozenset({"authorization", "accept", "user-agent"})
+# What a request carries to another origin a redirect names (a CDN, a storage service): no credential.
+_CROSS_ORIGIN = frozenset({"accept", "user-agent", "accept-encoding", "range", "if-range"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_TOKENS = 1000  # tokens regcache keeps for its own credentials (one per repository asked for)
+
+
+class Recent(OrderedDict[K, V]):
+    """A map of at most `limit` entries: setting one past that forgets the least recently set
+    (`forgotten` is told), so what clients make regcache remember stays bounded."""
+
+    def __init__(self, limit: int, forgotten: Callable[[K, V], None] | None = None) -> None:
+        super().__init__()
+        self._limit = limit
+        self._forgotten = forgotten
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self._limit:
+            old_key, old_value = self.popitem(last=False)
+            if self._forgotten is not None:
+                self._forgotten(old_key, old_value)
 
 
 # An upstream answer still streaming its body (the caller releases it), and what reading such a
@@ -65,19 +97,30 @@ class UpstreamAnswer:
 
 
 def forwardable_headers(client_headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The client's request headers that describe the resource or the client's rights."""
+    """The client's request headers that go upstream: its rights, what it accepts, who it is."""
     # Pairs, not a Mapping: isinstance against an ABC walks every registered subclass whenever
     # a registration anywhere has reset its caches (0.2 ms in the running proxy here).
-    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client_headers if k.lower() not in _NOT_FORWARDED)
+    headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client_headers if k.lower() in _FORWARDED)
     headers["Accept-Encoding"] = "identity"
     return headers
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (the default port of the scheme when none is named)."""
+    first, second = urlsplit(a), urlsplit(b)
+    try:
+        ports = first.port or _DEFAULT_PORTS.get(first.scheme), second.port or _DEFAULT_PORTS.get(second.scheme)
+    except ValueError:  # a port out of range
+        return False
+    return (first.scheme, first.hostname, ports[0]) == (second.scheme, second.hostname, ports[1])
 
 
 class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}  # (host, scope) → (Authorization, until)
+        # (host, scope) → (Authorization, until)
+        self._tokens: Recent[tuple[str, str], tuple[str, float]] = Recent(MAX_TOKENS)
 
     def resolve(self, url: str) -> str:
         """Apply the `upstreams` map: the URL we really connect to for a logical URL."""
@@ -158,11 +201,13 @@ class UpstreamClient:
         self, challenge: dict[str, str], scope: str, authorization: str | None
     ) -> tuple[str, float] | None:
         """A bearer token from a `Bearer` challenge's realm (anonymous when `authorization` is
-        None): (the Authorization value, its lifetime in seconds), or None if refused."""
+        None: never with regcache's own credentials, whatever the realm answers): (the
+        Authorization value, its lifetime in seconds), or None if refused."""
         query = urlencode({k: v for k, v in (("service", challenge.get("service")), ("scope", scope)) if v})
         headers = CIMultiDict(Authorization=authorization) if authorization else CIMultiDict()
         headers["Accept-Encoding"] = "identity"  # the session does not decompress
-        answer = await self.fetch("GET", f"{challenge['realm']}?{query}", headers)
+        url = f"{challenge['realm']}?{query}"
+        answer = await self.fetch("GET", url, headers, own_credentials=False)
         try:
             document = json.loads(answer.body) if answer.status == 200 else {}
             token = document.get("token") or document.get("access_token")
@@ -180,28 +225,30 @@ class UpstreamClient:
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         session = self._session_on_loop()
-        origin = urlsplit(url).hostname
+        origin = url
+        redirected = False
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = await session.request(
                     method, self.resolve(url), headers=headers, data=data, allow_redirects=False, timeout=timeout
                 )
             except (*TRANSFER_ERRORS, OSError) as err:
-                raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+                raise UpstreamUnavailable(f"{method} {shown(url, redirected)}: {describe_error(err)}") from err
             METRICS.upstream_answered(registry_label(self._settings, *origin_of(url)), method, response.headers)
             location = response.headers.get("Location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
             response.release()
-            url = urljoin(url, location)
-            if urlsplit(url).hostname != origin and "Authorization" in headers:
-                # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
-                # must not travel there.
-                headers = CIMultiDict(headers)
-                del headers["Authorization"]
+            url, redirected = urljoin(url, location), True
             if response.status == 303 and method != "HEAD":  # a HEAD stays a HEAD (RFC 9110 15.4.4)
                 method, data = "GET", None
-        raise UpstreamUnavailable(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+            if not same_origin(url, origin):
+                # Storage hosts (CDNs, S3, GCS) authorise by the signed URL; registry credentials
+                # (and whatever else the request carried) must not travel there.
+                headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _CROSS_ORIGIN)
+                if data is not None:  # a token POST's form holds credentials
+                    raise UpstreamUnavailable(f"{method} {shown(url, True)}: a redirect to another origin")
+        raise UpstreamUnavailable(f"{method} {shown(url, redirected)}: more than {MAX_REDIRECTS} redirects")
 
     async def fetch(
         self,
@@ -219,7 +266,7 @@ class UpstreamClient:
         try:
             body = await read_limited(response, max_body) if method != "HEAD" else b""
         except (*TRANSFER_ERRORS, OSError) as err:
-            raise UpstreamUnavailable(f"{method} {url}: {describe_error(err)}") from err
+            raise UpstreamUnavailable(f"{method} {shown(url)}: {describe_error(err)}") from err
         finally:
             response.release()
         METRICS.upstream_bytes(len(body))
@@ -252,7 +299,19 @@ def origin_of(url: str) -> tuple[str, int | None]:
     return parts.hostname or "", parts.port
 
 
+def shown(url: str, redirected: bool = False) -> str:
+    """A URL as messages (logs, error bodies) name it: never its query or user info, which may
+    sign or authorise it (storage redirects: `X-Amz-Signature=…`); a redirect target by its origin only."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}" + ("/…" if redirected else parts.path)
+
+
 def describe_error(err: BaseException) -> str:
     if isinstance(err, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(err, aiohttp.InvalidURL):  # its text is the URL
+        return "invalid URL"
+    if isinstance(err, aiohttp.ClientResponseError):  # its text names the URL
+        return f"{err.status} {err.message}"
     return str(err) or type(err).__name__

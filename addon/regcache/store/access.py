@@ -16,6 +16,7 @@ so eviction, expiry, `ls` and `purge` never see them. Every call blocks: on the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -157,26 +158,33 @@ class DiskAccessRecords:
 
 
 class RecordWriter:
-    """Writes to the access records one after another (in order), off the event loop. A failed
-    write is logged and dropped: this run goes on from memory."""
+    """Writes to the access records one after another, off the event loop: in order, except that
+    a write marked `first` (a revocation) goes ahead of those still queued, so a crash or a backlog
+    loses it last. A failed write is logged and dropped (and `failed` called): this run goes on
+    from memory."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[str, Callable[[], None]]] | None = None
+        self._queue: asyncio.PriorityQueue[_Write] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._order = itertools.count()
 
-    def write(self, what: str, work: Callable[[], None]) -> None:
+    def write(
+        self, what: str, work: Callable[[], None], first: bool = False, failed: Callable[[], None] | None = None
+    ) -> None:
         if self._queue is None:
-            self._queue = asyncio.Queue()
+            self._queue = asyncio.PriorityQueue()
             self._worker = asyncio.create_task(self._run(self._queue))
-        self._queue.put_nowait((what, work))
+        self._queue.put_nowait((0 if first else 1, next(self._order), what, work, failed))
 
-    async def _run(self, queue: asyncio.Queue[tuple[str, Callable[[], None]]]) -> None:
+    async def _run(self, queue: asyncio.PriorityQueue[_Write]) -> None:
         while True:
-            what, work = await queue.get()
+            _, _, what, work, failed = await queue.get()
             try:
                 await asyncio.to_thread(work)
             except STORE_ERRORS as err:
                 log.warning("regcache: %s not saved in the store: %s", what, err)
+                if failed is not None:
+                    failed()
             finally:
                 queue.task_done()
 
@@ -191,3 +199,6 @@ class RecordWriter:
 
 # DiskAccessRecords provides the protocol (checked by the type checker).
 _CHECKED: type[AccessRecords] = DiskAccessRecords
+
+# (priority, order queued, what, work, called if it fails)
+_Write = tuple[int, int, str, Callable[[], None], Callable[[], None] | None]

@@ -15,7 +15,8 @@ Consistency rules:
 - diskcache writes its settings whenever it opens a store: where that fails (a full disk, a
   read-only file system) the store is opened read-only, with a connection of its own: reads work,
   writes fail as they would on that disk (`read_only` says why);
-- one running cache per cache_dir (lock.py).
+- one running cache per cache_dir (lock.py); the running cache makes the store's directories (and
+  cache_dir, if it owns it) 0700: private content stays its owner's.
 
 Besides content, the store keeps small bookkeeping entries that are never evicted (keys.py): `pins`
 and `usage-counters` (the totals `regcache stats` shows, added to in batches). What regcache knows
@@ -24,6 +25,7 @@ about access (grants, tokens, realms) is kept apart, in access.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,6 +88,19 @@ def require_writable(cache_dir: Path) -> None:
             os.close(os.open(index / "cache.db", os.O_RDWR))
     except OSError as err:
         raise StoreError(f"cache_dir {cache_dir} is not writable: {err.strerror or err}") from err
+
+
+def restrict_to_owner(cache_dir: Path) -> None:
+    """Cached private manifests and blobs, and the index naming them, readable by the owner only,
+    whatever the umask: the store's directories 0700 (StoreError naming cache_dir if that fails),
+    and cache_dir itself where this user owns it (a mounted volume may belong to another)."""
+    try:
+        for directory in (cache_dir / "store", cache_dir / "staging"):
+            os.chmod(directory, 0o700)
+    except OSError as err:
+        raise StoreError(f"cache_dir {cache_dir} cannot be made private to its owner: {err.strerror or err}") from err
+    with contextlib.suppress(PermissionError):
+        os.chmod(cache_dir, 0o700)
 
 
 @dataclass
@@ -156,6 +171,8 @@ class DiskStore:
             if took_lock:
                 shutil.rmtree(self.staging_dir, ignore_errors=True)
             self.staging_dir.mkdir(parents=True, exist_ok=True)
+            if owner:
+                restrict_to_owner(cache_dir)
             self._cache = diskcache.Cache(
                 str(self._directory),
                 disk=_AdoptingDisk,
