@@ -159,6 +159,22 @@ def test_upgrade_refuses_a_ca_without_its_key_and_changes_nothing(tmp_path: Path
     assert snapshot(confdir) == before
 
 
+def test_upgrade_refuses_an_encrypted_key(tmp_path: Path) -> None:
+    confdir = rsa_confdir(tmp_path / "conf")
+    pem = (confdir / ca.CA_FILE).read_bytes()
+    key = serialization.load_pem_private_key(pem, None)
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    (confdir / ca.CA_FILE).write_bytes(locked + (confdir / ca.CA_CERT).read_bytes())
+    before = snapshot(confdir)
+    with pytest.raises(ca.CaError, match="encrypted"):
+        ca.upgrade(confdir)
+    assert snapshot(confdir) == before
+
+
 def test_upgrade_refuses_what_is_not_a_self_signed_root(tmp_path: Path) -> None:
     # An RSA CA file with a chain (say, a company's intermediate): regcache issues nothing under it.
     confdir = rsa_confdir(tmp_path / "conf")
