@@ -34,6 +34,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -52,8 +53,11 @@ ROOT_KEY_FILE = f"{BASENAME}-ca-root.pem"  # an upgraded CA's root key
 LIFETIME = datetime.timedelta(days=10 * 365)  # mitmproxy's CA_EXPIRY
 BACKDATE = datetime.timedelta(days=2)  # as mitmproxy: clocks that lag a little still accept it
 INTERMEDIATE_CN = f"{BASENAME} ECDSA"
+# Why an RSA root should be upgraded, for the start-up log and `regcache ca show`.
+UPGRADE_HINT = "makes every TLS handshake cheaper (an ECDSA intermediate under this root: clients keep trusting it)"
 
 CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+KeyKind = Literal["ecdsa", "rsa"]
 
 
 class CaError(Exception):
@@ -120,7 +124,7 @@ def read_ca(confdir: Path) -> CaState | None:
     )
 
 
-def create_root(confdir: Path, kind: str = "ecdsa") -> None:
+def create_root(confdir: Path, kind: KeyKind = "ecdsa") -> None:
     """A new self-signed root (`kind` ecdsa: P-256, rsa: 2048 bits) in `confdir`, as every file
     mitmproxy would write for a new one. `mitmproxy-ca.pem` comes last: until it is there, this
     confdir has no CA (mitmproxy too looks for that file), so a crash half-way leaves none."""
@@ -179,7 +183,7 @@ def upgrade(confdir: Path) -> Upgrade:
     return Upgrade(True, upgraded)
 
 
-def replace_root(confdir: Path, kind: str = "ecdsa") -> Path | None:
+def replace_root(confdir: Path, kind: KeyKind = "ecdsa") -> Path | None:
     """A new root in place of `confdir`'s CA, whose files move to a `replaced-TIME` directory
     beside them (returned; None: there was no CA). Clients must trust the new root."""
     old = [confdir / name for name in (CA_FILE, CA_P12, *CA_CERT_FILES, CA_CERT_P12, ROOT_KEY_FILE)]

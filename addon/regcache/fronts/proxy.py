@@ -315,13 +315,8 @@ def log_ca(confdir: Path) -> None:
     if state is None:  # mitmproxy said why
         return
     if state.upgradable:
-        log.info(
-            "regcache: proxy CA %s: %s: `regcache ca upgrade --confdir %s` makes every TLS handshake cheaper "
-            "(an ECDSA intermediate under this root: clients keep trusting it; then restart)",
-            confdir / ca.CA_FILE,
-            state.describe(),
-            confdir,
-        )
+        hint = f"`regcache ca upgrade --confdir {confdir}` {ca.UPGRADE_HINT}, then restart"
+        log.info("regcache: proxy CA %s: %s: %s", confdir / ca.CA_FILE, state.describe(), hint)
         return
     log.info("regcache: proxy CA %s: %s", confdir / ca.CA_FILE, state.describe())
 

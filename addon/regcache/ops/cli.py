@@ -472,13 +472,8 @@ def ca_show(options: argparse.Namespace) -> int:
     print(f"{confdir / ca.CA_FILE}: {state.describe()}, valid until {state.not_after:%Y-%m-%d}")
     print(f"clients trust: {confdir / ca.CA_CERT}")
     if state.upgradable:
-        print(f"`regcache ca upgrade --confdir {options.confdir}`: {UPGRADE_GAIN}")
+        print(f"`regcache ca upgrade --confdir {options.confdir}` {ca.UPGRADE_HINT}")
     return 0
-
-
-UPGRADE_GAIN = (
-    "an ECDSA intermediate under this root: cheaper TLS handshakes, and clients keep trusting what they trust"
-)
 
 
 def ca_upgrade(options: argparse.Namespace) -> int:
@@ -495,7 +490,7 @@ def ca_upgrade(options: argparse.Namespace) -> int:
 
 def ca_new(options: argparse.Namespace) -> int:
     confdir = Path(options.confdir).resolve()
-    kind = "rsa" if options.rsa else "ecdsa"
+    kind: ca.KeyKind = "rsa" if options.rsa else "ecdsa"
     existing = ca.read_ca(confdir)
     if existing is not None and not options.replace:
         raise UsageError(
@@ -505,7 +500,7 @@ def ca_new(options: argparse.Namespace) -> int:
     backup = ca.replace_root(confdir, kind)
     state = ca.read_ca(confdir)
     assert state is not None
-    print(f"new CA in {confdir / ca.CA_FILE}: {state.describe()}")
+    print(f"new CA in {confdir / ca.CA_FILE}: {state.describe()}; clients trust {confdir / ca.CA_CERT}")
     if backup is not None:
         print(f"the old CA's files are in {backup}")
         print(retrust_instructions(confdir / ca.CA_CERT), end="")
@@ -516,7 +511,8 @@ def retrust_instructions(ca_cert: Path) -> str:
     """What every node must do to trust a new root: the set-up tools again, with the new certificate."""
     regcache = regcache_command()
     proxy = client_setup.DEFAULT_PROXY
-    return f"""Clients trust the old root until they get the new one. On each node, as the client was set up
+    return f"""\
+Clients trust the old root until they get the new one. On each node, as the client was set up
 (with your proxy URL), then restart regcache:
   sudo {regcache} setup dockerd --proxy {proxy} --ca {ca_cert}
   sudo {regcache} setup containerd --proxy {proxy} --ca {ca_cert}
