@@ -1,4 +1,5 @@
-"""What regcache's benchmarks share (``scripts/bench/small_big.py``, ``scripts/bench/concurrency.py``):
+"""What regcache's benchmarks share (``scripts/bench/small_big.py``, ``scripts/bench/concurrency.py``,
+``scripts/bench/conncost.py``):
 the one module they share, importing the test bed (``scripts/bed``) and nothing from ``tests/``.
 
 * Where the code under test is: the working tree, or with ``--snapshot`` a frozen copy of
@@ -7,7 +8,8 @@ the one module they share, importing the test bed (``scripts/bed``) and nothing 
   the snapshot's re-execution the copy's ``scripts/`` and ``addon/`` (they reach the processes the
   benchmark starts too, ``regcache run`` included).
 * Measuring processes: peak memory (:class:`RssSampler`, :func:`status_kib`), the CPU the bench used
-  and what everything else on the machine took meanwhile (:class:`CpuAccount`).
+  and what everything else on the machine took meanwhile (:class:`CpuAccount`), one process's CPU
+  (:func:`process_cpu`), the VM's CPU steal (:func:`steal_share`).
 * Upstream traffic as the bed's own servers saw it (:class:`UpstreamLogs`, :class:`UpstreamTraffic`):
   registry access logs, the CDN's log (which carries the blob bytes), the token server's log.
 * Waiting for regcache's background blob commits (:func:`wait_stored`).
@@ -354,10 +356,21 @@ def cpu_counters() -> list[int]:
         return [int(field) for field in stat.readline().split()[1:9]]
 
 
-def steal_since(before: list[int]) -> str:
-    """Share of CPU time the VM's host gave to other guests since `before`: noise no process shows."""
+def steal_share(before: list[int]) -> float:
+    """Share of CPU time (0-1) the VM's host gave to other guests since `before`: noise no process shows."""
     delta = [now - then for then, now in zip(before, cpu_counters(), strict=True)]
-    return f"{100 * delta[7] / max(1, sum(delta)):.0f} %"
+    return delta[7] / max(1, sum(delta))
+
+
+def steal_since(before: list[int]) -> str:
+    return f"{100 * steal_share(before):.0f} %"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` used so far (/proc/PID/stat)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def code_facts() -> str:

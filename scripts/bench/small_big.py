@@ -124,6 +124,7 @@ from bench.common import (
     wait_stored,
 )
 from regcache.config import ConfigError, parse_size
+from regcache.fronts import ca
 
 MB = 1_000_000
 DIRECT, REFERENCE, REGCACHE, MIRROR = "direct", "reference", "regcache", "mirror"
@@ -851,8 +852,9 @@ def curl_fetch(url: str, headers: dict[str, str], proxy: Mitmdump | None = None)
 
 
 @contextlib.contextmanager
-def py_spy_record(pid: int, dest: Path) -> Iterator[None]:
-    """Sample ``pid`` with ``py-spy record`` while the block runs; flame graph SVG at ``dest``."""
+def py_spy_record(pid: int, dest: Path, fmt: str = "flamegraph") -> Iterator[None]:
+    """Sample ``pid`` with ``py-spy record`` while the block runs; flame graph SVG at ``dest`` (``fmt``
+    raw: collapsed stacks, one ``frame;frame;… count`` per line)."""
     log_path = dest.with_suffix(".log")
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
@@ -864,7 +866,7 @@ def py_spy_record(pid: int, dest: Path) -> Iterator[None]:
                 "--output",
                 str(dest),
                 "--format",
-                "flamegraph",
+                fmt,
                 "--rate",
                 "200",
                 "--nonblocking",
@@ -940,11 +942,10 @@ class Bench:
             self.clients[SKOPEO_CLIENT] = SkopeoClient(self.workdir / "skopeo", proxy_url, ca)
 
     def _regcache_ca(self) -> Path:
-        """The CA every regcache of this bench uses (one confdir), made now so dockerd can trust it at start."""
-        from mitmproxy.certs import CertStore
-
-        CertStore.from_store(self.confdir, "mitmproxy", 2048)
-        return self.confdir / "mitmproxy-ca-cert.pem"
+        """The CA every regcache of this bench uses (one confdir), made now so dockerd can trust it at
+        start: the ECDSA root `regcache run` makes in a new confdir."""
+        ca.ensure_root(self.confdir)
+        return self.confdir / ca.CA_CERT
 
     def uses_mirror_port(self) -> bool:
         """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""
@@ -1167,11 +1168,19 @@ class Bench:
             f"load average (1 min): {load_before} before the bench, {load_average()} at its end; "
             f"CPU steal (time the VM's host gave other guests) during the bench: {steal_since(counters_before)}",
             *[describe_image(name, image) for name, image in self.images.items()],
+            *self.proxy_facts(),
             f"{a.runs} run(s); per run, image and client: direct, then cold + warm for each of "
             f"{', '.join(p for p in a.paths if p != DIRECT)}, the order of those rotating from run to run "
             "(each cache fresh for its cold pull)",
             f"command: `{command}`",
         ]
+
+    def proxy_facts(self) -> list[str]:
+        """What the proxy path ran with: its CA and its hook dispatch."""
+        state = ca.read_ca(self.confdir)
+        if state is None:
+            return []
+        return [f"regcache's proxy: CA {state.describe()}, hook events dispatched to the addons that implement them"]
 
     def write(self, load_before: str, code: str, counters_before: list[int], error: str | None) -> int:
         """Write table.md, results.json and chart.png; print the table. Returns the number of failed targets."""

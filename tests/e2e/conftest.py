@@ -28,11 +28,14 @@ def proxy_confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def regcache_with(
     tmp_path: Path, proxy_confdir: Path, bed_hostmap: dict[str, str]
 ) -> Iterator[Callable[..., Mitmdump]]:
-    """``start(options=None, mitmdump=False, **settings)``: a regcache with an empty store in front of
-    the bed, plus YAML `settings` and mitmproxy `options`; `mitmdump`: as `mitmdump -s addon/cache.py`."""
+    """``start(options=None, mitmdump=False, confdir=None, **settings)``: a regcache with an empty store
+    in front of the bed, plus YAML `settings` and mitmproxy `options`; `mitmdump`: as `mitmdump -s
+    addon/cache.py`; `confdir`: its own CA (default: the session's)."""
     started: list[Mitmdump] = []
 
-    def start(options: dict[str, str] | None = None, mitmdump: bool = False, **settings: object) -> Mitmdump:
+    def start(
+        options: dict[str, str] | None = None, mitmdump: bool = False, confdir: Path | None = None, **settings: object
+    ) -> Mitmdump:
         workdir = tmp_path / (f"regcache{len(started)}" if started else "")
         config = {
             "cache_dir": str(workdir / "cache"),
@@ -42,7 +45,7 @@ def regcache_with(
             "mirrors": {"docker.io": "127.0.0.1:0"},  # see Mitmdump.mirror_url
             **settings,
         }
-        proxy = Mitmdump(workdir, config, proxy_confdir, options=options, mitmdump=mitmdump)
+        proxy = Mitmdump(workdir, config, confdir or proxy_confdir, options=options, mitmdump=mitmdump)
         started.append(proxy)
         proxy.start()
         return proxy

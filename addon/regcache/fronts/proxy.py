@@ -18,6 +18,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import NamedTuple
 
 from mitmproxy import ctx, http, tls
@@ -27,6 +28,7 @@ from multidict import CIMultiDict
 from regcache import logs
 from regcache.addresses import is_loopback, reachable_host
 from regcache.config import ConfigError, Settings, load_settings
+from regcache.fronts import ca
 from regcache.fronts.bloburls import redirect_base
 from regcache.fronts.node import Node, StartupError
 from regcache.logs import log_request
@@ -186,6 +188,7 @@ class RegistryCache:
     def running(self) -> None:
         logs.install()  # handlers added since `load`
         warn_if_exposed(ctx.options.listen_host, ctx.options.proxyauth)
+        log_ca(Path(ctx.options.confdir).expanduser())
         # Everything allocated so far (mitmproxy, aiohttp, the settings) lives as long as the
         # process: leave it out of the collector's full passes. Otherwise the first full pass
         # comes a few requests into the first pull and stops the event loop for 50-60 ms here.
@@ -300,6 +303,22 @@ def warn_if_exposed(listen_host: str, proxyauth: str | None) -> None:
         "(--set proxyauth=USER:PASS or @htpasswd-file).",
         where,
     )
+
+
+def log_ca(confdir: Path) -> None:
+    """Which key signs the proxy's TLS handshakes, and whether `regcache ca upgrade` would help."""
+    try:
+        state = ca.read_ca(confdir)
+    except ca.CaError as err:
+        log.warning("regcache: proxy CA: %s", err)
+        return
+    if state is None:  # mitmproxy said why
+        return
+    if state.upgradable:
+        hint = f"`regcache ca upgrade --confdir {confdir}` {ca.UPGRADE_HINT}, then restart"
+        log.info("regcache: proxy CA %s: %s: %s", confdir / ca.CA_FILE, state.describe(), hint)
+        return
+    log.info("regcache: proxy CA %s: %s", confdir / ca.CA_FILE, state.describe())
 
 
 def _log_request(flow: http.HTTPFlow, outcome: str, level: int = logging.INFO) -> None:

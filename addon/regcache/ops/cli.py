@@ -3,7 +3,8 @@
 `pin` / `unpin` / `pins` (images that eviction never removes), looking after a cache:
 `stats`, `ls`, `purge`, `verify`, `gc` (the store walks are `admin`'s; here they are shown as
 rich tables and progress bars), `setup dockerd|containerd|podman|service` (pointing a node's
-clients at regcache: `setup.client`'s, which scripts/setup-* run too) and `--version`.
+clients at regcache: `setup.client`'s, which scripts/setup-* run too), `ca show|upgrade|new` (the
+proxy's CA: `fronts.ca`'s) and `--version`.
 
 The proxy's argument list lives here (`proxy_args`; `mitmdump_args` for plain mitmdump) so that the
 README's commands, the tests and any service unit start the proxy the same way.
@@ -29,6 +30,7 @@ from rich.table import Table
 from regcache import __version__
 from regcache.addresses import base_url
 from regcache.config import ConfigError, Settings, load_settings, parse_duration, read_text
+from regcache.fronts import ca
 from regcache.fronts.master import serve
 from regcache.oci.manifest import BadManifest
 from regcache.ops.admin import (
@@ -60,7 +62,7 @@ from regcache.store.errors import StoreError
 
 # mitmdump's entry script, beside the package in a checkout (the source root addon/); not installed.
 ADDON = Path(__file__).resolve().parents[2] / "cache.py"
-CA_CERT = "mitmproxy-ca-cert.pem"
+CA_CERT = ca.CA_CERT
 
 
 def proxy_args(config: str | None, host: str, port: int, confdir: Path) -> list[str]:
@@ -154,7 +156,9 @@ def run(options: argparse.Namespace) -> int:
         print(f"regcache: {err}", file=sys.stderr)
         return 2
     confdir = Path(options.confdir).resolve()
-    confdir.mkdir(parents=True, exist_ok=True)
+    # A new confdir gets an ECDSA root before mitmproxy would make its RSA one (fronts/ca.py: every
+    # TLS handshake signs with the CA's key).
+    ca.ensure_root(confdir)
     proxy = f"http://{options.listen_host}:{options.port}"
     print(f"regcache: proxy {proxy}, cache {settings.cache_dir}, config {options.config or '(defaults)'}")
     instructions = dockerd_instructions(proxy, confdir / CA_CERT, docker_hub_mirror(settings.mirrors))
@@ -459,6 +463,64 @@ def gc(options: argparse.Namespace) -> int:
     return 0
 
 
+def ca_show(options: argparse.Namespace) -> int:
+    confdir = Path(options.confdir).resolve()
+    state = ca.read_ca(confdir)
+    if state is None:
+        print(f"no CA in {confdir} yet: `regcache run --confdir {options.confdir}` creates an ECDSA one")
+        return 0
+    print(f"{confdir / ca.CA_FILE}: {state.describe()}, valid until {state.not_after:%Y-%m-%d}")
+    print(f"clients trust: {confdir / ca.CA_CERT}")
+    if state.upgradable:
+        print(f"`regcache ca upgrade --confdir {options.confdir}` {ca.UPGRADE_HINT}")
+    return 0
+
+
+def ca_upgrade(options: argparse.Namespace) -> int:
+    confdir = Path(options.confdir).resolve()
+    result = ca.upgrade(confdir)
+    if not result.done:
+        print(f"nothing to do: the CA in {confdir} signs with ECDSA already ({result.state.describe()})")
+        return 0
+    print(f"upgraded {confdir / ca.CA_FILE}: {result.state.describe()}")
+    print(f"the root's key is kept in {confdir / ca.ROOT_KEY_FILE} (mode 0600, for the next intermediate)")
+    print(f"clients change nothing ({confdir / ca.CA_CERT} is unchanged); restart regcache to use it")
+    return 0
+
+
+def ca_new(options: argparse.Namespace) -> int:
+    confdir = Path(options.confdir).resolve()
+    kind: ca.KeyKind = "rsa" if options.rsa else "ecdsa"
+    existing = ca.read_ca(confdir)
+    if existing is not None and not options.replace:
+        raise UsageError(
+            f"{confdir} has a CA already ({existing.describe()}), which clients trust: `regcache ca upgrade` "
+            "keeps that trust; --replace makes a new root that every client must be given again"
+        )
+    backup = ca.replace_root(confdir, kind)
+    state = ca.read_ca(confdir)
+    assert state is not None
+    print(f"new CA in {confdir / ca.CA_FILE}: {state.describe()}; clients trust {confdir / ca.CA_CERT}")
+    if backup is not None:
+        print(f"the old CA's files are in {backup}")
+        print(retrust_instructions(confdir / ca.CA_CERT), end="")
+    return 0
+
+
+def retrust_instructions(ca_cert: Path) -> str:
+    """What every node must do to trust a new root: the set-up tools again, with the new certificate."""
+    regcache = regcache_command()
+    proxy = client_setup.DEFAULT_PROXY
+    return f"""\
+Clients trust the old root until they get the new one. On each node, as the client was set up
+(with your proxy URL), then restart regcache:
+  sudo {regcache} setup dockerd --proxy {proxy} --ca {ca_cert}
+  sudo {regcache} setup containerd --proxy {proxy} --ca {ca_cert}
+  sudo {regcache} setup podman --proxy {proxy} --ca {ca_cert}
+and replace the old certificate wherever else it was copied (SSL_CERT_FILE bundles, hosts.toml, buildkitd.toml).
+"""
+
+
 def setup(options: argparse.Namespace) -> int:
     """`regcache setup TOOL ARGS`: the client set-up tools (standard library only, setup/client.py)."""
     return client_setup.main(options.tool, options.setup_args, prog=f"regcache setup {options.tool}")
@@ -585,16 +647,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     setup_parser.set_defaults(handler=setup)
 
+    _ca_commands(
+        commands.add_parser("ca", help="the proxy's CA: show it, upgrade an RSA one to ECDSA, or make a new one")
+    )
+
     options = parser.parse_args(argv)
     if options.command == "run" and options.mitmdump_args[:1] == ["--"]:
         options.mitmdump_args = options.mitmdump_args[1:]
     try:
         return int(options.handler(options))
-    except (ConfigError, BundleError, BadManifest, StoreError, UsageError, OSError, sqlite3.Error) as err:
+    except (ConfigError, BundleError, BadManifest, StoreError, UsageError, ca.CaError, OSError, sqlite3.Error) as err:
         # One line, never a traceback: these are the user's paths, files and settings.
         unchanged = " (the cache is unchanged)" if options.command == "import" else ""
         print(f"regcache {options.command}: {describe(err)}{unchanged}", file=sys.stderr)
         return 1
+
+
+def _ca_commands(ca_parser: argparse.ArgumentParser) -> None:
+    actions = ca_parser.add_subparsers(dest="ca_command", required=True)
+    for name, handler, text in (
+        ("show", ca_show, "what the CA is: key type, root or intermediate, what clients trust"),
+        ("upgrade", ca_upgrade, "an ECDSA intermediate issued by the RSA root clients trust (they change nothing)"),
+        ("new", ca_new, "a new root (ECDSA P-256 unless --rsa); with --replace, in place of the existing CA"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--confdir", default="certs", help="mitmproxy confdir holding the CA (default ./certs)")
+        action.set_defaults(handler=handler)
+        if name == "new":
+            kind = action.add_mutually_exclusive_group()
+            kind.add_argument("--ecdsa", action="store_true", help="an ECDSA P-256 key (the default)")
+            kind.add_argument("--rsa", action="store_true", help="an RSA-2048 key, as mitmproxy makes")
+            action.add_argument(
+                "--replace",
+                action="store_true",
+                help="replace the existing CA (its files move to replaced-TIME/); every client must trust the new one",
+            )
 
 
 def describe(err: Exception) -> str:
