@@ -122,6 +122,19 @@ def _own_seconds() -> float:
     return total
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far; 0 when it is gone (or None)."""
+    if pid is None:
+        return 0.0
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # utime and stime: fields 14 and 15 of stat, 12 and 13 after the command name.
+    rest = text[text.rindex(")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / _TICK
+
+
 class CpuAccount:
     """Machine-wide busy CPU seconds during the ``with`` block, and how many were not this bench's.
 

@@ -831,6 +831,14 @@ class SkopeoClient:
         shutil.rmtree(self.pulls, ignore_errors=True)
 
 
+def regcache_ca(confdir: Path) -> Path:
+    """The CA every regcache of a bench uses (one confdir), made now so clients can trust it from the start."""
+    from mitmproxy.certs import CertStore
+
+    CertStore.from_store(confdir, "mitmproxy", 2048)
+    return confdir / "mitmproxy-ca-cert.pem"
+
+
 # -- hit throughput and profiling ------------------------------------------------------------------
 
 
@@ -851,8 +859,9 @@ def curl_fetch(url: str, headers: dict[str, str], proxy: Mitmdump | None = None)
 
 
 @contextlib.contextmanager
-def py_spy_record(pid: int, dest: Path) -> Iterator[None]:
-    """Sample ``pid`` with ``py-spy record`` while the block runs; flame graph SVG at ``dest``."""
+def py_spy_record(pid: int, dest: Path, fmt: str = "flamegraph") -> Iterator[None]:
+    """Sample ``pid`` with ``py-spy record`` while the block runs; flame graph SVG at ``dest``
+    (``fmt``: py-spy's ``--format``, e.g. ``raw`` for collapsed stacks)."""
     log_path = dest.with_suffix(".log")
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
@@ -864,7 +873,7 @@ def py_spy_record(pid: int, dest: Path) -> Iterator[None]:
                 "--output",
                 str(dest),
                 "--format",
-                "flamegraph",
+                fmt,
                 "--rate",
                 "200",
                 "--nonblocking",
@@ -940,11 +949,7 @@ class Bench:
             self.clients[SKOPEO_CLIENT] = SkopeoClient(self.workdir / "skopeo", proxy_url, ca)
 
     def _regcache_ca(self) -> Path:
-        """The CA every regcache of this bench uses (one confdir), made now so dockerd can trust it at start."""
-        from mitmproxy.certs import CertStore
-
-        CertStore.from_store(self.confdir, "mitmproxy", 2048)
-        return self.confdir / "mitmproxy-ca-cert.pem"
+        return regcache_ca(self.confdir)
 
     def uses_mirror_port(self) -> bool:
         """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""
