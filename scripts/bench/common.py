@@ -135,6 +135,17 @@ def process_cpu_seconds(pid: int | None) -> float:
     return (int(rest[11]) + int(rest[12])) / _TICK
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped since boot because a listening socket's accept queue was full
+    (``ListenOverflows`` in /proc/net/netstat, machine-wide): each costs its client a SYN
+    retransmission, a second or more."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+        names, values = next((n, v) for n, v in zip(lines[::2], lines[1::2], strict=False) if n[0] == "TcpExt:")
+        return int(values[names.index("ListenOverflows")])
+    return 0
+
+
 class CpuAccount:
     """Machine-wide busy CPU seconds during the ``with`` block, and how many were not this bench's.
 

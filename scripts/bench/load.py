@@ -86,6 +86,7 @@ from bench.common import (
     code_facts,
     cpu_counters,
     enter_workdir,
+    listen_overflows,
     load_average,
     log,
     machine_facts,
@@ -199,6 +200,7 @@ class Phase:
     upstream_requests: int
     upstream_bytes: int
     upstream_blob_bytes: int
+    listen_overflows: int = 0  # connections dropped by full accept queues (machine-wide)
     real: list[RealPull] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     source_changed: bool = False
@@ -239,7 +241,8 @@ class Phase:
             f"{ms(every.p50)} ms, p99 {ms(every.p99)} ms, server CPU {pct(self.server_cpu_share)} "
             f"({ms(self.server_cpu_per_pull)} ms/pull), client CPU "
             f"{pct(self.client_cpu_share)}, VmHWM {fmt_mb(self.server_hwm)} MB, upstream {self.upstream_requests} "
-            f"requests {fmt_mb(self.upstream_bytes)} MB, others {self.foreign_cpu:.1f} CPU s, steal {self.steal}"
+            f"requests {fmt_mb(self.upstream_bytes)} MB, others {self.foreign_cpu:.1f} CPU s, steal {self.steal}, "
+            f"listen overflows {self.listen_overflows}"
             + (f"; real: {real}" if real else "")
         )
 
@@ -422,8 +425,8 @@ def runs_table(phases: Sequence[Phase]) -> list[str]:
     lines = [
         "| scenario | path | run | window s | pulls | failed | pulls/s | requests/s | p50 ms | p99 ms "
         "| server CPU s | client CPU s | upstream CPU s | bench CPU s | others' CPU s | steal | VmHWM MB "
-        "| upstream requests | upstream MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| upstream requests | upstream MB | listen overflows |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in sorted(phases, key=lambda p: (SCENARIOS.index(p.scenario), p.run, PATHS.index(p.path))):
         every = p.latency.get(ALL, Latency(0, float("nan"), float("nan")))
@@ -432,7 +435,7 @@ def runs_table(phases: Sequence[Phase]) -> list[str]:
             f"| {p.pulls_per_s:.1f} | {p.requests_per_s:.0f} | {ms(every.p50)} | {ms(every.p99)} "
             f"| {p.server_cpu:.1f} | {p.client_cpu:.1f} | {p.upstream_cpu:.1f} | {p.bench_cpu:.1f} "
             f"| {p.foreign_cpu:.1f} | {p.steal} | {fmt_mb(p.server_hwm)} | {p.upstream_requests} "
-            f"| {fmt_mb(p.upstream_bytes)} |"
+            f"| {fmt_mb(p.upstream_bytes)} | {p.listen_overflows} |"
         )
     return lines
 
@@ -510,6 +513,11 @@ def findings(phases: Sequence[Phase], notes: Sequence[str]) -> list[str]:
         where = f"{p.scenario}, {p.path}, run {p.run}"
         if p.foreign_cpu >= 1 and p.foreign_cpu > 0.1 * p.window * cores:
             out.append(f"{where}: other processes used {p.foreign_cpu:.0f} CPU s meanwhile; its numbers are inflated")
+        if p.listen_overflows:
+            out.append(
+                f"{where}: {p.listen_overflows} connections dropped by a full accept queue (a listen backlog: "
+                "the client retries the SYN after 1 s or more)"
+            )
         if p.source_changed:
             out.append(f"{where}: addon/ or scripts/bed/ changed while it ran (mitmdump reloads its scripts): discard")
         out += [f"{where}: {message}" for message in p.messages[:5]]
@@ -598,6 +606,7 @@ class Meters:
         self.steal = "-"
         self.traffic: UpstreamTraffic | None = None
         self.source_changed = False
+        self.overflows = 0
 
     def _cpu(self) -> tuple[float, float, float]:
         upstream = sum(process_cpu_seconds(p) for p in self._upstream_pids)
@@ -605,7 +614,7 @@ class Meters:
 
     def __enter__(self) -> Meters:
         self._sources, self._mark, self._counters = sources_under_test(), self._bed.upstream.mark(), cpu_counters()
-        self._before = self._cpu()
+        self._before, self._overflows = self._cpu(), listen_overflows()
         self.cpu.__enter__()
         self.rss.__enter__()
         return self
@@ -621,6 +630,7 @@ class Meters:
         self.hwm = (hwm or 0) * 1024
         self.traffic = self._bed.upstream.since(self._mark, self._sizes)
         self.source_changed = self._sources != sources_under_test()
+        self.overflows = listen_overflows() - self._overflows
 
 
 def make_phase(
@@ -665,6 +675,7 @@ def make_phase(
         upstream_requests=traffic.requests,
         upstream_bytes=traffic.upstream_bytes,
         upstream_blob_bytes=traffic.cdn_bytes,
+        listen_overflows=meters.overflows,
         real=real,
         messages=results.messages,
         source_changed=meters.source_changed,
@@ -846,12 +857,15 @@ class Bench:
             log(f"  error: {message}")
 
     def fill(self, cache: Cache, path: str, images: Sequence[PushedImage], label: str) -> None:
-        """Warm the cache: one pull of every image through the phase's path, every blob stored."""
-        mark = cache.mark()
-        results = self.load(self.spec(path, images, len(images), None), f"{label}-fill")
-        if results.errors:
-            raise RuntimeError(f"{label}: filling the cache failed: {results.messages[:3]}")
-        for image in images:
+        """Warm the cache: one pull of every image through the phase's path, one image after the
+        other, every blob stored before the next. (At once, the reference fetches a layer that
+        several images share once for all of them, but links it into one repository only, and
+        then fetches it again for the others on every warm pull.)"""
+        mark = cache.mark()  # a layer the images share is stored once, by the first image's pull
+        for i, image in enumerate(images):
+            results = self.load(self.spec(path, [image], 1, None), f"{label}-fill{i}")
+            if results.errors:
+                raise RuntimeError(f"{label}: filling the cache failed: {results.messages[:3]}")
             if cache.wait_stored(image, mark) is None:
                 self.notes.append(f"{label}: not every blob of {image.ref} stored; warm may not be")
 
