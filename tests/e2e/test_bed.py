@@ -202,7 +202,7 @@ def test_the_servers_queue_64_connections_made_at_once(token_server: TokenServer
     connections: list[socket.socket] = []
     try:
         for _ in range(64):
-            connections.append(socket.create_connection(server.server_address[:2], timeout=0.5))
+            connections.append(socket.create_connection(("127.0.0.1", server.server_port), timeout=0.5))
     finally:
         for connection in connections:
             connection.close()
