@@ -48,9 +48,11 @@ from bed.tokens import TokenServer
 
 import regcache.ops.cli
 
-ROOT = Path(__file__).resolve().parents[2]
-# --snapshot re-executes the benchmark with a frozen copy of addon/ and scripts/ named here.
+# --snapshot re-executes the benchmark with a frozen copy of addon/ and scripts/ named in
+# SNAPSHOT_ENV; the checkout it copied is named in ROOT_ENV (this module is the copy's by then).
 SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
+ROOT_ENV = "REGCACHE_BENCH_ROOT"
+ROOT = Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parents[2])
 SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
 
 MIB = 1024 * 1024
@@ -453,6 +455,14 @@ def raise_on_signals() -> None:
     signal.signal(signal.SIGHUP, _interrupt)
 
 
+def snapshot_environment(src: Path) -> dict[str, str]:
+    """The environment of a benchmark re-executed on the copy ``src``: it imports the copy, and
+    still knows the checkout (the git facts, the default ``--out``, and that the copy is its own
+    to remove)."""
+    path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
+    return {**os.environ, SNAPSHOT_ENV: str(src), ROOT_ENV: str(ROOT), "PYTHONPATH": path}
+
+
 def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:
     """Copy addon/ and scripts/ to a temporary directory and run benchmark ``module`` again on that copy.
 
@@ -465,12 +475,7 @@ def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:
         for part in ("addon", "scripts"):
             shutil.copytree(ROOT / part, src / part, ignore=ignore)
         log(f"measuring a copy of addon/ and scripts/ in {src}")
-        path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
-        os.execve(
-            sys.executable,
-            [sys.executable, "-m", module, *argv],
-            {**os.environ, SNAPSHOT_ENV: str(src), "PYTHONPATH": path},
-        )
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], snapshot_environment(src))
     except BaseException:
         shutil.rmtree(src, ignore_errors=True)
         raise

@@ -1,5 +1,6 @@
 """scripts/bench/load.py's bookkeeping (percentiles, medians per scenario and path, the target
-checks) and scripts/bench/loadclient.py's pure parts (challenges, body checks, the amd64 child).
+checks) and scripts/bench/loadclient.py's pure parts (challenges, body checks, the amd64 child); and the
+environment a benchmark re-executed on a snapshot of the code gets (scripts/bench/common.py).
 
 Pure functions over made-up phases; the benchmark itself never runs in unit tests.
 """
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from bench import load, loadclient
+from bench import common, load, loadclient
 from bench.load import ALL, BIG_COLD, MIRROR, PROXY, REFERENCE, SMALL_WARM, Latency, Phase
 
 MB = 1_000_000
@@ -145,3 +150,21 @@ def test_the_client_picks_the_amd64_manifest_of_a_list() -> None:
     assert loadclient.amd64_child(body) == "sha256:amd"
     with pytest.raises(loadclient.PullFailed):
         loadclient.amd64_child(b'{"manifests": []}')
+
+
+def test_a_snapshot_knows_its_checkout(tmp_path: Path) -> None:
+    """Re-executed on a copy (--snapshot), a benchmark imports the copy, and still names the
+    checkout as its root: else it reports the copy as "the working tree" with no git HEAD, writes
+    its results into the copy, and never removes the copy."""
+    for part in ("addon", "scripts"):
+        shutil.copytree(common.ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from bench import common; print(common.__file__, common.ROOT, common.SRC, sep='\\n')"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=common.snapshot_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.split("\n")
+    assert out[:3] == [str(tmp_path / "scripts/bench/common.py"), str(common.ROOT), str(tmp_path)]
