@@ -64,11 +64,12 @@ def log(message: str) -> None:
 
 
 def source_digest(directory: Path) -> str:
-    """sha256 over the names and contents of ``directory``'s ``*.py`` files (first 12 hex digits)."""
+    """sha256 over the paths and contents of the ``*.py`` files in and below ``directory`` (the
+    package under ``addon/`` too), first 12 hex digits."""
     sha = hashlib.sha256()
-    for path in sorted(directory.glob("*.py")):
+    for path in sorted(directory.rglob("*.py")):
         with contextlib.suppress(OSError):
-            sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+            sha.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()[:12]
 
 
@@ -398,7 +399,7 @@ def code_facts() -> str:
     dirty = "uncommitted changes in addon/" if git("status", "--porcelain", "--", "addon") else "addon/ clean"
     frozen = f"a copy of {ROOT} made at start (--snapshot)" if SRC != ROOT else "the working tree"
     return (
-        f"code: {regcache.ops.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
+        f"code: {regcache.ops.cli.ADDON} ({frozen}); sha256 of addon/**/*.py {source_digest(SRC / 'addon')} at start; "
         f"{ROOT} at start: git HEAD {git('rev-parse', '--short', 'HEAD') or '?'}, {dirty}"
     )
 

@@ -168,3 +168,15 @@ def test_a_snapshot_knows_its_checkout(tmp_path: Path) -> None:
         cwd=tmp_path,
     ).stdout.split("\n")
     assert out[:3] == [str(tmp_path / "scripts/bench/common.py"), str(common.ROOT), str(tmp_path)]
+
+
+def test_the_code_digest_covers_the_package(tmp_path: Path) -> None:
+    """What the report calls the measured code changes with any module of the package under
+    addon/, not only with addon/cache.py."""
+    (tmp_path / "regcache" / "fronts").mkdir(parents=True)
+    (tmp_path / "cache.py").write_text("import regcache\n")
+    module = tmp_path / "regcache" / "fronts" / "mirror.py"
+    module.write_text("CHUNK = 1\n")
+    before = common.source_digest(tmp_path)
+    module.write_text("CHUNK = 2\n")
+    assert common.source_digest(tmp_path) != before
