@@ -1,7 +1,7 @@
 """Threaded loopback HTTP servers for the test bed (token server, CDN).
 
-Owns: binding 127.0.0.1 on a free port, running ``ThreadingHTTPServer`` in a
-background thread, stopping and restarting on the *same* port, and cutting
+Owns: binding 127.0.0.1 on a free port (with an accept queue for hundreds of connections at once),
+running ``ThreadingHTTPServer`` in a background thread, stopping and restarting on the *same* port, and cutting
 every open keep-alive connection on stop so that a stopped server really looks
 down to clients (a plain ``shutdown()`` only stops accepting; handler threads
 of keep-alive connections would go on answering); and what every such server
@@ -25,6 +25,10 @@ class _TrackingServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that remembers open client sockets."""
 
     daemon_threads = True
+    # socketserver's default accept queue is 5: with dozens of clients connecting at once (the load
+    # bench relays every client's token request here) the kernel drops SYNs, and each costs its
+    # client a retransmission a second later: upstream latency the bed would add, not the server.
+    request_queue_size = 512
     # Handler threads may be blocked on keep-alive reads; do not join them.
     block_on_close = False
     allow_reuse_address = True

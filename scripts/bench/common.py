@@ -50,9 +50,11 @@ from bed.tokens import TokenServer
 
 import regcache.ops.cli
 
-ROOT = Path(__file__).resolve().parents[2]
-# --snapshot re-executes the benchmark with a frozen copy of addon/ and scripts/ named here.
+# --snapshot re-executes the benchmark with a frozen copy of addon/ and scripts/ named in
+# SNAPSHOT_ENV; the checkout it copied is named in ROOT_ENV (this module is the copy's by then).
 SNAPSHOT_ENV = "REGCACHE_BENCH_SRC"
+ROOT_ENV = "REGCACHE_BENCH_ROOT"
+ROOT = Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parents[2])
 SRC = Path(os.environ.get(SNAPSHOT_ENV) or ROOT)
 
 MIB = 1024 * 1024
@@ -64,11 +66,12 @@ def log(message: str) -> None:
 
 
 def source_digest(directory: Path) -> str:
-    """sha256 over the names and contents of ``directory``'s ``*.py`` files (first 12 hex digits)."""
+    """sha256 over the paths and contents of the ``*.py`` files in and below ``directory`` (the
+    package under ``addon/`` too), first 12 hex digits."""
     sha = hashlib.sha256()
-    for path in sorted(directory.glob("*.py")):
+    for path in sorted(directory.rglob("*.py")):
         with contextlib.suppress(OSError):
-            sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+            sha.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()[:12]
 
 
@@ -122,6 +125,30 @@ def _own_seconds() -> float:
         if ancestor == me:
             total += ticks[pid] / _TICK
     return total
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far; 0 when it is gone (or None)."""
+    if pid is None:
+        return 0.0
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # utime and stime: fields 14 and 15 of stat, 12 and 13 after the command name.
+    rest = text[text.rindex(")") + 2 :].split()
+    return (int(rest[11]) + int(rest[12])) / _TICK
+
+
+def listen_overflows() -> int:
+    """Connections the kernel dropped since boot because a listening socket's accept queue was full
+    (``ListenOverflows`` in /proc/net/netstat, machine-wide): each costs its client a SYN
+    retransmission, a second or more."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+        names, values = next((n, v) for n, v in zip(lines[::2], lines[1::2], strict=False) if n[0] == "TcpExt:")
+        return int(values[names.index("ListenOverflows")])
+    return 0
 
 
 class CpuAccount:
@@ -385,7 +412,7 @@ def code_facts() -> str:
     dirty = "uncommitted changes in addon/" if git("status", "--porcelain", "--", "addon") else "addon/ clean"
     frozen = f"a copy of {ROOT} made at start (--snapshot)" if SRC != ROOT else "the working tree"
     return (
-        f"code: {regcache.ops.cli.ADDON} ({frozen}); sha256 of addon/*.py {source_digest(SRC / 'addon')} at start; "
+        f"code: {regcache.ops.cli.ADDON} ({frozen}); sha256 of addon/**/*.py {source_digest(SRC / 'addon')} at start; "
         f"{ROOT} at start: git HEAD {git('rev-parse', '--short', 'HEAD') or '?'}, {dirty}"
     )
 
@@ -442,6 +469,14 @@ def raise_on_signals() -> None:
     signal.signal(signal.SIGHUP, _interrupt)
 
 
+def snapshot_environment(src: Path) -> dict[str, str]:
+    """The environment of a benchmark re-executed on the copy ``src``: it imports the copy, and
+    still knows the checkout (the git facts, the default ``--out``, and that the copy is its own
+    to remove)."""
+    path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
+    return {**os.environ, SNAPSHOT_ENV: str(src), ROOT_ENV: str(ROOT), "PYTHONPATH": path}
+
+
 def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:
     """Copy addon/ and scripts/ to a temporary directory and run benchmark ``module`` again on that copy.
 
@@ -454,12 +489,7 @@ def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:
         for part in ("addon", "scripts"):
             shutil.copytree(ROOT / part, src / part, ignore=ignore)
         log(f"measuring a copy of addon/ and scripts/ in {src}")
-        path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
-        os.execve(
-            sys.executable,
-            [sys.executable, "-m", module, *argv],
-            {**os.environ, SNAPSHOT_ENV: str(src), "PYTHONPATH": path},
-        )
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], snapshot_environment(src))
     except BaseException:
         shutil.rmtree(src, ignore_errors=True)
         raise

@@ -693,12 +693,16 @@ class ReferenceCache:
         pass
 
     def wait_stored(self, image: PushedImage, since: int, timeout: float = 120.0) -> float | None:
-        """Seconds until every blob of the image is in the reference's storage with its full size."""
+        """Seconds until every blob of the image is in the reference's storage with its full size,
+        and linked into the image's repository (distribution serves a blob from its storage only
+        to a repository it is linked in: without the link it fetches the blob upstream again)."""
         files = {self.storage / blob_path(b.digest).lstrip("/"): b.size for b in image.blobs}
+        layers = self.storage / "docker/registry/v2/repositories" / image.repo / "_layers/sha256"
+        links = [layers / b.digest.removeprefix("sha256:") / "link" for b in image.blobs]
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             with contextlib.suppress(OSError):
-                if all(f.stat().st_size == size for f, size in files.items()):
+                if all(f.stat().st_size == size for f, size in files.items()) and all(f.exists() for f in links):
                     return time.monotonic() - start
             time.sleep(0.1)
         return None
@@ -832,6 +836,13 @@ class SkopeoClient:
         shutil.rmtree(self.pulls, ignore_errors=True)
 
 
+def regcache_ca(confdir: Path) -> Path:
+    """The CA every regcache of a bench uses (one confdir), made now so clients can trust it from the start:
+    the ECDSA root `regcache run` makes in a new confdir."""
+    ca.ensure_root(confdir)
+    return confdir / ca.CA_CERT
+
+
 # -- hit throughput and profiling ------------------------------------------------------------------
 
 
@@ -942,10 +953,7 @@ class Bench:
             self.clients[SKOPEO_CLIENT] = SkopeoClient(self.workdir / "skopeo", proxy_url, ca)
 
     def _regcache_ca(self) -> Path:
-        """The CA every regcache of this bench uses (one confdir), made now so dockerd can trust it at
-        start: the ECDSA root `regcache run` makes in a new confdir."""
-        ca.ensure_root(self.confdir)
-        return self.confdir / ca.CA_CERT
+        return regcache_ca(self.confdir)
 
     def uses_mirror_port(self) -> bool:
         """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""

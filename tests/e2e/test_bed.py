@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 import jwt
 import pytest
 from bed import client
+from bed._http import _TrackingServer
 from bed.cdn import Cdn, blob_path
 from bed.dockerd import Dockerd
 from bed.images import ImageSet, push_variant
@@ -190,6 +192,22 @@ def test_failure_controls(images: ImageSet, cdn: Cdn, token_server: TokenServer)
     token_server.set_failing(500)
     assert client.request("GET", f"{token_server.url}/token?scope=repository:x:pull").status == 500
     # The autouse reset fixture clears both after the test.
+
+
+def test_the_servers_queue_64_connections_made_at_once(token_server: TokenServer) -> None:
+    """64 clients connecting while the server accepts none (as when its thread is busy): the kernel
+    completes every handshake and queues it. With socketserver's queue of 5 it drops the SYNs past
+    the sixth, and each client would retry a second later."""
+    server = _TrackingServer(("127.0.0.1", 0), token_server.handler_class, token_server)  # listening, not accepting
+    connections: list[socket.socket] = []
+    try:
+        for _ in range(64):
+            connections.append(socket.create_connection(("127.0.0.1", server.server_port), timeout=0.5))
+    finally:
+        for connection in connections:
+            connection.close()
+        server.server_close()
+    assert len(connections) == 64
 
 
 def test_token_policy(token_server: TokenServer, upstream_registry: Registry, images: ImageSet) -> None:

@@ -31,8 +31,11 @@ from regcache.store.base import Store
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1024 * 1024
-INLINE_READ = 256 * 1024
+# A follower of a fill reads the staging file this much at a time, on the event loop: the bytes
+# were just written, so they come from the page cache, and a read that small costs less than a trip
+# to a worker thread. It is also what a follower holds while its client's socket is full (the chunk
+# waits in the transport's buffer): 48 followers of 1 MiB reads took the proxy from 130 MB to 240-270.
+READ_CHUNK = 256 * 1024
 
 
 def _blob_headers(digest: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -147,7 +150,7 @@ class BlobServer:
             verified, finished = fill.verified, fill.finished  # a fill verifies after its last write
             sendable = fill.written if verified else fill.written - 1
             if sendable > offset:
-                chunk = await _next_chunk(fill, fd, offset, min(sendable - offset, READ_CHUNK))
+                chunk = _next_chunk(fill, fd, offset, min(sendable - offset, READ_CHUNK))
                 await response.write(chunk)
                 offset += len(chunk)
                 fill.advance(follower, offset)  # a fill relaying from memory goes at this pace
@@ -157,13 +160,11 @@ class BlobServer:
                 await fill.wait_beyond(offset + 1)
 
 
-async def _next_chunk(fill: FillView, fd: int, offset: int, size: int) -> bytes:
+def _next_chunk(fill: FillView, fd: int, offset: int, size: int) -> bytes:
     """Up to `size` bytes at `offset`: from the staging file, or past what it took, from memory."""
     if offset >= fill.on_disk:
         return fill.held(offset, size)
-    size = min(size, fill.on_disk - offset)
-    # Small reads from the page cache cost less than a trip to a worker thread.
-    return os.pread(fd, size, offset) if size <= INLINE_READ else await asyncio.to_thread(os.pread, fd, size, offset)
+    return os.pread(fd, min(size, fill.on_disk - offset), offset)
 
 
 class _LoggedFileResponse(web.FileResponse):

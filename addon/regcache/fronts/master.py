@@ -11,6 +11,10 @@ Kept: what a forward proxy needs (core, proxyserver, next layer, TLS), proxy aut
 `block_global` (refuses clients from public addresses unless authenticated), an upstream proxy's
 credentials (`--mode upstream:…` behind a corporate proxy), `-s` scripts, and mitmdump's
 start-up error check (an error logged while starting, such as a bad configuration, exits 1).
+
+mitmproxy also turns every log line into an `add_log` event (deprecated since mitmproxy 9) for
+every addon: here only while an addon (a `-s` script) implements it. regcache logs a line per
+registry request and per blob sent, and that event was 60 % of a line's cost (27 of 43 µs).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import log as mitmproxy_log
 from mitmproxy.addons import (
     block,
     core,
@@ -64,6 +69,21 @@ class RegcacheMaster(master.Master):
             RegistryCache(),
             errorcheck.ErrorCheck(),
         )
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, mitmproxy_log.LegacyLogEvents) and handler.master is self:
+                handler.addFilter(AddLogListened(self.addons))
+
+
+class AddLogListened(logging.Filter):
+    """Passes a log record to mitmproxy's `add_log` events only while some addon implements
+    `add_log` (looked up per record: scripts come and go with reloads)."""
+
+    def __init__(self, addons: addonmanager.AddonManager) -> None:
+        super().__init__()
+        self._addons = addons
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return any(hasattr(addon, "add_log") for addon in addonmanager.traverse(self._addons.chain))
 
 
 class CachedDispatch(addonmanager.AddonManager):
