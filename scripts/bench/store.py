@@ -21,6 +21,10 @@ used. Then, on a newly opened store (nothing in memory), each ``--samples`` time
 * ``expiry sweep``: ``expire_unused`` removing the ``--remove`` least recently used entries (the
   oldest images, whole);
 * ``eviction step``: ``evict`` freeing the bytes of ``--remove`` entries (the oldest files);
+* ``…, store's own``: commit, sweep and step again, without the time spent in ``fsync``, in removing
+  files and in the pauses between eviction batches (``WaitClock``): what the store itself does, apart
+  from the disk's latency, which swings several-fold from run to run on a shared disk whatever the
+  store's size;
 * ``request``: a hit (manifest hit + blob hit) every ``--request-interval`` (1 ms: a busy node) in
   one thread, for ``--idle-seconds``, then while another thread runs one real eviction step of the
   store (``size_limit`` just under its volume: down to 90 %, a tenth of the store, as a full cache
@@ -179,6 +183,56 @@ def entry_count(store: DiskStore) -> int:
 # measuring ---------------------------------------------------------------------------------------
 
 
+class WaitClock:
+    """Seconds spent, while `counting`, in what the disk decides the cost of (an fsync, a file's
+    removal) and in the pauses between eviction batches: what an operation took without them is
+    the store's own work, which should not grow with its size. Counted in this thread only."""
+
+    CALLS = ((os, "fsync"), (os, "remove"), (os, "unlink"), (time, "sleep"))
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._thread = threading.get_ident()
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        originals = [(module, name, getattr(module, name)) for module, name in self.CALLS]
+        for module, name, call in originals:
+            setattr(module, name, self._timing(call))
+        try:
+            yield
+        finally:
+            for module, name, call in originals:
+                setattr(module, name, call)
+
+    def _timing(self, call: Callable[P, T]) -> Callable[P, T]:
+        def timed_call(*args: P.args, **kwargs: P.kwargs) -> T:
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                if threading.get_ident() == self._thread:
+                    self.seconds += time.perf_counter() - started
+
+        return timed_call
+
+
+OWN = ", store's own"  # the rows without what `WaitClock` counts
+
+
+def timed_apart(
+    result: Measured, name: str, clock: WaitClock, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`work(*args)` timed into the samples `name`, and without what `clock` counted meanwhile into
+    `name + OWN`; what it returned."""
+    waited = clock.seconds
+    took: list[float] = []
+    outcome = timed(took, work, *args, **kwargs)
+    result.samples.setdefault(name, []).append(took[0])
+    result.samples.setdefault(name + OWN, []).append(took[0] - (clock.seconds - waited))
+    return outcome
+
+
 def timed(samples: list[float], work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """`work(*args)`, its duration appended to `samples`; what it returned."""
     started = time.perf_counter()
@@ -235,33 +289,35 @@ def measure(directory: Path, args: argparse.Namespace, entries: int) -> Measured
         for _ in range(args.samples):
             timed(samples, work, store, rng.choice(live))
     store.flush_uses()
-    commits = result.samples["commit"] = []
-    for number in range(args.samples):
-        timed(commits, commit_and_check, store, blob_data(f"commit {number} {time.time()}", args.blob_bytes))
-    measure_removals(store, args, images, done_at, result)
+    clock = WaitClock()
+    with clock.counting():
+        for number in range(args.samples):
+            data = blob_data(f"commit {number} {time.time()}", args.blob_bytes)
+            timed_apart(result, "commit", clock, commit_and_check, store, data)
+        measure_removals(store, args, images, done_at, result, clock)
     measure_requests(store, live, rng, args, result)
     store.close()
     return result
 
 
 def measure_removals(
-    store: DiskStore, args: argparse.Namespace, images: list[Image], done_at: list[float], result: Measured
+    store: DiskStore, args: argparse.Namespace, images: list[Image], done_at: list[float], result: Measured,
+    clock: WaitClock,
 ) -> None:
     """Expiry sweeps of the oldest images, whole, then eviction steps of the next oldest files:
     each about `--remove` entries."""
     per_sweep = max(1, args.remove // ENTRIES_PER_IMAGE)
-    sweeps = result.samples["expiry sweep"] = []
     removed = []
     oldest = 0
     for _ in range(args.removal_samples):
         oldest = min(len(images) - 1, oldest + per_sweep)
         cutoff = done_at[oldest - 1] + 1e-6  # just after the image's last entry was stored
-        removed.append(timed(sweeps, store.expire_unused, 1.0, cutoff + 1.0)[0])
+        removed.append(timed_apart(result, "expiry sweep", clock, store.expire_unused, 1.0, cutoff + 1.0)[0])
     result.notes.append(f"expiry sweeps removed {statistics.median(removed):.0f} entries each (median)")
-    steps = result.samples["eviction step"] = []
     evicted = []
     for _ in range(args.removal_samples):
-        evicted.append(timed(steps, store.evict, store.volume() - args.remove * args.blob_bytes)[0])
+        down_to = store.volume() - args.remove * args.blob_bytes
+        evicted.append(timed_apart(result, "eviction step", clock, store.evict, down_to)[0])
     result.notes.append(f"eviction steps removed {statistics.median(evicted):.0f} entries each (median)")
 
 
