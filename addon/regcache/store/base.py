@@ -6,7 +6,11 @@ implements the same protocols. Callers are typed against the protocol they use, 
 implementation. Every call blocks (SQLite, file I/O, a network round trip): callers on the event loop
 use `asyncio.to_thread`. Reads never count as writes: a read that counts as a use (a blob or manifest
 served, a tag record or seen entry looked up) notes it, and `flush_uses` writes such notes in batches
-(errors.py), so a full disk still serves everything stored.
+(errors.py), so a full disk still serves everything stored. A use (or a write) of a tag record or a
+manifest counts for everything it needs too, down to the blobs, and is noted for all of them at once:
+an entry's last use is the latest use of anything that needs it (a layer shared by several images
+stays while any of them is in use), so `evict` and `expire_unused` take the least recently used
+entries without walking the store, their work proportional to what they remove.
 
 Also here: the records these protocols speak in (`TagRecord`, `Entry`) and the tag records' own
 rule (`capped_records`), so every implementation keeps the same number per tag.
@@ -117,7 +121,8 @@ class UsageStore(Protocol):
 
 class Maintenance(Protocol):
     """What eviction, expiry and the admin tools (`regcache ls/purge/verify/gc`) walk and remove,
-    by store key (keys.py); none of it counts as a use."""
+    by store key (keys.py); none of it counts as a use. The admin tools walk (`needs`); eviction and
+    expiry never do."""
 
     cache_dir: Path
     size_limit: int

@@ -5,7 +5,8 @@ is relayed uncached. So on a request path
 - a write that only keeps books (a tag record, an access record, a manifest fetched anyway) is
   `best_effort`: a failure is logged once, with one more line when that kind of write works again,
   and the answer goes out;
-- reads never write: a use of a store entry (its *last use*, which eviction and `max_age` go by)
+- reads never write: a use of a store entry (its *last use*, which eviction and `max_age` go by;
+  the store notes a use of a tag record or manifest for everything it needs as well, `note_all`)
   is noted in memory by a `UseRecorder` and written in batches, off the event loop, every
   `USE_FLUSH_SECONDS`. A batch the store cannot take is dropped, not kept for later: a last use
   a few seconds out of date costs less than a backlog on a disk that is full.
@@ -17,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import ParamSpec
 
 import diskcache
@@ -69,10 +70,15 @@ class UseRecorder:
         self._lock = threading.Lock()  # noted from worker threads
 
     def note(self, key: str, when: float | None = None) -> None:
+        self.note_all((key,), when)
+
+    def note_all(self, keys: Iterable[str], when: float | None = None) -> None:
+        """A use of each of `keys` at `when` (now): one lock for an entry and all it needs."""
         when = time.time() if when is None else when
         with self._lock:
-            if when > self._pending.get(key, 0.0):
-                self._pending[key] = when
+            for key in keys:
+                if when > self._pending.get(key, 0.0):
+                    self._pending[key] = when
 
     def pending(self) -> dict[str, float]:
         """The uses noted and not written yet (eviction counts them)."""
