@@ -13,10 +13,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
+
+if TYPE_CHECKING:
+    from .shared_config import SharedSettings
 
 DOCKER_HUB = "docker.io"
 T = TypeVar("T")
@@ -120,6 +123,8 @@ class Settings:
     # How long a credential the upstream accepted for a repository lets regcache serve it without a
     # fresh upstream answer (outage, 429, 5xx, offline); seconds.
     access_grant_ttl: float = 24 * 3600.0
+    # Several nodes over one S3 bucket + Redis (shared_config.py); None: this node's disk alone.
+    shared: SharedSettings | None = None
 
     def namespace_for(self, host: str, port: int | None = None) -> str | None:
         """The cache namespace of a registry host, or None when the host is not cached.
@@ -368,6 +373,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         "platforms",
         "offline_access",
         "access_grant_ttl",
+        "shared",
     }
     for key in raw:
         if key not in known:
@@ -417,6 +423,9 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
         values["blob_url"] = parse_blob_url("blob_url", raw["blob_url"])
     if "platforms" in raw:
         values["platforms"] = parse_platforms("platforms", raw["platforms"])
+    from .shared_config import shared_from_mapping  # it builds on this module
+
+    values["shared"] = shared_from_mapping(raw, values.get("max_age", Settings.max_age))  # type: ignore[arg-type]
     cached = Settings(**values)  # type: ignore[arg-type]
     if "mirrors" in raw:
         mirrors = parse_mirrors("mirrors", raw["mirrors"] or {}, cached)

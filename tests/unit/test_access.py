@@ -1,6 +1,7 @@
 """Access without a fresh upstream answer: identities, token expiry, grants, regcache's own tokens,
-the decision table (against a small real HTTP upstream whose answer the test switches), realm
-normalisation and what the access records keep. End-to-end: tests/e2e/test_private_outage.py."""
+the decision table (against a small real HTTP upstream whose answer the test switches) and realm
+normalisation. What the access records keep, on disk and in Redis: tests/e2e/test_shared_backends.py.
+End-to-end: tests/e2e/test_private_outage.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from multidict import CIMultiDict
 
 from addon import access as access_module
 from addon.access import Access, judged, with_scope
-from addon.access_records import DiskAccessRecords, Grant, TokenRecord
+from addon.access_records import DiskAccessRecords
 from addon.answers import Answer
 from addon.config import ConfigError, Credential, Settings, load_settings
 from addon.identity import (
@@ -182,40 +183,6 @@ def test_realms_compare_after_normalisation() -> None:
     assert realm_key("https://quay.io/v2/auth/%2e%2e/%2e%2e/v2/library/x") == ("https", "quay.io", 443, "/v2/library/x")
     for not_a_realm in ("ftp://x/token", "https:///token", "https://user:pw@x/token", "https://x:99999/token"):
         assert realm_key(not_a_realm) is None, not_a_realm
-
-
-# the access records -------------------------------------------------------------------------------------
-
-
-def test_access_records_keep_what_they_should_across_reopening(tmp_path: Path) -> None:
-    records = DiskAccessRecords(tmp_path)
-    secret = records.secret()
-    assert len(secret) == 32 and records.secret() == secret
-    now = time.time()
-    records.put_grant("basic:a", "docker.io/library/x", Grant(now, now + 3600))
-    records.put_grant(ANONYMOUS, "docker.io/library/p", Grant(now, None))
-    records.put_token("bearer:t", TokenRecord("basic:a", now + 60))
-    records.put_token("bearer:old", TokenRecord("basic:a", now - 1))
-    records.add_realm("https://auth.docker.io/token")
-    records.put_challenge("registry-1.docker.io", 'Bearer realm="https://auth.docker.io/token"')
-    records.close()
-
-    again = DiskAccessRecords(tmp_path)
-    assert again.secret() == secret
-    assert again.grant("basic:a", "docker.io/library/x") == Grant(now, now + 3600)
-    assert again.grant("basic:a", "docker.io/library/y") is None
-    assert again.holds_grants("basic:a") and not again.holds_grants("basic:b")
-    assert again.grant(ANONYMOUS, "docker.io/library/p") == Grant(now, None)
-    assert again.token("bearer:t") == TokenRecord("basic:a", now + 60)
-    assert again.token("bearer:old") is None  # expired in the store itself
-    assert again.realms() == {"https://auth.docker.io/token"}
-    assert again.challenges() == {"registry-1.docker.io": 'Bearer realm="https://auth.docker.io/token"'}
-    again.drop_grant("basic:a", "docker.io/library/x")
-    assert again.grant("basic:a", "docker.io/library/x") is None
-    again.put_challenge("registry-1.docker.io", None)
-    assert again.challenges() == {}
-    again.close()
-    assert (tmp_path / "access").stat().st_mode & 0o077 == 0
 
 
 # Access: identities, grants, decisions -----------------------------------------------------------------
