@@ -24,22 +24,23 @@ import time
 from .access_records import Grant, TokenRecord
 from .identity import ANONYMOUS
 from .shared_config import RedisSettings
-from .shared_errors import RedisUnavailable
-from .shared_redis_client import Keys, sync_client, text, translated
+from .shared_errors import Breaker, RedisUnavailable
+from .shared_redis_client import sync_connection, text
 
 
 class RedisAccessRecords:
     """`AccessRecords` on the cluster's Redis."""
 
-    def __init__(self, settings: RedisSettings) -> None:
-        self._r = sync_client(settings)
-        self._keys = Keys(settings.prefix)
+    def __init__(self, settings: RedisSettings, breaker: Breaker | None = None) -> None:
+        """`breaker`: the node's SharedRedis breaker, so that an outage is one outage."""
+        conn = sync_connection(settings, breaker)
+        self._r, self._keys, self._guard = conn.client, conn.keys, conn.guarded
 
     def _key(self, name: str) -> str:
         return self._keys.access(name)
 
     def secret(self) -> bytes:
-        with translated("reading the access records' secret"):
+        with self._guard("reading the access records' secret"):
             self._r.set(self._key("secret"), secrets.token_bytes(32), nx=True)  # once per cluster
             value = self._r.get(self._key("secret"))
         if not isinstance(value, bytes) or len(value) != 32:
@@ -47,7 +48,7 @@ class RedisAccessRecords:
         return value
 
     def grant(self, identity: str, repository: str) -> Grant | None:
-        with translated("reading an access grant"):
+        with self._guard("reading an access grant"):
             raw = self._r.get(self._key(f"grant:{identity} {repository}"))
         return None if raw is None else Grant.from_json(raw)
 
@@ -60,21 +61,21 @@ class RedisAccessRecords:
         if left is None:
             return
         held = self._key(f"held:{identity}")
-        with translated("saving an access grant"), self._r.pipeline(transaction=True) as pipe:
+        with self._guard("saving an access grant"), self._r.pipeline(transaction=True) as pipe:
             pipe.set(held, 1, nx=True, px=left)
             pipe.pexpire(held, left, gt=True)  # until the latest grant expires
             pipe.execute()
 
     def drop_grant(self, identity: str, repository: str) -> None:
-        with translated("dropping an access grant"):
+        with self._guard("dropping an access grant"):
             self._r.delete(self._key(f"grant:{identity} {repository}"))
 
     def holds_grants(self, identity: str) -> bool:
-        with translated("reading access grants"):
+        with self._guard("reading access grants"):
             return bool(self._r.exists(self._key(f"held:{identity}")))
 
     def token(self, key: str) -> TokenRecord | None:
-        with translated("reading a token record"):
+        with self._guard("reading a token record"):
             raw = self._r.get(self._key(f"token:{key}"))
         return None if raw is None else TokenRecord.from_json(raw)
 
@@ -82,19 +83,19 @@ class RedisAccessRecords:
         self._set(f"token:{key}", record.to_json(), record.until)
 
     def realms(self) -> set[str]:
-        with translated("reading auth realms"):
+        with self._guard("reading auth realms"):
             return {text(realm) for realm in self._r.smembers(self._key("realms"))}
 
     def add_realm(self, realm: str) -> None:
-        with translated("saving an auth realm"):
+        with self._guard("saving an auth realm"):
             self._r.sadd(self._key("realms"), realm)
 
     def challenges(self) -> dict[str, str]:
-        with translated("reading challenges"):
+        with self._guard("reading challenges"):
             return {text(k): text(v) for k, v in self._r.hgetall(self._key("challenges")).items()}
 
     def put_challenge(self, registry: str, challenge: str | None) -> None:
-        with translated("saving a challenge"):
+        with self._guard("saving a challenge"):
             if challenge is None:
                 self._r.hdel(self._key("challenges"), registry)
             else:
@@ -106,7 +107,7 @@ class RedisAccessRecords:
     def _set(self, name: str, value: str, until: float | None) -> bool:
         """Store `value` until `until` (None: for good); False (and nothing stored) if that is past."""
         left = _milliseconds_left(until) if until is not None else None
-        with translated("saving access records"):
+        with self._guard("saving access records"):
             if until is not None and left is None:
                 self._r.delete(self._key(name))
                 return False

@@ -30,7 +30,7 @@ import redis.asyncio as aredis
 from redis.commands.core import AsyncScript
 
 from .shared_errors import RedisUnavailable
-from .shared_redis_client import Keys, text, translated
+from .shared_redis_client import Connection, text
 
 log = logging.getLogger("regcache")
 
@@ -126,27 +126,27 @@ class Lease:
 class Leases:
     """Leases by name (e.g. `blob:sha256:…`, or SWEEP_LOCK), held by node `node`."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, node: str) -> None:
-        self._r, self._k, self._node = client, keys, node
-        self._renew = client.register_script(RENEW_SCRIPT)
-        self._release = client.register_script(RELEASE_SCRIPT)
+    def __init__(self, conn: Connection[aredis.Redis], node: str) -> None:
+        self._r, self._k, self._guard, self._node = conn.client, conn.keys, conn.guarded, node
+        self._renew = conn.client.register_script(RENEW_SCRIPT)
+        self._release = conn.client.register_script(RELEASE_SCRIPT)
 
     async def acquire(self, name: str, seconds: float, url: str | None = None) -> Lease | None:
         """Take the lease for `seconds` unless another holds it; None if another does."""
         holder = LeaseHolder(self._node, url, uuid.uuid4().hex)
-        with translated(f"taking the lease {name}"):
+        with self._guard(f"taking the lease {name}"):
             taken = await self._r.set(self._k.lease(name), holder.value(), nx=True, px=int(seconds * 1000))
         return Lease(self, name, holder, seconds) if taken else None
 
     async def holder(self, name: str) -> LeaseHolder | None:
         """Who holds the lease now (None: nobody)."""
-        with translated(f"reading the lease {name}"):
+        with self._guard(f"reading the lease {name}"):
             raw = await self._r.get(self._k.lease(name))
         return None if raw is None else LeaseHolder.of(raw)
 
     async def _compare(self, lease: Lease, script: AsyncScript, *args: int) -> bool:
         """Run a compare-and-… script on the lease's key with its value (and `args`)."""
-        with translated(f"the lease {lease.name}"):
+        with self._guard(f"the lease {lease.name}"):
             done = await script(keys=[self._k.lease(lease.name)], args=[lease.holder.value(), *args])
         return bool(done)
 
@@ -187,14 +187,14 @@ class FillStalled(Exception):
 class FillEvents:
     """Progress of fills, one stream per lease token."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, socket_timeout: float) -> None:
-        self._r, self._k = client, keys
+    def __init__(self, conn: Connection[aredis.Redis], socket_timeout: float) -> None:
+        self._r, self._k, self._guard = conn.client, conn.keys, conn.guarded
         # A blocking XREAD longer than the socket timeout would time out on the client side.
         self._block_ms = max(1, int(socket_timeout * 500))
 
     async def publish(self, token: str, event: FillEvent) -> None:
         key = self._k.fill(token)
-        with translated("publishing fill progress"):
+        with self._guard("publishing fill progress"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.xadd(key, cast("dict[Any, Any]", event.fields()), maxlen=_STREAM_MAXLEN, approximate=True)
                 pipe.expire(key, _STREAM_TTL_SECONDS)
@@ -210,7 +210,7 @@ class FillEvents:
             if left <= 0:
                 raise FillStalled(f"no progress from fill {token} for {stall_seconds:g} s")
             block = min(self._block_ms, max(1, int(left * 1000)))
-            with translated("following a fill"):
+            with self._guard("following a fill"):
                 found = cast("_XRead", await self._r.xread({key: last}, block=block, count=100))
             for _, entries in found:
                 for entry_id, fields in entries:

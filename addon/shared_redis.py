@@ -37,9 +37,9 @@ import redis.asyncio as aredis
 from redis.exceptions import WatchError
 
 from .shared_config import RedisSettings
-from .shared_errors import RedisUnavailable
+from .shared_errors import RETRY_AFTER_SECONDS, RedisUnavailable
 from .shared_leases import FillEvents, Leases
-from .shared_redis_client import Keys, async_client, text, translated
+from .shared_redis_client import Connection, Keys, async_connection, text
 from .store import TagRecord, TagRef, accept_key, capped_records, tag_ref_of
 
 MIN_VERSION = (7, 0)
@@ -61,11 +61,11 @@ def _batches(items: list[Any]) -> Iterator[list[Any]]:
 class SharedTags:
     """Tag records per tag, as DiskStore keeps them (the same cap, the same JSON), for the cluster."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
-        self._r, self._k = client, keys
+    def __init__(self, conn: Connection[aredis.Redis]) -> None:
+        self._r, self._k, self._guard = conn.client, conn.keys, conn.guarded
 
     async def records(self, ref: TagRef) -> dict[str, TagRecord]:
-        with translated(f"reading the tag records of {ref}"):
+        with self._guard(f"reading the tag records of {ref}"):
             return _records_of(await self._r.get(self._k.tag(ref)))
 
     async def put(self, ref: TagRef, accepted: tuple[str, ...], record: TagRecord) -> None:
@@ -73,7 +73,7 @@ class SharedTags:
         recorded (store.capped_records), atomically against other nodes (WATCH/MULTI); the tag's
         last use moves to the record's time."""
         key = self._k.tag(ref)
-        with translated(f"saving a tag record of {ref}"):
+        with self._guard(f"saving a tag record of {ref}"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for _ in range(_WATCH_TRIES):
                     try:
@@ -91,12 +91,12 @@ class SharedTags:
 
     async def refs(self) -> list[TagRef]:
         """Every tag with records."""
-        with translated("listing tags"):
+        with self._guard("listing tags"):
             return [tag_ref_of(f"tag:{text(ref)}") for ref in await self._r.smembers(self._k.tags)]
 
     async def delete(self, ref: TagRef) -> bool:
         """Forget the tag's records (and its last use); True if there were any."""
-        with translated(f"deleting the tag records of {ref}"):
+        with self._guard(f"deleting the tag records of {ref}"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.delete(self._k.tag(ref))
                 pipe.srem(self._k.tags, str(ref))
@@ -108,47 +108,47 @@ class SharedTags:
 class SharedPins:
     """Pinned image references → digest, honoured by every node's eviction."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
-        self._r, self._k = client, keys
+    def __init__(self, conn: Connection[aredis.Redis]) -> None:
+        self._r, self._k, self._guard = conn.client, conn.keys, conn.guarded
 
     async def pins(self) -> dict[str, str]:
-        with translated("reading pins"):
+        with self._guard("reading pins"):
             return {text(k): text(v) for k, v in (await self._r.hgetall(self._k.pins)).items()}
 
     async def pin(self, ref: TagRef, digest: str) -> None:
-        with translated(f"pinning {ref}"):
+        with self._guard(f"pinning {ref}"):
             await self._r.hset(self._k.pins, str(ref), digest)
 
     async def unpin(self, ref: TagRef) -> bool:
-        with translated(f"unpinning {ref}"):
+        with self._guard(f"unpinning {ref}"):
             return bool(await self._r.hdel(self._k.pins, str(ref)))
 
 
 class SharedSeen:
     """Which repository holds which digest (the access checks of a cached object)."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
-        self._r, self._k = client, keys
+    def __init__(self, conn: Connection[aredis.Redis]) -> None:
+        self._r, self._k, self._guard = conn.client, conn.keys, conn.guarded
 
     async def mark(self, repository: str, digests: Iterable[str]) -> None:
         members = [f"{repository}@{digest}" for digest in digests]
-        with translated(f"recording what {repository} holds"):
+        with self._guard(f"recording what {repository} holds"):
             for batch in _batches(members):
                 await self._r.sadd(self._k.seen, *batch)
 
     async def is_seen(self, repository: str, digest: str) -> bool:
-        with translated(f"checking what {repository} holds"):
+        with self._guard(f"checking what {repository} holds"):
             return bool(await self._r.sismember(self._k.seen, f"{repository}@{digest}"))
 
     async def pairs(self) -> list[tuple[str, str]]:
         """(repository, digest) of every object known to belong to a repository."""
-        with translated("listing seen objects"):
+        with self._guard("listing seen objects"):
             members = [text(m) async for m in self._r.sscan_iter(self._k.seen, count=1000)]
         return [(m.rpartition("@")[0], m.rpartition("@")[2]) for m in members if "@" in m]
 
     async def forget(self, pairs: Iterable[tuple[str, str]]) -> None:
         members = [f"{repository}@{digest}" for repository, digest in pairs]
-        with translated("forgetting seen objects"):
+        with self._guard("forgetting seen objects"):
             for batch in _batches(members):
                 await self._r.srem(self._k.seen, *batch)
 
@@ -156,14 +156,14 @@ class SharedSeen:
 class SharedUsage:
     """Usage counters (hits, misses, bytes served, …): this node's and the cluster's totals."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, node: str) -> None:
-        self._r, self._k, self._node = client, keys, node
+    def __init__(self, conn: Connection[aredis.Redis], node: str) -> None:
+        self._r, self._k, self._guard, self._node = conn.client, conn.keys, conn.guarded, node
 
     async def add(self, deltas: Mapping[str, int]) -> None:
         """Add to this node's counters and to the totals, in one transaction."""
         if not deltas:
             return
-        with translated("adding usage counters"):
+        with self._guard("adding usage counters"):
             async with self._r.pipeline(transaction=True) as pipe:
                 for name, delta in deltas.items():
                     pipe.hincrby(self._k.usage, name, delta)
@@ -172,12 +172,12 @@ class SharedUsage:
                 await pipe.execute()
 
     async def totals(self) -> dict[str, int]:
-        with translated("reading usage counters"):
+        with self._guard("reading usage counters"):
             return _counters(await self._r.hgetall(self._k.usage))
 
     async def per_node(self) -> dict[str, dict[str, int]]:
         """Every node's counters (nodes that never counted anything: {})."""
-        with translated("reading usage counters"):
+        with self._guard("reading usage counters"):
             found = await _per_node(self._r, self._k, self._k.node_usage)
         return {node: _counters(raw) for node, raw in found.items()}
 
@@ -224,21 +224,21 @@ class Inventory:
     """What the bucket holds (store key → size, and their total) and the last use of every shared
     entry (blobs, manifests, tags): what `shared.size_limit` and `max_age` sweep by."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys) -> None:
-        self._r, self._k = client, keys
-        self._added = client.register_script(_ADDED)
-        self._forget = client.register_script(_FORGET)
+    def __init__(self, conn: Connection[aredis.Redis]) -> None:
+        self._r, self._k, self._guard = conn.client, conn.keys, conn.guarded
+        self._added = conn.client.register_script(_ADDED)
+        self._forget = conn.client.register_script(_FORGET)
 
     async def added(self, key: str, size: int, when: float | None = None) -> None:
         """An object is in the bucket now (after its upload): count it, its last use `when`."""
-        with translated(f"recording {key}"):
+        with self._guard(f"recording {key}"):
             await self._added(keys=[self._k.sizes, self._k.bytes, self._k.uses],
                               args=[key, size, time.time() if when is None else when])
 
     async def record_uses(self, uses: Mapping[str, float]) -> None:
         """Move last uses forward (never back: ZADD XX GT), for entries the inventory knows only."""
         items = list(uses.items())
-        with translated("recording last uses"):
+        with self._guard("recording last uses"):
             for batch in _batches(items):
                 await self._r.zadd(self._k.uses, dict(batch), xx=True, gt=True)
 
@@ -246,27 +246,27 @@ class Inventory:
         """Last use of each of `keys` the inventory knows."""
         if not keys:
             return {}
-        with translated("reading last uses"):
+        with self._guard("reading last uses"):
             scores = await self._r.zmscore(self._k.uses, keys)
         return {key: score for key, score in zip(keys, scores, strict=True) if score is not None}
 
     async def least_recent(self, count: int, before: float | None = None) -> list[tuple[str, float]]:
         """The `count` least recently used entries (only those last used before `before`)."""
         high = "+inf" if before is None else f"({before}"
-        with translated("reading last uses"):
+        with self._guard("reading last uses"):
             found = await self._r.zrangebyscore(self._k.uses, "-inf", high, start=0, num=count, withscores=True)
         return [(text(key), float(score)) for key, score in cast("list[tuple[bytes, float]]", found)]
 
     async def sizes(self, keys: list[str]) -> dict[str, int]:
         if not keys:
             return {}
-        with translated("reading sizes"):
+        with self._guard("reading sizes"):
             found = await self._r.hmget(self._k.sizes, keys)
         return {key: int(size) for key, size in zip(keys, found, strict=True) if size is not None}
 
     async def totals(self) -> tuple[int, int]:
         """(objects, bytes) in the bucket."""
-        with translated("reading the bucket's totals"):
+        with self._guard("reading the bucket's totals"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hlen(self._k.sizes)
                 pipe.get(self._k.bytes)
@@ -276,7 +276,7 @@ class Inventory:
     async def forget(self, keys: list[str]) -> int:
         """These entries left the bucket (or Redis): not counted, no last use. Bytes uncounted."""
         freed = 0
-        with translated("forgetting entries"):
+        with self._guard("forgetting entries"):
             for batch in _batches(keys):
                 freed += int(await self._forget(keys=[self._k.sizes, self._k.bytes, self._k.uses], args=batch))
         return freed
@@ -293,13 +293,13 @@ class NodeInfo:
 class NodeRegistry:
     """The nodes of the cluster: each one's id, URLs, start and last heartbeat (for `stats`)."""
 
-    def __init__(self, client: aredis.Redis, keys: Keys, node: str) -> None:
-        self._r, self._k, self._node = client, keys, node
+    def __init__(self, conn: Connection[aredis.Redis], node: str) -> None:
+        self._r, self._k, self._guard, self._node = conn.client, conn.keys, conn.guarded, node
 
     async def heartbeat(self, urls: Mapping[str, str], started: float, now: float | None = None) -> None:
         fields: dict[Any, Any] = {"urls": json.dumps(dict(urls), sort_keys=True), "started": started,
                                   "last_seen": time.time() if now is None else now}
-        with translated("registering this node"):
+        with self._guard("registering this node"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hset(self._k.node(self._node), mapping=fields)
                 pipe.sadd(self._k.nodes, self._node)
@@ -307,7 +307,7 @@ class NodeRegistry:
 
     async def nodes(self) -> list[NodeInfo]:
         """Every node that registered, by id (a node that stopped keeps its last `last_seen`)."""
-        with translated("listing nodes"):
+        with self._guard("listing nodes"):
             found = await _per_node(self._r, self._k, self._k.node)
         infos = []
         for node, raw in found.items():
@@ -318,7 +318,7 @@ class NodeRegistry:
         return infos
 
     async def forget(self, node: str) -> None:
-        with translated(f"forgetting node {node}"):
+        with self._guard(f"forgetting node {node}"):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.delete(self._k.node(node))
                 pipe.srem(self._k.nodes, node)
@@ -328,23 +328,23 @@ class NodeRegistry:
 class SharedRedis:
     """One connection to the cluster's Redis and the stores on it, for node `node`."""
 
-    def __init__(self, settings: RedisSettings, node: str) -> None:
+    def __init__(self, settings: RedisSettings, node: str, *, retry_after: float = RETRY_AFTER_SECONDS) -> None:
         self.settings = settings
         self.node = node
-        self.client = async_client(settings)
-        self.keys = Keys(settings.prefix)
-        self.tags = SharedTags(self.client, self.keys)
-        self.pins = SharedPins(self.client, self.keys)
-        self.seen = SharedSeen(self.client, self.keys)
-        self.usage = SharedUsage(self.client, self.keys, node)
-        self.inventory = Inventory(self.client, self.keys)
-        self.nodes = NodeRegistry(self.client, self.keys, node)
-        self.leases = Leases(self.client, self.keys, node)
-        self.fills = FillEvents(self.client, self.keys, settings.timeout)
+        self.conn = async_connection(settings, retry_after)
+        self.client, self.keys, self.breaker = self.conn.client, self.conn.keys, self.conn.breaker
+        self.tags = SharedTags(self.conn)
+        self.pins = SharedPins(self.conn)
+        self.seen = SharedSeen(self.conn)
+        self.usage = SharedUsage(self.conn, node)
+        self.inventory = Inventory(self.conn)
+        self.nodes = NodeRegistry(self.conn, node)
+        self.leases = Leases(self.conn, node)
+        self.fills = FillEvents(self.conn, settings.timeout)
 
     async def check(self) -> None:
         """Redis answers and is new enough (RedisUnavailable saying why not)."""
-        with translated(f"connecting to {self.settings.url}"):
+        with self.conn.guarded(f"connecting to {self.settings.url}"):
             info = await self.client.info("server")
         version = tuple(int(part) for part in str(info.get("redis_version", "0")).split(".")[:2])
         if version < MIN_VERSION:

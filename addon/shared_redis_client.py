@@ -2,18 +2,20 @@
 
 Owns: the redis-py clients (asyncio, and the synchronous one for the blocking `AccessRecords`
 protocol) with explicit timeouts and retries; every Redis key regcache uses (`Keys`, the layout
-is in shared_redis.py); and `translated`, which turns every Redis failure into `RedisUnavailable`.
+is in shared_redis.py); and `Connection.guarded`, which turns every Redis failure into
+`RedisUnavailable` and keeps the connection's `Breaker`.
 
 Failure bounds: a refused connection fails at once (one immediate retry, for a pooled connection
 a restarted server closed); a hung server after `timeout` seconds (connect and each command;
-timeouts are not retried).
+timeouts are not retried); after either, calls fail at once for the breaker's `retry_after`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio as aredis
@@ -21,20 +23,14 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .shared_config import RedisSettings
-from .shared_errors import RedisUnavailable
+from .shared_errors import RETRY_AFTER_SECONDS, Breaker, RedisUnavailable
 from .store import TagRef
 
-
-@contextlib.contextmanager
-def translated(what: str) -> Iterator[None]:
-    """Any Redis failure inside becomes RedisUnavailable naming `what` (works around awaits too)."""
-    try:
-        yield
-    except RedisError as err:
-        raise RedisUnavailable(f"Redis: {what} failed: {err or type(err).__name__}") from err
+C = TypeVar("C", aredis.Redis, redis.Redis)
 
 
 def _client_options(settings: RedisSettings) -> dict[str, Any]:
@@ -94,3 +90,37 @@ class Keys:
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Connection(Generic[C]):
+    """A Redis client with its key names and its breaker."""
+
+    client: C
+    keys: Keys
+    breaker: Breaker
+
+    @contextlib.contextmanager
+    def guarded(self, what: str) -> Iterator[None]:
+        """Run the Redis calls inside (awaits included) unless the breaker is open; any Redis failure
+        becomes RedisUnavailable naming `what`, and one of availability opens the breaker."""
+        self.breaker.check(what)
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as err:
+            raise self.breaker.failed(what, str(err) or type(err).__name__) from err
+        except RedisError as err:  # Redis answered, with an error (out of memory, read-only replica, …)
+            raise RedisUnavailable(f"Redis: {what} failed: {err or type(err).__name__}") from err
+        self.breaker.worked()
+
+
+def async_connection(
+    settings: RedisSettings, retry_after: float = RETRY_AFTER_SECONDS
+) -> Connection[aredis.Redis]:
+    return Connection(async_client(settings), Keys(settings.prefix), Breaker("Redis", RedisUnavailable, retry_after))
+
+
+def sync_connection(settings: RedisSettings, breaker: Breaker | None = None) -> Connection[redis.Redis]:
+    """The blocking client's connection; `breaker`: share another connection's (one outage, one warning)."""
+    return Connection(sync_client(settings), Keys(settings.prefix), breaker or Breaker("Redis", RedisUnavailable))
+

@@ -27,12 +27,13 @@ Every call needs a running event loop (obstore's async API).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ from obstore.exceptions import AlreadyExistsError, BaseError, PermissionDeniedEr
 from obstore.store import S3Store
 
 from .shared_config import S3Settings
-from .shared_errors import BucketUnusable, S3Unavailable
+from .shared_errors import RETRY_AFTER_SECONDS, Breaker, BucketUnusable, S3Unavailable
 from .shared_sigv4 import MultipartUploads
 from .store import DigestMismatch, Manifest, verify_digest
 
@@ -146,47 +147,58 @@ class StoredObject:
     last_modified: float  # epoch seconds
 
 
+@contextlib.contextmanager
+def _guarded(breaker: Breaker, what: str) -> Iterator[None]:
+    """Run the S3 calls inside unless the breaker is open; any failure but a missing or existing
+    object becomes S3Unavailable naming `what` (and opens the breaker)."""
+    breaker.check(what)
+    try:
+        yield
+    except (FileNotFoundError, AlreadyExistsError):
+        breaker.worked()  # S3 answered
+        raise
+    except BaseError as err:
+        raise breaker.failed(what, _short(err)) from err
+    breaker.worked()
+
+
 class BlobStream:
     """An open blob (or a range of it): `size` of the whole object, bytes `start`..`end` (exclusive)
     to come by iterating. An S3 failure mid-stream raises S3Unavailable."""
 
-    def __init__(self, result: GetResult, what: str) -> None:
+    def __init__(self, result: GetResult, what: str, breaker: Breaker) -> None:
         self._result = result
         self._what = what
+        self._breaker = breaker
         self.size: int = result.meta["size"]
         self.start, self.end = result.range
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
+        with _guarded(self._breaker, f"reading {self._what}"):
             async for chunk in self._result.stream(min_chunk_size=_STREAM_CHUNK):
                 yield chunk
-        except BaseError as err:
-            raise S3Unavailable(f"S3: reading {self._what} failed: {_short(err)}") from err
 
 
 class _Objects:
     """The objects of one kind (`blobs` or `manifests`) in the bucket."""
 
-    def __init__(self, store: S3Store, kind: str) -> None:
+    def __init__(self, store: S3Store, kind: str, breaker: Breaker) -> None:
         self._store = store
         self.kind = kind
+        self._breaker = breaker
 
     def key(self, digest: str) -> str:
         return object_key(self.kind, digest)
 
-    async def _call(self, what: str, operation: Any, *args: Any, **kwargs: Any) -> Any:
-        """`await operation(store, *args)`; S3Unavailable naming `what` for any failure but 404."""
-        try:
-            return await operation(self._store, *args, **kwargs)
-        except (FileNotFoundError, AlreadyExistsError, DigestMismatch):
-            raise
-        except BaseError as err:
-            raise S3Unavailable(f"S3: {what} failed: {_short(err)}") from err
+    def _guarded(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return _guarded(self._breaker, what)
 
     async def size(self, digest: str) -> int | None:
         """The stored object's size (HEAD); None if there is none."""
+        key = self.key(digest)
         try:
-            meta = await self._call(f"HEAD {self.key(digest)}", obstore.head_async, self.key(digest))
+            with self._guarded(f"HEAD {key}"):
+                meta = await obstore.head_async(self._store, key)
         except FileNotFoundError:
             return None
         return int(meta["size"])
@@ -196,15 +208,15 @@ class _Objects:
 
     async def delete(self, digest: str) -> None:
         """Remove it (no error if it is not there)."""
-        await self._call(f"DELETE {self.key(digest)}", obstore.delete_async, self.key(digest))
+        with self._guarded(f"DELETE {self.key(digest)}"):
+            await obstore.delete_async(self._store, self.key(digest))
 
     async def pages(self, page_size: int = 1000, after: str | None = None) -> AsyncIterator[list[StoredObject]]:
         """Every object of this kind, in key order, `page_size` at a time; `after`: start after
         this digest (to resume a walk)."""
         offset = self.key(after) if after else None
-        listing = obstore.list(self._store, prefix=f"{self.kind}/", offset=offset, chunk_size=page_size)
-        try:
-            async for batch in listing:
+        with self._guarded(f"listing {self.kind}"):
+            async for batch in obstore.list(self._store, prefix=f"{self.kind}/", offset=offset, chunk_size=page_size):
                 page = [
                     StoredObject(digest, int(meta["size"]), meta["last_modified"].timestamp())
                     for meta in batch
@@ -212,15 +224,13 @@ class _Objects:
                 ]
                 if page:
                     yield page
-        except BaseError as err:
-            raise S3Unavailable(f"S3: listing {self.kind} failed: {_short(err)}") from err
 
 
 class SharedBlobs(_Objects):
     """Blobs in the bucket: written from verified local files, read by presigned URL or streamed."""
 
-    def __init__(self, store: S3Store, presign_seconds: float) -> None:
-        super().__init__(store, BLOBS)
+    def __init__(self, store: S3Store, breaker: Breaker, presign_seconds: float) -> None:
+        super().__init__(store, BLOBS, breaker)
         self._presign_seconds = presign_seconds
 
     async def put_file(self, digest: str, path: Path, size: int) -> bool:
@@ -235,18 +245,21 @@ class SharedBlobs(_Objects):
             if len(data) != size:
                 raise DigestMismatch(f"{digest}: {path} holds {len(data)} bytes, expected {size}")
             verify_digest(digest, data)
-            await self._call(f"PUT {key}", obstore.put_async, key, data, use_multipart=False)
+            with self._guarded(f"PUT {key}"):
+                await obstore.put_async(self._store, key, data, use_multipart=False)
         else:
-            chunks = _verified_chunks(path, digest, size)
-            await self._call(f"PUT {key} ({size} bytes, in parts)", obstore.put_async, key, chunks,
-                             chunk_size=part_size(size), max_concurrency=_PARTS_IN_FLIGHT)
+            with self._guarded(f"PUT {key} ({size} bytes, in parts)"):
+                await obstore.put_async(self._store, key, _verified_chunks(path, digest, size),
+                                        chunk_size=part_size(size), max_concurrency=_PARTS_IN_FLIGHT)  # fmt: skip
         return True
 
     async def presigned_url(self, digest: str, seconds: float | None = None) -> str:
         """A GET URL of the object itself, signed and expiring (default: `presign_seconds`); made
-        locally, without asking S3 (so it does not say whether the object exists)."""
+        locally, without asking S3 (so it does not say whether the object exists). Refused
+        (S3Unavailable) while S3 is known to be down: clients would not get the blob there."""
         expires = timedelta(seconds=seconds or self._presign_seconds)
-        url: str = await self._call(f"signing {self.key(digest)}", obstore.sign_async, "GET", self.key(digest), expires)
+        with self._guarded(f"signing {self.key(digest)}"):
+            url: str = await obstore.sign_async(self._store, "GET", self.key(digest), expires)
         return url
 
     async def open(self, digest: str, start: int = 0, end: int | None = None) -> BlobStream | None:
@@ -258,10 +271,11 @@ class SharedBlobs(_Objects):
             options["range"] = {"offset": start}
         key = self.key(digest)
         try:
-            result = await self._call(f"GET {key}", obstore.get_async, key, options=options or None)
+            with self._guarded(f"GET {key}"):
+                result = await obstore.get_async(self._store, key, options=options or None)  # type: ignore[arg-type]
         except FileNotFoundError:
             return None
-        return BlobStream(result, key)
+        return BlobStream(result, key, self._breaker)
 
 
 async def _verified_chunks(path: Path, digest: str, size: int) -> AsyncIterator[bytes]:
@@ -289,8 +303,8 @@ async def _verified_chunks(path: Path, digest: str, size: int) -> AsyncIterator[
 class SharedManifests(_Objects):
     """Manifests in the bucket: their exact bytes, the media type as Content-Type."""
 
-    def __init__(self, store: S3Store) -> None:
-        super().__init__(store, MANIFESTS)
+    def __init__(self, store: S3Store, breaker: Breaker) -> None:
+        super().__init__(store, MANIFESTS, breaker)
 
     async def put(self, digest: str, manifest: Manifest) -> bool:
         """Store it if absent (DigestMismatch if the bytes are not `digest`'s); True if written."""
@@ -298,7 +312,8 @@ class SharedManifests(_Objects):
         key = self.key(digest)
         attributes = {"Content-Type": manifest.media_type}
         try:
-            await self._call(f"PUT {key}", obstore.put_async, key, manifest.body, attributes=attributes, mode="create")
+            with self._guarded(f"PUT {key}"):
+                await obstore.put_async(self._store, key, manifest.body, attributes=attributes, mode="create")
         except AlreadyExistsError:
             return False
         return True
@@ -307,25 +322,26 @@ class SharedManifests(_Objects):
         """The manifest, or None. DigestMismatch if the stored bytes are not the digest's."""
         key = self.key(digest)
         try:
-            result = await self._call(f"GET {key}", obstore.get_async, key)
-            body = bytes(await result.bytes_async())
+            with self._guarded(f"GET {key}"):
+                result = await obstore.get_async(self._store, key)
+                body = bytes(await result.bytes_async())
         except FileNotFoundError:
             return None
-        except BaseError as err:
-            raise S3Unavailable(f"S3: GET {key} failed: {_short(err)}") from err
         verify_digest(digest, body)
         return Manifest(str(result.attributes.get("Content-Type", "")), body)
 
 
 class SharedObjects:
-    """The bucket: `blobs`, `manifests`, the start-up check and the sweep of abandoned uploads."""
+    """The bucket: `blobs`, `manifests`, the start-up check and the sweep of abandoned uploads.
+    One breaker for all of them (`retry_after`: how long S3 is not asked again after a failure)."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, *, retry_after: float = RETRY_AFTER_SECONDS) -> None:
         self.settings = settings
         self.store = s3_store(settings)
-        self.blobs = SharedBlobs(self.store, settings.presign_seconds)
-        self.manifests = SharedManifests(self.store)
-        self._uploads = MultipartUploads(settings)
+        self.breaker = Breaker("S3", S3Unavailable, retry_after)
+        self.blobs = SharedBlobs(self.store, self.breaker, settings.presign_seconds)
+        self.manifests = SharedManifests(self.store, self.breaker)
+        self._uploads = MultipartUploads(settings, self.breaker)
 
     async def check_bucket(self) -> None:
         """Write and delete a probe object. BucketUnusable naming the bucket when it does not exist

@@ -23,7 +23,7 @@ import aiohttp
 from yarl import URL
 
 from .shared_config import S3Settings
-from .shared_errors import S3Unavailable
+from .shared_errors import Breaker, S3Unavailable
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -107,8 +107,9 @@ def parse_uploads(body: bytes) -> tuple[list[Upload], dict[str, str] | None]:
 class MultipartUploads:
     """List and abort the incomplete multipart uploads of regcache's blobs in the bucket."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, breaker: Breaker) -> None:
         self._settings = settings
+        self._breaker = breaker
         self._signer = SigV4(settings.endpoint, settings.region, settings.access_key, settings.secret_key)
         self._session: aiohttp.ClientSession | None = None
 
@@ -122,6 +123,8 @@ class MultipartUploads:
 
     async def _request(self, method: str, key: str, query: dict[str, str]) -> bytes:
         path = f"/{self._settings.bucket}" + (f"/{key}" if key else "")
+        what = f"{method} {path}"
+        self._breaker.check(what)
         url, headers = self._signer.signed(method, path, query, datetime.datetime.now(datetime.UTC))
         try:
             async with self._client().request(
@@ -129,9 +132,10 @@ class MultipartUploads:
             ) as response:
                 body = await response.read()
         except (aiohttp.ClientError, TimeoutError) as err:
-            raise S3Unavailable(f"S3: {method} {path} failed: {err or type(err).__name__}") from err
+            raise self._breaker.failed(what, str(err) or type(err).__name__) from err
         if response.status // 100 != 2:
-            raise S3Unavailable(f"S3: {method} {path} answered {response.status}: {body[:200]!r}")
+            raise self._breaker.failed(what, f"answered {response.status}: {body[:200]!r}")
+        self._breaker.worked()
         return body
 
     async def list(self) -> list[Upload]:

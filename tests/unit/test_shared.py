@@ -1,15 +1,17 @@
 """The `shared` configuration section, and the pure parts of the shared store (key layout, part
-sizes, SigV4, ListMultipartUploads parsing). The engines themselves: tests/e2e/test_shared_backends.py."""
+sizes, SigV4, ListMultipartUploads parsing, the breaker). The engines: tests/e2e/test_shared_backends.py."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 
 import pytest
 
 from addon.config import ConfigError, load_settings, settings_from_mapping
 from addon.shared_config import SharedSettings, parse_shared
+from addon.shared_errors import Breaker, RedisUnavailable, SharedUnavailable
 from addon.shared_s3 import MiB, digest_of_key, object_key, part_size
 from addon.shared_sigv4 import SigV4, parse_uploads
 
@@ -197,3 +199,39 @@ def test_list_multipart_uploads_pages() -> None:
     assert markers == {"key-marker": "blobs/sha256/bb", "upload-id-marker": "2~x"}
     last = page.replace(b"<IsTruncated>true", b"<IsTruncated>false")
     assert parse_uploads(last)[1] is None
+
+
+# the breaker ---------------------------------------------------------------------------------------
+
+
+def test_the_breaker_fails_at_once_while_open_and_logs_an_outage_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="regcache")
+    now = [100.0]
+    monkeypatch.setattr("addon.shared_errors.time.monotonic", lambda: now[0])
+    breaker = Breaker("Redis", RedisUnavailable, retry_after=5)
+    breaker.check("reading pins")  # closed: nothing happens
+    error = breaker.failed("reading pins", "Connection refused")
+    assert isinstance(error, RedisUnavailable) and isinstance(error, SharedUnavailable) and isinstance(error, OSError)
+    assert str(error) == "Redis: reading pins failed: Connection refused" and breaker.down == "Connection refused"
+    now[0] += 3
+    with pytest.raises(RedisUnavailable, match=r"^Redis: saving a tag not tried: unavailable for 3 s \(Connection"):
+        breaker.check("saving a tag")
+    now[0] += 2.5
+    breaker.check("reading pins")  # the window is over: ask again
+    breaker.failed("reading pins", "Connection refused")  # still down: no second warning
+    now[0] += 1
+    with pytest.raises(RedisUnavailable):
+        breaker.check("reading pins")
+    now[0] += 5
+    breaker.check("reading pins")
+    breaker.worked()
+    breaker.worked()
+    assert breaker.down == ""
+    breaker.check("reading pins")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "regcache: Redis unavailable, carrying on without it (asking again every 5 s): Connection refused"),
+        ("INFO", "regcache: Redis available again after 12 s"),
+    ]
