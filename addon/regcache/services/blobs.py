@@ -10,6 +10,18 @@ When the disk refuses a write mid-fill (full, I/O error), the fill goes on: the 
 file could not take are relayed to the clients already following it from memory, at the pace of
 the slowest (at most `RELAY_BUFFER` held), still verified before the last byte goes out, and
 nothing is stored. New requests for blobs are passed through uncached while the disk is in trouble.
+
+In a cluster (`shared`, store/shared/tiered.py) a fill's bytes come from one of three places
+(`Fill.origin`): `upstream` for the node holding the cluster's lease `blob:<digest>` (taken before
+the upstream fetch, renewed while it runs; the blob is uploaded to the bucket after its commit,
+then the lease is released); `node`, the lease holder's fill followed over HTTP at the signed URL
+it published (another node's `/fills/`), hashed and verified here as from upstream; or `bucket`, a
+blob the bucket holds, streamed through this node (`shared.s3.redirect: false`; with redirects, an
+L2 hit is a `307` to a presigned URL and no fill at all). A followed holder that dies (its stream
+breaks, or stalls past the read time-out) is replaced: the bytes after those already taken come
+from the bucket if the blob got there, else from the new lease holder, else this node takes the
+lease and fetches upstream itself. Redis down: every node fills alone (local single flight); S3
+down: blob misses pass through uncached.
 """
 
 from __future__ import annotations
@@ -20,9 +32,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict
 
@@ -44,7 +57,7 @@ from regcache.services.upstream import (
     read_limited,
     shown,
 )
-from regcache.store.base import Store
+from regcache.store.base import FillLease, Store
 from regcache.store.errors import STORE_ERRORS, best_effort
 from regcache.store.staging import BlobStaging
 
@@ -68,6 +81,28 @@ PROMISE_SECONDS = 10.0
 
 class RelayStalled(Exception):
     """A fill relaying from memory waited too long for its followers to take the bytes held."""
+
+
+class HolderGone(Exception):
+    """The node holding a blob's lease no longer serves its fill (it answered something else)."""
+
+
+# Where a fill's bytes come from (module docstring).
+FillOrigin = Literal["upstream", "node", "bucket"]
+# A fill URL a lease publishes stays valid this long: longer than any fill (it names one digest).
+FILL_URL_SECONDS = 6 * 3600.0
+
+
+@dataclass
+class Opened:
+    """A fill's source, opened: its answer (`status`, `refusal` for anything but 200), size, and
+    bytes; `release` lets go of it."""
+
+    status: int | None
+    content_length: int | None
+    chunks: AsyncIterable[bytes]
+    release: Callable[[], None]
+    refusal: UpstreamAnswer | None = None
 
 
 class FillView(Protocol):
@@ -124,6 +159,8 @@ class Fill:
         self.committed = False
         self.pass_through = ""  # why this blob is relayed uncached (disk full, write errors)
         self.spilled = ""  # why the staging file stopped taking bytes: the rest comes from memory
+        self.origin: FillOrigin = "upstream"  # where the bytes come from (known once `started`)
+        self.lease: FillLease | None = None  # the cluster's lease on this blob, if this node holds it
         self._changed = asyncio.Event()
         # Relaying from memory: the bytes from `_held_from` on that some follower has yet to send.
         self._held = bytearray()
