@@ -119,8 +119,10 @@ def test_cold_pulls_over_three_nodes_fetch_each_blob_once_and_a_fresh_node_pulls
     log_mark = fresh.mark()
     assert skopeo_factory(fresh.url, fresh.ca_cert).copy_to_dir(image.ref, tmp_path / "fresh") == image.digest
     assert blob_fetches(upstream_registry, cdn, image, marks) == {blob.digest: (0, 0) for blob in image.blobs}
-    blob_results = [result for result, method, what in fresh.results(log_mark) if "/blobs/" in what]
-    assert blob_results and set(blob_results) == {"HIT"}, blob_results
+    digests = {blob.digest for blob in image.blobs}
+    blob_results = [result for result, _, what in fresh.results(log_mark) if what.rpartition("@")[2] in digests]
+    assert len(blob_results) == len(digests) and set(blob_results) == {"HIT"}, blob_results
+    assert fresh.log()[log_mark:].count("(from the shared bucket)") == len(digests)
     for blob in image.blobs:
         assert (tmp_path / "fresh" / blob.digest.split(":")[1]).read_bytes() == (
             tmp_path / "cold0" / blob.digest.split(":")[1]

@@ -439,12 +439,15 @@ class Fills:
         shared, name = self._shared, f"blob:{fill.digest}"
         deadline = time.monotonic() + 3 * shared.lease_seconds + (self._upstream.blob_timeout().sock_read or 30.0)
         while time.monotonic() < deadline:
-            if not shared.s3_down and (opened := await self._from_bucket(fill.digest)) is not None:
-                fill.origin = "bucket"
+            if (opened := await self._from_bucket(fill)) is not None:
                 return opened
             url = self.fill_url(fill.digest) if self.fill_url is not None else None
             lease = await shared.acquire(name, url)
             if lease is not None:
+                # A holder uploads before it lets go: the lease may be free because the blob is there now.
+                if (opened := await self._from_bucket(fill)) is not None:
+                    await lease.release()
+                    return opened
                 await leased.enter_async_context(lease.kept())  # renewed until the upload is done
                 fill.lease = lease
                 return None
@@ -457,12 +460,19 @@ class Fills:
         log.warning("cluster lease of %s not obtainable: fetching upstream without it", fill.digest)
         return None
 
-    async def _from_bucket(self, digest: str) -> Opened | None:
+    async def _from_bucket(self, fill: Fill) -> Opened | None:
+        """The bucket's copy (`fill.origin` then `bucket`), None if it has none or S3 is down."""
         assert self._shared is not None
-        found = await self._shared.shared_chunks(digest)
+        if self._shared.s3_down:
+            return None
+        try:
+            found = await self._shared.shared_chunks(fill.digest)
+        except SharedUnavailable:
+            return None
         if found is None:
             return None
         size, chunks = found
+        fill.origin = "bucket"
         return Opened(200, size, chunks, lambda: None)
 
     async def _from_node(self, url: str) -> Opened | None:
