@@ -277,3 +277,43 @@ def test_a_node_killed_mid_fill_is_taken_over(
     assert "taking over" in follower.log()
     assert wait_for(lambda: cluster.in_bucket().get(cluster.blob_key(layer.digest)) == layer.size, 60)
     assert all(size == layer.size for key, size in cluster.in_bucket().items() if key == cluster.blob_key(layer.digest))
+
+
+def test_without_redirects_bucket_hits_stream_through_the_node(
+    cluster: Cluster, images: ImageSet, skopeo_factory: Callable[..., Skopeo], upstream_registry: Registry,
+    cdn: Cdn, tmp_path: Path,
+) -> None:  # fmt: skip
+    """`shared.s3.redirect: false`: a blob the bucket holds reaches the client through the node (for
+    clients that cannot reach the store), with no upstream fetch and no redirect to S3."""
+    first, second = cluster(2, shared={"s3": {"redirect": False}})
+    image = images.oci_single
+    assert skopeo_factory(first.url, first.ca_cert).copy_to_dir(image.ref, tmp_path / "first") == image.digest
+    wanted = {cluster.blob_key(blob.digest) for blob in image.blobs}
+    assert wait_for(lambda: wanted <= cluster.in_bucket().keys(), 30)
+    marks, log_mark = (upstream_registry.mark(), cdn.mark()), second.mark()
+    assert skopeo_factory(second.url, second.ca_cert).copy_to_dir(image.ref, tmp_path / "second") == image.digest
+    assert blob_fetches(upstream_registry, cdn, image, marks) == {blob.digest: (0, 0) for blob in image.blobs}
+    logged = second.log()[log_mark:]
+    assert logged.count("from the shared bucket, through this node") == len(image.blobs), logged
+    assert "(from the shared bucket)" not in logged  # the note of a 307 to a presigned URL
+    for blob in image.blobs:
+        name = blob.digest.split(":")[1]
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+
+
+@pytest.mark.parametrize("engine", ["redis", "radosgw"])
+def test_a_node_starts_with_one_warning_while_an_engine_is_down(
+    engine: str, cluster: Cluster, images: ImageSet, ceph: Ceph, redis_server: Redis,
+    skopeo_factory: Callable[..., Skopeo], tmp_path: Path,
+) -> None:  # fmt: skip
+    """Redis or S3 down at start: the node starts on its own disk, says so once, and serves pulls."""
+    (ceph.stop_radosgw if engine == "radosgw" else redis_server.stop)()
+    (node,) = cluster(1)
+    image = images.oci_single
+    client = skopeo_factory(node.url, node.ca_cert)
+    assert client.copy_to_dir(image.ref, tmp_path / "cold") == image.digest
+    assert client.copy_to_dir(image.ref, tmp_path / "warm") == image.digest
+    name = "S3" if engine == "radosgw" else "Redis"
+    warnings = [line for line in node.log().splitlines() if "WARNING" in line or "unavailable" in line]
+    assert [line for line in warnings if f"{name} unavailable, carrying on without it" in line] != []
+    assert len(warnings) == 1, "\n".join(line[:400] for line in warnings)

@@ -681,6 +681,8 @@ class BlobService:
             return PassThrough("MISS", note=f"not cached: {fill.spilled}")
         if fill.error is not None:
             return unavailable(req, fill.error)
+        if fill.origin == "bucket":  # no upstream contact: a hit, streamed through this node
+            return LocalStream("fills", digest, "HIT", note="from the shared bucket, through this node")
         return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
 
     async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str) -> Decision | None:
