@@ -354,9 +354,12 @@ class TieredStore:
         pins = self.redis.pins.pins()
         pinned = reachable((keys.manifest_key(d) for d in pins.values()), lambda key: needs.get(key, []))
         pinned |= {keys.tag_key(ref) for ref in pins}
+        # Least recently used first; among equals what needs the others first (tag, manifest, blobs),
+        # so a sweep that stops half-way leaves no manifest without its blobs.
+        rank = {keys.TAG: 0, keys.MANIFEST: 1}
         candidates = sorted(
             ((key, size, last_use[key]) for key, (size, _) in inventory.items() if key not in pinned),
-            key=lambda entry: entry[2],
+            key=lambda entry: (entry[2], rank.get(entry[0].partition(":")[0], 2)),
         )
         cutoff = now - self.settings.max_age if self.settings.max_age else None
         total = sum(size for size, _ in inventory.values())
