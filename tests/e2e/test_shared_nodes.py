@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 from bed.cdn import Cdn
 from bed.ceph import Ceph
 from bed.images import ImageSet, PushedImage, push_variant
@@ -126,6 +128,10 @@ def test_cold_pulls_over_three_nodes_fetch_each_blob_once_and_a_fresh_node_pulls
     assert pull_all(pulls) == [image.digest] * 9
     fetched = blob_fetches(upstream_registry, cdn, image, marks)
     assert fetched == {blob.digest: (1, 1) for blob in image.blobs}, fetched
+    # Manifests too: each node revalidates the tag (HEAD), one GETs it, the others take it from the bucket.
+    manifest_gets = Counter(r.reference for r in upstream_registry.requests(marks[0])
+                            if r.method == "GET" and r.kind == "manifest")  # fmt: skip
+    assert manifest_gets and set(manifest_gets.values()) == {1}, manifest_gets
     followed = sum(node.log().count("FOLLOWING blob") for node in nodes)
     assert followed >= 1, "no node followed another node's fill"
     # Uploaded once verified and committed (after the clients had their last byte): wait, bounded.
@@ -181,18 +187,20 @@ def test_a_private_image_stays_private_on_every_node(
     assert [r for r in upstream_registry.requests(mark) if r.method == "GET" and r.kind == "blob"] == []
 
 
+@pytest.mark.parametrize("redirect", [True, False], ids=["redirect", "through-the-node"])
 def test_a_new_node_replays_offline_from_the_shared_store(
-    cluster: Cluster, images: ImageSet, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
+    redirect: bool, cluster: Cluster, images: ImageSet, skopeo_factory: Callable[..., Skopeo], tmp_path: Path
 ) -> None:
     """Tags, manifests, seen pairs and grants come from Redis and the bucket: an offline node with
-    an empty disk and no upstream at all (its names do not even resolve) serves the image."""
+    an empty disk and no upstream at all (its names do not even resolve) serves the image, by
+    presigned URLs or through itself."""
     image = images.oci_multi
     (online,) = cluster(1)
     online_client = skopeo_factory(online.url, online.ca_cert)
     assert online_client.copy_to_dir(image.ref, tmp_path / "online", all_platforms=True) == image.digest
     wanted = {cluster.blob_key(blob.digest) for blob in image.blobs}
     assert wait_for(lambda: wanted <= cluster.in_bucket().keys(), 30)
-    (offline,) = cluster(1, offline=True, upstreams={})
+    (offline,) = cluster(1, shared={"s3": {"redirect": redirect}}, offline=True, upstreams={})
     mark = offline.mark()
     offline_client = skopeo_factory(offline.url, offline.ca_cert)
     assert offline_client.copy_to_dir(image.ref, tmp_path / "offline", all_platforms=True) == image.digest
@@ -317,3 +325,49 @@ def test_a_node_starts_with_one_warning_while_an_engine_is_down(
     warnings = [line for line in node.log().splitlines() if "WARNING" in line or "unavailable" in line]
     assert [line for line in warnings if f"{name} unavailable, carrying on without it" in line] != []
     assert len(warnings) == 1, "\n".join(line[:400] for line in warnings)
+
+
+def test_stale_if_error_works_on_a_node_that_never_saw_the_tag(
+    cluster: Cluster, images: ImageSet, skopeo_factory: Callable[..., Skopeo], upstream_gone: Callable[[], None],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The upstream down (registry, token server, CDN): a node with an empty disk serves the tag
+    another node recorded (Redis), its manifest and blobs (the bucket), to the same clients."""
+    image = images.oci_single
+    first, second = cluster(2)
+    assert skopeo_factory(first.url, first.ca_cert).copy_to_dir(image.ref, tmp_path / "first") == image.digest
+    wanted = {cluster.blob_key(blob.digest) for blob in image.blobs}
+    assert wait_for(lambda: wanted <= cluster.in_bucket().keys(), 30)
+    upstream_gone()
+    mark = second.mark()
+    assert skopeo_factory(second.url, second.ca_cert).copy_to_dir(image.ref, tmp_path / "second") == image.digest
+    results = second.results(mark)
+    assert ("STALE", "GET", f"docker.io/{image.repo}:{image.tag}") in results or any(
+        result == "STALE" and what.endswith(f":{image.tag}") for result, _, what in results
+    ), results
+    assert {result for result, _, _ in results} <= {"STALE", "HIT"}, results
+
+
+def test_a_node_waits_for_the_node_fetching_a_manifest(
+    cluster: Cluster, images: ImageSet, redis_server: Redis, ceph: Ceph, upstream_registry: Registry,
+    skopeo_factory: Callable[..., Skopeo], tmp_path: Path,
+) -> None:  # fmt: skip
+    """Another node holds the lease on the manifest a tag names (in Redis) and stores it in the
+    bucket meanwhile: this node asks upstream only the tag's HEAD, waits, and serves that manifest."""
+    image = images.oci_single  # one manifest: the tag's
+    (node,) = cluster(1)
+    lease = f"t{cluster.run}:lease:manifest:{image.digest}"
+    other = redis_client.Redis.from_url(redis_server.url)
+    other.set(lease, json.dumps({"node": "elsewhere", "url": None, "token": uuid.uuid4().hex}), px=20_000)
+    mark = upstream_registry.mark()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pulled = pool.submit(skopeo_factory(node.url, node.ca_cert).copy_to_dir, image.ref, tmp_path / "pulled")
+        assert wait_for(lambda: upstream_registry.manifest_heads(mark) >= 1, 30), "the tag was not revalidated"
+        key = f"/{ceph.bucket}/{cluster.prefix}manifests/sha256/{image.digest.split(':')[1]}"
+        stored = ceph.s3.request("PUT", key, body=image.manifest, headers={"Content-Type": image.media_type})
+        assert stored.status == 200
+        other.delete(lease)
+        assert pulled.result() == image.digest
+    other.close()
+    assert upstream_registry.manifest_gets(mark) == 0
+    assert "fetched by another node" in node.log()

@@ -637,7 +637,7 @@ class BlobService:
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
-        if fill is None and (shared := await self._shared_hit(req, client, digest)) is not None:
+        if fill is None and (shared := await self._shared_hit(req, client, digest, ranged)) is not None:
             return shared
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
@@ -650,7 +650,11 @@ class BlobService:
             return relay(answer, "PASS")
         if ranged:
             return PassThrough(note="range request for an uncached blob")
-        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), req.repository)
+        return await self._fill_and_join(req, client)
+
+    async def _fill_and_join(self, req: RegistryRequest, client: Client) -> Decision:
+        """Start the blob's fill (or join the running one) and follow it."""
+        fill, started = self._fills.start(req.route.reference, req.url, CIMultiDict(req.headers), req.repository)
         fill.promise()  # before the fill runs: should its disk fail, it keeps its bytes for this client
         decision: Decision | None = None
         try:
@@ -685,11 +689,11 @@ class BlobService:
             return LocalStream("fills", digest, "HIT", note="from the shared bucket, through this node")
         return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
 
-    async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str) -> Decision | None:
+    async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str, ranged: bool) -> Decision | None:
         """A blob the cluster's bucket holds, after the checks a local hit gets: a `307` to a
-        presigned URL (`shared.s3.redirect`), or None to fill it from the bucket through this node
-        (redirect off, ranged, or no URL to be had); None as well when the bucket lacks it or S3 is
-        down (then a miss)."""
+        presigned URL (`shared.s3.redirect`), or with redirects off a fill from the bucket through
+        this node (also offline); None when the bucket lacks it or S3 is down (then a miss), or
+        for a range without redirects."""
         if self._shared is None or self._shared.s3_down:
             return None
         try:
@@ -701,7 +705,7 @@ class BlobService:
             if req.head:
                 return blob_head_answer(digest, blob.size, "HIT")
             if not self._shared.redirect:
-                return None
+                return None if ranged else await self._fill_and_join(req, client)
             url = await self._shared.presigned_url(digest)
         except SharedUnavailable:
             return None
