@@ -342,7 +342,8 @@ class Fills:
         its bytes are in the bucket too; then this node's eviction."""
         async with contextlib.AsyncExitStack() as leased:
             await self._fill(fill, url, headers, repository, leased)
-            if fill.committed and self._shared is not None and fill.origin != "bucket":
+            # The node that fetched it upstream uploads it (a follower's copy is the holder's to upload).
+            if fill.committed and self._shared is not None and fill.origin == "upstream":
                 await self._shared.upload_blob(fill.digest)  # verified and committed: never partial
         if fill.committed:
             await self._evict()
@@ -406,7 +407,11 @@ class Fills:
             fill.error = fill.error or f"fill stopped: {describe_error(err)}"
             raise
         finally:
-            METRICS.fill_ended(repository, fill.written, failed=fill.error is not None)
+            # Bytes from the cluster (another node, the bucket) are the cache's, not the upstream's.
+            upstream_bytes = fill.written if fill.origin == "upstream" else 0
+            METRICS.fill_ended(repository, upstream_bytes, failed=fill.error is not None)
+            if fill.origin != "upstream":
+                METRICS.cache_bytes_sent(fill.written)
             if staging is not None:
                 staging.discard()
             if opened is not None:
@@ -446,7 +451,8 @@ class Fills:
             if lease is not None:
                 # A holder uploads before it lets go: the lease may be free because the blob is there now.
                 if (opened := await self._from_bucket(fill)) is not None:
-                    await lease.release()
+                    with contextlib.suppress(SharedUnavailable):  # it expires by itself
+                        await lease.release()
                     return opened
                 await leased.enter_async_context(lease.kept())  # renewed until the upload is done
                 fill.lease = lease
