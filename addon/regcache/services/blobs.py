@@ -20,8 +20,11 @@ blob the bucket holds, streamed through this node (`shared.s3.redirect: false`; 
 L2 hit is a `307` to a presigned URL and no fill at all). A followed holder that dies (its stream
 breaks, or stalls past the read time-out) is replaced: the bytes after those already taken come
 from the bucket if the blob got there, else from the new lease holder, else this node takes the
-lease and fetches upstream itself. Redis down: every node fills alone (local single flight); S3
-down: blob misses pass through uncached.
+lease and fetches upstream itself. Only the node that fetched a blob upstream uploads it, once
+committed (verified), before it lets go of the lease. A follower's client that did not fetch
+through upstream itself is checked as for a hit (access.py), and such bytes never mark the blob as
+seen in a repository. Redis down: every node fills alone (local single flight); S3 down: the
+leases still hold, blobs are cached in the nodes' own disks only (not uploaded), and L1 hits go on.
 """
 
 from __future__ import annotations
