@@ -87,7 +87,7 @@ class RelayStalled(Exception):
 
 
 class HolderGone(Exception):
-    """The node holding a blob's lease no longer serves its fill (it answered something else)."""
+    """A fill followed from a node that died could not go on: the source that took over refused."""
 
 
 # Where a fill's bytes come from (module docstring).
