@@ -28,6 +28,7 @@ class RelayedRequest:
     path: str
     failed_with: int | None  # the status answered instead of relaying, if any
     time: float
+    headers: tuple[tuple[str, str], ...] = ()  # as the client sent them
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -64,7 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         failing = self.owner._failing
-        self.owner._record(RelayedRequest(self.command, self.path, failing, time.time()))
+        headers = tuple(self.headers.items())
+        self.owner._record(RelayedRequest(self.command, self.path, failing, time.time(), headers))
         if failing is not None:
             self._fail(failing)
         else:

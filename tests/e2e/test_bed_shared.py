@@ -4,8 +4,8 @@ The engines are real: a single-node Ceph 16.2.15 with radosgw (:mod:`bed.ceph`)
 and Debian's redis-server 7.0 (:mod:`bed.redis`). The first tests check the
 bed itself with its own SigV4 client (:mod:`bed.s3`); the others pin down
 behaviour of **obstore** (S3) and **redis.asyncio** (Redis) that the shared
-store will rely on. Those two libraries are not dependencies yet: their tests
-skip when they are not installed (``.venv/bin/pip install obstore redis``).
+store relies on (regcache/store/shared/s3.py, regcache/store/shared/redis.py and their tests in
+tests/e2e/test_shared_backends.py build on what is pinned here).
 
 Measured here (2 cores, Python 3.11, obstore 0.12.1, aiobotocore 3.10.0,
 redis-py 8.1.0, Ceph 16.2.15, redis-server 7.0.15), numbers the tests below
@@ -70,6 +70,8 @@ from bed.ceph import COMMANDS, Ceph, CephError
 from bed.redis import Redis, ping
 from bed.s3 import S3
 from bed.shared_fixtures import skip_unless_installed
+
+from regcache.store.shared.leases import RELEASE_SCRIPT, RENEW_SCRIPT
 
 MiB = 1 << 20
 
@@ -489,20 +491,10 @@ def test_obstore_fails_fast_when_radosgw_is_down(ceph: Ceph, obstore: Any) -> No
 
 # -- redis.asyncio on redis-server ------------------------------------------------------
 
-# Extend a lease only while we still hold it (compare-and-set): a lease that expired and was
-# taken by another node must not be extended by its former holder.
-RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
+# The product's scripts (regcache/store/shared/leases.py): extend or delete a lease only while we still hold
+# it (compare-and-set): a lease that expired and was taken by another node must not be extended by
+# its former holder.
+RENEW, RELEASE = RENEW_SCRIPT, RELEASE_SCRIPT
 
 
 @pytest.fixture

@@ -46,12 +46,27 @@ class Grant:
     def valid(self, now: float) -> bool:
         return self.until is None or self.until > now
 
+    def to_json(self) -> str:
+        return json.dumps({"accepted_at": self.accepted_at, "until": self.until})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Grant:
+        return cls(**json.loads(raw))
+
 
 @dataclass(frozen=True)
 class TokenRecord:
     identity: str  # who obtained the token
     until: float
     repositories: tuple[str, ...] = ()  # the repository names it was asked for
+
+    def to_json(self) -> str:
+        return json.dumps({"identity": self.identity, "until": self.until, "repositories": self.repositories})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> TokenRecord:
+        fields = json.loads(raw)
+        return cls(fields["identity"], fields["until"], tuple(fields.get("repositories", ())))
 
 
 class AccessRecords(Protocol):
@@ -87,11 +102,10 @@ class DiskAccessRecords:
 
     def grant(self, identity: str, repository: str) -> Grant | None:
         raw = self._cache.get(f"grant {identity} {repository}")
-        return Grant(**json.loads(raw)) if isinstance(raw, str) else None
+        return Grant.from_json(raw) if isinstance(raw, str) else None
 
     def put_grant(self, identity: str, repository: str, grant: Grant) -> None:
-        value = json.dumps({"accepted_at": grant.accepted_at, "until": grant.until})
-        if not self._set(f"grant {identity} {repository}", value, grant.until):
+        if not self._set(f"grant {identity} {repository}", grant.to_json(), grant.until):
             return
         if identity == ANONYMOUS or grant.until is None:
             return
@@ -112,14 +126,10 @@ class DiskAccessRecords:
 
     def token(self, key: str) -> TokenRecord | None:
         raw = self._cache.get(f"token {key}")
-        if not isinstance(raw, str):
-            return None
-        fields = json.loads(raw)
-        return TokenRecord(fields["identity"], fields["until"], tuple(fields.get("repositories", ())))
+        return TokenRecord.from_json(raw) if isinstance(raw, str) else None
 
     def put_token(self, key: str, record: TokenRecord) -> None:
-        value = json.dumps({"identity": record.identity, "until": record.until, "repositories": record.repositories})
-        self._set(f"token {key}", value, record.until)
+        self._set(f"token {key}", record.to_json(), record.until)
 
     def realms(self) -> set[str]:
         raw = self._cache.get("realms")

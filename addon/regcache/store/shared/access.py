@@ -1,0 +1,120 @@
+"""`AccessRecords` (store/access.py) in Redis: one set of access records for the whole cluster.
+
+The same records and semantics as `DiskAccessRecords`, so every node applies the same rules: one
+secret (the key of every identity hash, so an identity hashes alike on every node), grants with
+their expiry as a Redis TTL, `held` per identity (until the latest of its grants expires), token
+records expiring with their tokens, the auth realms and the registries' last challenges. Nothing
+here is a credential (identities and token keys are keyed hashes), but whoever can write this
+Redis can grant access: protect it like a cache_dir (ACL or password, TLS off the host).
+
+The protocol is blocking (callers use `asyncio.to_thread` or `RecordWriter`), so this uses redis-py's
+synchronous client; every call raises RedisUnavailable (an OSError, as `RecordWriter` expects of
+a failing store) when Redis is unusable.
+
+Keys (under the prefix): access:secret (string), access:grant:<identity> <repository> (JSON, TTL),
+access:held:<identity> (TTL), access:token:<key> (JSON, TTL), access:realms (set),
+access:challenges (hash registry → challenge).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from regcache.config import RedisSettings
+from regcache.store.access import ANONYMOUS, Grant, TokenRecord
+from regcache.store.shared.errors import Breaker, RedisUnavailable
+from regcache.store.shared.redis_client import sync_connection, text
+
+
+class RedisAccessRecords:
+    """`AccessRecords` on the cluster's Redis."""
+
+    def __init__(self, settings: RedisSettings, breaker: Breaker | None = None) -> None:
+        """`breaker`: the node's SharedRedis breaker, so that an outage is one outage."""
+        conn = sync_connection(settings, breaker)
+        self._r, self._keys, self._guard = conn.client, conn.keys, conn.guarded
+
+    def _key(self, name: str) -> str:
+        return self._keys.access(name)
+
+    def secret(self) -> bytes:
+        with self._guard("reading the access records' secret"):
+            self._r.set(self._key("secret"), secrets.token_bytes(32), nx=True)  # once per cluster
+            value = self._r.get(self._key("secret"))
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise RedisUnavailable("Redis: the access records' secret is missing or damaged")
+        return value
+
+    def grant(self, identity: str, repository: str) -> Grant | None:
+        with self._guard("reading an access grant"):
+            raw = self._r.get(self._key(f"grant:{identity} {repository}"))
+        return None if raw is None else Grant.from_json(raw)
+
+    def put_grant(self, identity: str, repository: str, grant: Grant) -> None:
+        if not self._set(f"grant:{identity} {repository}", grant.to_json(), grant.until):
+            return
+        if identity == ANONYMOUS or grant.until is None:
+            return
+        left = _milliseconds_left(grant.until)
+        if left is None:
+            return
+        held = self._key(f"held:{identity}")
+        with self._guard("saving an access grant"), self._r.pipeline(transaction=True) as pipe:
+            pipe.set(held, 1, nx=True, px=left)
+            pipe.pexpire(held, left, gt=True)  # until the latest grant expires
+            pipe.execute()
+
+    def drop_grant(self, identity: str, repository: str) -> None:
+        with self._guard("dropping an access grant"):
+            self._r.delete(self._key(f"grant:{identity} {repository}"))
+
+    def holds_grants(self, identity: str) -> bool:
+        with self._guard("reading access grants"):
+            return bool(self._r.exists(self._key(f"held:{identity}")))
+
+    def token(self, key: str) -> TokenRecord | None:
+        with self._guard("reading a token record"):
+            raw = self._r.get(self._key(f"token:{key}"))
+        return None if raw is None else TokenRecord.from_json(raw)
+
+    def put_token(self, key: str, record: TokenRecord) -> None:
+        self._set(f"token:{key}", record.to_json(), record.until)
+
+    def realms(self) -> set[str]:
+        with self._guard("reading auth realms"):
+            return {text(realm) for realm in self._r.smembers(self._key("realms"))}
+
+    def add_realm(self, realm: str) -> None:
+        with self._guard("saving an auth realm"):
+            self._r.sadd(self._key("realms"), realm)
+
+    def challenges(self) -> dict[str, str]:
+        with self._guard("reading challenges"):
+            return {text(k): text(v) for k, v in self._r.hgetall(self._key("challenges")).items()}
+
+    def put_challenge(self, registry: str, challenge: str | None) -> None:
+        with self._guard("saving a challenge"):
+            if challenge is None:
+                self._r.hdel(self._key("challenges"), registry)
+            else:
+                self._r.hset(self._key("challenges"), registry, challenge)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def _set(self, name: str, value: str, until: float | None) -> bool:
+        """Store `value` until `until` (None: for good); False (and nothing stored) if that is past."""
+        left = _milliseconds_left(until) if until is not None else None
+        with self._guard("saving access records"):
+            if until is not None and left is None:
+                self._r.delete(self._key(name))
+                return False
+            self._r.set(self._key(name), value, px=left)
+        return True
+
+
+def _milliseconds_left(until: float) -> int | None:
+    """Whole milliseconds until `until` (epoch seconds), at least 1; None when it is past."""
+    left = int((until - time.time()) * 1000)
+    return left if left > 0 else None
