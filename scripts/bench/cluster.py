@@ -472,7 +472,7 @@ class Engines:
                 "region": self.ceph.region,
                 "access_key": self.ceph.access_key,
                 "secret_key": self.ceph.secret_key,
-                "prefix": prefix,
+                "prefix": f"{prefix}/",
             },
             "redis": {"url": self.redis.url, "prefix": f"regcache:{prefix}:"},
         }

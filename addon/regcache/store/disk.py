@@ -42,7 +42,7 @@ import diskcache
 from diskcache.core import DBNAME, MODE_BINARY
 
 from regcache.oci.digest import verify_digest
-from regcache.oci.manifest import Manifest, manifest_references
+from regcache.oci.manifest import Manifest
 from regcache.oci.media import accept_key
 from regcache.oci.reference import TagRef
 from regcache.store import keys
@@ -50,7 +50,7 @@ from regcache.store.base import Entry, Store, TagRecord, capped_records
 from regcache.store.errors import StoreError, UseRecorder
 from regcache.store.lock import lock_cache_dir, unlock_cache_dir
 from regcache.store.staging import BlobStaging
-from regcache.store.walk import reachable
+from regcache.store.walk import manifest_needs, reachable
 
 
 def _manifest_of(raw: object) -> Manifest | None:
@@ -442,10 +442,7 @@ class DiskStore:
             if keys.is_kind(key, keys.TAG) and isinstance(raw := self._value(key), str):
                 return [keys.manifest_key(record["digest"]) for record in json.loads(raw).values()]
             if keys.is_kind(key, keys.MANIFEST) and (manifest := _manifest_of(self._value(key))) is not None:
-                child_manifests, blobs = manifest_references(manifest)
-                return [keys.manifest_key(str(d.get("digest"))) for d in child_manifests] + [
-                    keys.blob_key(str(d.get("digest"))) for d in blobs
-                ]
+                return manifest_needs(manifest)
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         return []
