@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import signal
@@ -29,7 +30,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -477,7 +479,7 @@ def test_a_manifest_changed_in_the_bucket_is_refused(ceph: Ceph) -> None:
 def test_the_bucket_check_names_a_missing_or_unwritable_bucket(ceph: Ceph) -> None:
     settings = s3_settings(ceph)
     mark = ceph.mark()
-    run(SharedObjects(settings).check_bucket)
+    SharedObjects(settings).check_bucket()
     deadline = time.monotonic() + 5
     while not (probe := [r.path for r in ceph.requests(mark) if r.method == "PUT" and settings.prefix in r.path]):
         assert time.monotonic() < deadline
@@ -486,9 +488,9 @@ def test_the_bucket_check_names_a_missing_or_unwritable_bucket(ceph: Ceph) -> No
     assert bucket_truth(ceph, settings) == ({}, [])  # and deleted again
     with pytest.raises(BucketUnusable, match=r"^shared\.s3\.bucket: no-such-bucket at http://127\.0\.0\.1:\d+ "
                                              r"does not exist"):  # fmt: skip
-        run(SharedObjects(replace(settings, bucket="no-such-bucket")).check_bucket)
+        SharedObjects(replace(settings, bucket="no-such-bucket")).check_bucket()
     with pytest.raises(BucketUnusable, match=rf"^shared\.s3\.bucket: {ceph.bucket} .* not writable"):
-        run(SharedObjects(replace(settings, secret_key="wrong")).check_bucket)
+        SharedObjects(replace(settings, secret_key="wrong")).check_bucket()
 
 
 _ENVIRONMENT = {
@@ -521,7 +523,7 @@ def test_the_environment_changes_nothing(ceph: Ceph, tmp_path: Path, monkeypatch
         path, digest = blob_file(tmp_path / "blob", 9)
 
         async def go() -> None:
-            await objects.check_bucket()
+            objects.check_bucket()
             assert await objects.manifests.put(digest_of(body), Manifest("application/json", body))
             assert await objects.blobs.put_file(digest, path, 9 * MiB)
             assert (await objects.manifests.get(digest_of(body))).body == body  # type: ignore[union-attr]
@@ -625,109 +627,131 @@ def on_nodes(redis_server: Redis) -> OnNodes:
                 return await body(*nodes)
             finally:
                 for node in nodes:
-                    await node.close()
+                    await node.aclose()
 
         return asyncio.run(main())
 
     return on
 
 
+RecordsOnNodes = Callable[[int], list[SharedRedis]]
+
+
+@pytest.fixture
+def records_on_nodes(redis_server: Redis) -> Iterator[RecordsOnNodes]:
+    """`records_on_nodes(count)`: `count` SharedRedis clients (nodes `node-a`, `node-b`, …) on a prefix of
+    this test's own, for the records (blocking client); closed after the test."""
+    settings = redis_settings(redis_server)
+    made: list[SharedRedis] = []
+
+    def make(count: int) -> list[SharedRedis]:
+        nodes = [SharedRedis(settings, f"node-{'abcdef'[i]}") for i in range(count)]
+        made.extend(nodes)
+        return nodes
+
+    yield make
+    for node in made:
+        node.close()
+
+
 def record(digest: str, at: float) -> TagRecord:
     return TagRecord(digest, "application/vnd.oci.image.index.v1+json", 100, at)
 
 
-def test_tag_records_keep_the_same_cap_as_on_disk(on_nodes: OnNodes) -> None:
+def test_tag_records_keep_the_same_cap_as_on_disk(records_on_nodes: RecordsOnNodes) -> None:
     """Ten Accept lists recorded for one tag: the MAX_TAG_RECORDS most recently recorded stay, exactly as
     store.capped_records keeps them on disk; a rewrite of an old record keeps it; refs and delete."""
 
-    async def go(r: SharedRedis) -> None:
+    def go(r: SharedRedis) -> None:
         expected: dict[str, TagRecord] = {}
         for i in range(10):
             accepted = (f"application/type-{i}",)
             rec = record("sha256:" + f"{i}" * 64, 1000.0 + i)
-            await r.tags.put(REF, accepted, rec)
+            r.tags.put(REF, accepted, rec)
             expected = capped_records(expected, ",".join(accepted), rec)
-        got = await r.tags.records(REF)
+        got = r.tags.records(REF)
         assert got == expected and len(got) == MAX_TAG_RECORDS
         assert "application/type-0" not in got and "application/type-9" in got
         old = record("sha256:" + "f" * 64, 999.0)  # recorded "before" all others, but it is the new one
-        await r.tags.put(REF, ("application/type-0",), old)
-        assert (await r.tags.records(REF))["application/type-0"] == old
-        assert len(await r.tags.records(REF)) == MAX_TAG_RECORDS
-        assert await r.tags.refs() == [REF]
-        assert await r.inventory.last_uses([f"tag:{REF}"]) == {f"tag:{REF}": 1009.0}
-        assert await r.tags.delete(REF) is True and await r.tags.records(REF) == {}
-        assert await r.tags.refs() == [] and await r.inventory.last_uses([f"tag:{REF}"]) == {}
+        r.tags.put(REF, ("application/type-0",), old)
+        assert (r.tags.records(REF))["application/type-0"] == old
+        assert len(r.tags.records(REF)) == MAX_TAG_RECORDS
+        assert r.tags.refs() == [REF]
+        assert r.inventory.last_uses([f"tag:{REF}"]) == {f"tag:{REF}": 1009.0}
+        assert r.tags.delete(REF) is True and r.tags.records(REF) == {}
+        assert r.tags.refs() == [] and r.inventory.last_uses([f"tag:{REF}"]) == {}
 
-    on_nodes(go)
+    go(*records_on_nodes(1))
 
 
-def test_concurrent_tag_records_from_several_nodes_are_all_kept(on_nodes: OnNodes) -> None:
+def test_concurrent_tag_records_from_several_nodes_are_all_kept(records_on_nodes: RecordsOnNodes) -> None:
     """Three nodes record six Accept lists of one tag at once: the optimistic transaction loses none."""
 
-    async def go(*nodes: SharedRedis) -> None:
-        await asyncio.gather(*(
-            nodes[i % 3].tags.put(REF, (f"type-{i}",), record("sha256:" + "a" * 64, 2000.0 + i)) for i in range(6)
-        ))  # fmt: skip
-        assert sorted(await nodes[0].tags.records(REF)) == [f"type-{i}" for i in range(6)]
+    def go(*nodes: SharedRedis) -> None:
+        def put(i: int) -> None:
+            nodes[i % 3].tags.put(REF, (f"type-{i}",), record("sha256:" + "a" * 64, 2000.0 + i))
 
-    on_nodes(go, 3)
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(put, range(6)))
+        assert sorted(nodes[0].tags.records(REF)) == [f"type-{i}" for i in range(6)]
+
+    go(*records_on_nodes(3))
 
 
-def test_pins_seen_pairs_usage_and_nodes(on_nodes: OnNodes) -> None:
-    async def go(a: SharedRedis, b: SharedRedis) -> None:
-        await a.pins.pin(REF, "sha256:" + "a" * 64)
-        assert await b.pins.pins() == {str(REF): "sha256:" + "a" * 64}
-        assert await b.pins.unpin(REF) is True and await a.pins.unpin(REF) is False and await a.pins.pins() == {}
+def test_pins_seen_pairs_usage_and_nodes(records_on_nodes: RecordsOnNodes) -> None:
+    def go(a: SharedRedis, b: SharedRedis) -> None:
+        a.pins.pin(REF, "sha256:" + "a" * 64)
+        assert b.pins.pins() == {str(REF): "sha256:" + "a" * 64}
+        assert b.pins.unpin(REF) is True and a.pins.unpin(REF) is False and a.pins.pins() == {}
 
         digests = [f"sha256:{i:064x}" for i in range(1200)]  # more than one batch
-        await a.seen.mark("docker.io/library/alpine", digests)
-        assert await b.seen.is_seen("docker.io/library/alpine", digests[1100])
-        assert not await b.seen.is_seen("docker.io/library/other", digests[0])
-        assert len(await b.seen.pairs()) == 1200
-        await b.seen.forget([("docker.io/library/alpine", d) for d in digests[:1000]])
-        assert sorted(await a.seen.pairs()) == [("docker.io/library/alpine", d) for d in digests[1000:]]
+        a.seen.mark("docker.io/library/alpine", digests)
+        assert b.seen.is_seen("docker.io/library/alpine", digests[1100])
+        assert not b.seen.is_seen("docker.io/library/other", digests[0])
+        assert len(b.seen.pairs()) == 1200
+        b.seen.forget([("docker.io/library/alpine", d) for d in digests[:1000]])
+        assert sorted(a.seen.pairs()) == [("docker.io/library/alpine", d) for d in digests[1000:]]
 
-        await a.usage.add({"hits": 3, "bytes_served": 100})
-        await b.usage.add({"hits": 2, "misses": 1})
-        await a.usage.add({})
-        assert await b.usage.totals() == {"hits": 5, "bytes_served": 100, "misses": 1}
-        assert await a.usage.per_node() == {"node-a": {"hits": 3, "bytes_served": 100},
+        a.usage.add({"hits": 3, "bytes_served": 100})
+        b.usage.add({"hits": 2, "misses": 1})
+        a.usage.add({})
+        assert b.usage.totals() == {"hits": 5, "bytes_served": 100, "misses": 1}
+        assert a.usage.per_node() == {"node-a": {"hits": 3, "bytes_served": 100},
                                             "node-b": {"hits": 2, "misses": 1}}  # fmt: skip
 
-        await a.nodes.heartbeat({"blob_url": "http://a:5080"}, started=100.0, now=150.0)
-        await b.nodes.heartbeat({"blob_url": "http://b:5080"}, started=120.0, now=160.0)
-        await a.nodes.heartbeat({"blob_url": "http://a:5080"}, started=100.0, now=170.0)
-        assert [(n.node, n.urls["blob_url"], n.started, n.last_seen) for n in await b.nodes.nodes()] == [
+        a.nodes.heartbeat({"blob_url": "http://a:5080"}, started=100.0, now=150.0)
+        b.nodes.heartbeat({"blob_url": "http://b:5080"}, started=120.0, now=160.0)
+        a.nodes.heartbeat({"blob_url": "http://a:5080"}, started=100.0, now=170.0)
+        assert [(n.node, n.urls["blob_url"], n.started, n.last_seen) for n in b.nodes.nodes()] == [
             ("node-a", "http://a:5080", 100.0, 170.0), ("node-b", "http://b:5080", 120.0, 160.0)]  # fmt: skip
-        await a.nodes.forget("node-b")
-        assert [n.node for n in await a.nodes.nodes()] == ["node-a"]
-        await a.check()
+        a.nodes.forget("node-b")
+        assert [n.node for n in a.nodes.nodes()] == ["node-a"]
+        a.check()
 
-    on_nodes(go, 2)
+    go(*records_on_nodes(2))
 
 
 def test_the_inventory_counts_each_object_once_and_last_uses_only_move_forward(
-    on_nodes: OnNodes,
+    records_on_nodes: RecordsOnNodes,
 ) -> None:
-    async def go(a: SharedRedis, b: SharedRedis) -> None:
-        await a.inventory.added("blob:x", 1000, when=10.0)
-        await b.inventory.added("blob:x", 1000, when=5.0)  # a second node uploaded it too
-        await a.inventory.added("manifest:y", 50, when=20.0)
-        await a.inventory.added("blob:z", 7, when=30.0)
-        assert await b.inventory.totals() == (3, 1057)
-        assert await a.inventory.sizes(["blob:x", "blob:nope"]) == {"blob:x": 1000}
-        await a.inventory.record_uses({"blob:x": 40.0, "manifest:y": 15.0, "blob:unknown": 50.0})
-        assert await b.inventory.last_uses(["blob:x", "manifest:y", "blob:unknown"]) == {
+    def go(a: SharedRedis, b: SharedRedis) -> None:
+        a.inventory.added("blob:x", 1000, when=10.0)
+        b.inventory.added("blob:x", 1000, when=5.0)  # a second node uploaded it too
+        a.inventory.added("manifest:y", 50, when=20.0)
+        a.inventory.added("blob:z", 7, when=30.0)
+        assert b.inventory.totals() == (3, 1057)
+        assert a.inventory.sizes(["blob:x", "blob:nope"]) == {"blob:x": 1000}
+        a.inventory.record_uses({"blob:x": 40.0, "manifest:y": 15.0, "blob:unknown": 50.0})
+        assert b.inventory.last_uses(["blob:x", "manifest:y", "blob:unknown"]) == {
             "blob:x": 40.0, "manifest:y": 20.0}  # fmt: skip
-        assert await b.inventory.least_recent(10) == [("manifest:y", 20.0), ("blob:z", 30.0), ("blob:x", 40.0)]
-        assert await b.inventory.least_recent(10, before=30.0) == [("manifest:y", 20.0)]
-        assert await b.inventory.least_recent(1) == [("manifest:y", 20.0)]
-        assert await a.inventory.forget(["blob:x", "blob:never"]) == 1000
-        assert await b.inventory.forget(["blob:x"]) == 0
-        assert await a.inventory.totals() == (2, 57)
+        assert b.inventory.least_recent(10) == [("manifest:y", 20.0), ("blob:z", 30.0), ("blob:x", 40.0)]
+        assert b.inventory.least_recent(10, before=30.0) == [("manifest:y", 20.0)]
+        assert b.inventory.least_recent(1) == [("manifest:y", 20.0)]
+        assert a.inventory.forget(["blob:x", "blob:never"]) == 1000
+        assert b.inventory.forget(["blob:x"]) == 0
+        assert a.inventory.totals() == (2, 57)
 
-    on_nodes(go, 2)
+    go(*records_on_nodes(2))
 
 
 # -- Redis: leases and fill progress ------------------------------------------------------------------------
@@ -787,7 +811,7 @@ def test_a_kept_lease_outlives_its_time_and_knows_when_it_is_lost(on_nodes: OnNo
         lease = await a.leases.acquire("fill-y", 0.3)
         assert lease is not None
         async with lease.kept():
-            await a.client.delete(a.keys.lease("fill-y"))
+            a.client.delete(a.keys.lease("fill-y"))
             other = await b.leases.acquire("fill-y", 5)
             await asyncio.wait_for(lease.lost.wait(), 2)
         assert other is not None and await b.leases.holder("fill-y") == other.holder
@@ -828,8 +852,8 @@ def test_a_late_follower_sees_every_fill_event(on_nodes: OnNodes) -> None:
         for i in range(300):
             await holder.fills.publish(quiet, FillEvent(i))
         key = holder.keys.fill(quiet)
-        assert await holder.client.xlen(key) < 250  # capped (MAXLEN ~ 100)
-        assert 3500 < await holder.client.ttl(key) <= 3600
+        assert holder.client.xlen(key) < 250  # capped (MAXLEN ~ 100)
+        assert 3500 < holder.client.ttl(key) <= 3600
 
     on_nodes(go, 2)
 
@@ -931,7 +955,9 @@ def test_redis_down_or_hung_fails_fast_with_one_exception(
     Measured: stopped < 5 ms, hung 0.50 s."""
     caplog.set_level(logging.INFO, logger="regcache")
 
-    async def calls(r: SharedRedis) -> list[Callable[[], Awaitable[object]]]:
+    def calls(r: SharedRedis) -> list[Callable[[], object]]:
+        """The records' calls are blocking, the leases' and fills' coroutines (`settled` runs either)."""
+
         async def follow() -> None:
             async for _ in r.fills.follow("t", stall_seconds=5):
                 pass
@@ -944,21 +970,25 @@ def test_redis_down_or_hung_fails_fast_with_one_exception(
             lambda: r.fills.publish("t", FillEvent(1)), lambda: r.nodes.nodes(), r.check,
         ]  # fmt: skip
 
+    async def settled(call: Callable[[], object]) -> object:
+        result = call()
+        return await result if inspect.isawaitable(result) else result
+
     async def all_fail(r: SharedRedis, limit: float) -> float:
         slowest = 0.0
-        for call in await calls(r):
+        for call in calls(r):
             began = time.monotonic()
             with pytest.raises(RedisUnavailable):
-                await call()
+                await settled(call)
             slowest = max(slowest, time.monotonic() - began)
         assert slowest < limit, f"slowest failure took {slowest:.3f} s"
         return slowest
 
-    async def until_works(call: Callable[[], Awaitable[T]]) -> T:
+    async def until_works(call: Callable[[], object]) -> object:
         deadline = time.monotonic() + 5
         while True:
             try:
-                return await call()
+                return await settled(call)
             except RedisUnavailable:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)  # the breaker's window
@@ -967,12 +997,12 @@ def test_redis_down_or_hung_fails_fast_with_one_exception(
         asking.breaker.retry_after = 0  # asks Redis every time
         r = SharedRedis(asking.settings, "node-b", retry_after=0.5)
         records = RedisAccessRecords(r.settings, breaker=r.breaker)
-        await r.tags.put(REF, ("a",), record("sha256:" + "a" * 64, 1.0))
+        r.tags.put(REF, ("a",), record("sha256:" + "a" * 64, 1.0))
         redis_server.stop()
         down = await all_fail(asking, 0.5)
         await all_fail(r, 0.5)  # the first asks, the others are not tried
         with pytest.raises(RedisUnavailable, match="not tried"):
-            await r.pins.pins()
+            r.pins.pins()
         for sync_call in (records.secret, lambda: records.grant("i", "r"), records.realms):
             fails_within(0.2, OSError, sync_call)
         redis_server.start()
@@ -983,16 +1013,16 @@ def test_redis_down_or_hung_fails_fast_with_one_exception(
         try:
             began = time.monotonic()
             with pytest.raises(RedisUnavailable):
-                await r.pins.pins()
+                r.pins.pins()
             hung = time.monotonic() - began
             assert 0.4 < hung < 1.5
             fails_within(0.2, RedisUnavailable, records.realms)
         finally:
             os.kill(pid, signal.SIGCONT)
         assert await until_works(r.pins.pins) == {}
-        assert await asking.pins.pins() == {}
+        assert asking.pins.pins() == {}
         records.close()
-        await r.close()
+        await r.aclose()
         return down, hung
 
     down, hung = on_nodes(go)

@@ -103,6 +103,8 @@ class BlobServer:
 
     async def _filling_blob(self, request: web.Request, digest: str, headers: Mapping[str, str]) -> web.StreamResponse:
         fill = self._fills.get(digest)
+        if fill is not None and not fill.started.is_set():  # another node, following before upstream answered
+            await fill.started.wait()  # bounded: the upstream client times out
         if fill is None or fill.committed or fill.staging_path is None:
             return await self._stored_blob(digest, headers, from_fill=True)
         try:

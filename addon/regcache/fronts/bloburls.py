@@ -35,9 +35,9 @@ class BlobUrls:
         message = f"{source}\n{digest}\n{expires}".encode()
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
-    def path(self, source: BlobSource, digest: str) -> str:
-        """The endpoint's path and query for `digest`, valid for `URL_LIFETIME_SECONDS`."""
-        expires = str(int(self._clock()) + URL_LIFETIME_SECONDS)
+    def path(self, source: BlobSource, digest: str, lifetime: float = URL_LIFETIME_SECONDS) -> str:
+        """The endpoint's path and query for `digest`, valid for `lifetime` seconds."""
+        expires = str(int(self._clock() + lifetime))
         return f"/{source}/{digest}?expires={expires}&signature={self._signature(source, digest, expires)}"
 
     def valid(self, source: str, digest: str, expires: str, signature: str) -> bool:

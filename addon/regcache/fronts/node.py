@@ -17,7 +17,9 @@ from regcache.config import Settings
 from regcache.fronts.blobserver import BlobServer
 from regcache.fronts.listener import Listener, Timeouts
 from regcache.fronts.mirror import MirrorServer
+from regcache.services.blobs import FILL_URL_SECONDS
 from regcache.services.runtime import Runtime
+from regcache.store.shared.errors import BucketUnusable
 
 log = logging.getLogger("regcache")
 
@@ -33,9 +35,14 @@ class Node:
         """Opens the store and binds every listening socket (raises StartupError, StoreError, OSError).
         `previous`: the running configuration this one replaces (its sockets at the same fixed
         addresses are taken over)."""
-        self.runtime = Runtime(settings, offline)
+        try:
+            self.runtime = Runtime(settings, offline)
+        except BucketUnusable as err:  # the shared bucket is missing or not writable: one line, no start
+            raise StartupError(str(err)) from err
         timeouts = Timeouts(settings.header_timeout, settings.idle_timeout)
         self.blob_server = BlobServer(self.runtime.store, self.runtime.fills, settings.blob_listen, timeouts)
+        if settings.shared is not None and settings.blob_url:  # where other nodes follow this node's fills
+            self.runtime.fills.fill_url = self._fill_url
         mirrors = [
             MirrorServer(self.runtime, self.blob_server, host, listen, timeouts)
             for host, listen in settings.mirrors.items()
@@ -48,6 +55,10 @@ class Node:
             self.runtime.store.close()
             raise
         self._started: asyncio.Future[None] | None = None
+
+    def _fill_url(self, digest: str) -> str:
+        """The signed URL of this node's fill of `digest`, as other nodes reach it (`blob_url`)."""
+        return f"{self.runtime.settings.blob_url}{self.blob_server.urls.path('fills', digest, FILL_URL_SECONDS)}"
 
     def listeners(self) -> list[Listener]:
         return [self.blob_server.listener, *(mirror.listener for mirror in self.mirrors)]

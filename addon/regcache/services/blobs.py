@@ -10,6 +10,18 @@ When the disk refuses a write mid-fill (full, I/O error), the fill goes on: the 
 file could not take are relayed to the clients already following it from memory, at the pace of
 the slowest (at most `RELAY_BUFFER` held), still verified before the last byte goes out, and
 nothing is stored. New requests for blobs are passed through uncached while the disk is in trouble.
+
+In a cluster (`shared`, store/shared/tiered.py) a fill's bytes come from one of three places
+(`Fill.origin`): `upstream` for the node holding the cluster's lease `blob:<digest>` (taken before
+the upstream fetch, renewed while it runs; the blob is uploaded to the bucket after its commit,
+then the lease is released); `node`, the lease holder's fill followed over HTTP at the signed URL
+it published (another node's `/fills/`), hashed and verified here as from upstream; or `bucket`, a
+blob the bucket holds, streamed through this node (`shared.s3.redirect: false`; with redirects, an
+L2 hit is a `307` to a presigned URL and no fill at all). A followed holder that dies (its stream
+breaks, or stalls past the read time-out) is replaced: the bytes after those already taken come
+from the bucket if the blob got there, else from the new lease holder, else this node takes the
+lease and fetches upstream itself. Redis down: every node fills alone (local single flight); S3
+down: blob misses pass through uncached.
 """
 
 from __future__ import annotations
@@ -20,17 +32,18 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from multidict import CIMultiDict
 
 from regcache.metrics import METRICS
-from regcache.oci.api import RegistryRequest
+from regcache.oci.api import API_VERSION_HEADER, RegistryRequest
 from regcache.oci.digest import DigestMismatch
 from regcache.services.access import Access
-from regcache.services.answers import Decision, LocalStream, PassThrough, blob_head_answer, relay
+from regcache.services.answers import Answer, Decision, LocalStream, PassThrough, blob_head_answer, relay
 from regcache.services.identity import Client
 from regcache.services.manifests import not_in_offline_cache, unavailable
 from regcache.services.upstream import (
@@ -38,14 +51,14 @@ from regcache.services.upstream import (
     TRANSFER_ERRORS,
     UpstreamAnswer,
     UpstreamClient,
-    UpstreamResponse,
     UpstreamUnavailable,
     describe_error,
     read_limited,
     shown,
 )
-from regcache.store.base import Store
+from regcache.store.base import FillLease, SharedTier, Store
 from regcache.store.errors import STORE_ERRORS, best_effort
+from regcache.store.shared.errors import SharedUnavailable
 from regcache.store.staging import BlobStaging
 
 log = logging.getLogger(__name__)
@@ -70,12 +83,39 @@ class RelayStalled(Exception):
     """A fill relaying from memory waited too long for its followers to take the bytes held."""
 
 
+class HolderGone(Exception):
+    """The node holding a blob's lease no longer serves its fill (it answered something else)."""
+
+
+# Where a fill's bytes come from (module docstring).
+FillOrigin = Literal["upstream", "node", "bucket"]
+# A fill URL a lease publishes stays valid this long: longer than any fill (it names one digest).
+FILL_URL_SECONDS = 6 * 3600.0
+# While another node holds a blob's lease but its fill cannot be followed yet (starting, ending,
+# dead until its lease expires): look again after this long.
+CLUSTER_RETRY_SECONDS = 0.1
+
+
+@dataclass
+class Opened:
+    """A fill's source, opened: its answer (`status`, `refusal` for anything but 200), size, and
+    bytes; `release` lets go of it."""
+
+    status: int | None
+    content_length: int | None
+    chunks: AsyncIterable[bytes]
+    release: Callable[[], None]
+    refusal: UpstreamAnswer | None = None
+
+
 class FillView(Protocol):
     """What the fill's followers (the blob endpoint, completion) read of a `Fill`: its progress and
     outcome, read-only, and the follower's own calls. Only `Fills` moves a fill on."""
 
     @property
     def digest(self) -> str: ...
+    @property
+    def started(self) -> asyncio.Event: ...
     @property
     def expected_size(self) -> int | None: ...
     @property
@@ -124,6 +164,8 @@ class Fill:
         self.committed = False
         self.pass_through = ""  # why this blob is relayed uncached (disk full, write errors)
         self.spilled = ""  # why the staging file stopped taking bytes: the rest comes from memory
+        self.origin: FillOrigin = "upstream"  # where the bytes come from (known once `started`)
+        self.lease: FillLease | None = None  # the cluster's lease on this blob, if this node holds it
         self._changed = asyncio.Event()
         # Relaying from memory: the bytes from `_held_from` on that some follower has yet to send.
         self._held = bytearray()
@@ -259,9 +301,12 @@ class Fill:
 class Fills:
     """The running fills, by digest (single flight)."""
 
-    def __init__(self, store: Store, upstream: UpstreamClient) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, shared: SharedTier | None = None) -> None:
         self._store = store
         self._upstream = upstream
+        self._shared = shared  # the cluster (store/shared/tiered.py); None: this node alone
+        # This node's signed URL where other nodes follow its fill of a digest (set by the fronts).
+        self.fill_url: Callable[[str], str] | None = None
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._disk_trouble_until = 0.0
@@ -293,20 +338,31 @@ class Fills:
         return fill, True
 
     async def _run(self, fill: Fill, url: str, headers: CIMultiDict[str], repository: str) -> None:
+        """The fill, holding the cluster's lease on the blob (if this node fetches it upstream) until
+        its bytes are in the bucket too; then this node's eviction."""
+        async with contextlib.AsyncExitStack() as leased:
+            await self._fill(fill, url, headers, repository, leased)
+            if fill.committed and self._shared is not None and fill.origin != "bucket":
+                await self._shared.upload_blob(fill.digest)  # verified and committed: never partial
+        if fill.committed:
+            await self._evict()
+
+    async def _fill(
+        self, fill: Fill, url: str, headers: CIMultiDict[str], repository: str, leased: contextlib.AsyncExitStack
+    ) -> None:
         started_at = time.monotonic()
-        response: UpstreamResponse | None = None
+        opened: Opened | None = None
         staging: BlobStaging | None = None
         try:
             if skip := self._no_room(None):  # known before asking upstream: no fetch wasted
                 fill.pass_through = skip
                 return
-            response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
-            fill.upstream_status = response.status
-            if response.status != 200:
-                body = await read_limited(response, MAX_ERROR_BODY)
-                fill.upstream_refusal = UpstreamAnswer(response.status, response.headers, body)
+            opened = await self._open(fill, url, headers, leased)
+            fill.upstream_status = opened.status
+            if opened.refusal is not None:
+                fill.upstream_refusal = opened.refusal
                 return
-            fill.expected_size = response.content_length
+            fill.expected_size = opened.content_length
             if skip := self._no_room(fill.expected_size):
                 fill.pass_through = skip
                 return
@@ -326,7 +382,7 @@ class Fills:
                 return
             fill.staging_path = staging.path
             fill.started.set()
-            async for chunk in response.content.iter_any():
+            async for chunk in self._taken_over(fill, opened, url, headers, leased):
                 await self._take(fill, staging, chunk, inline=small and fill.written + len(chunk) <= SMALL_BLOB)
             staging.check(fill.expected_size)
             # Verified: followers may send the last byte now, not after the fsync and the index.
@@ -335,9 +391,11 @@ class Fills:
                 await fill.promises_kept()
                 return  # relayed; the staging file is discarded below
             committing, staging = staging, None
-            await asyncio.to_thread(self._commit, committing, fill.expected_size, repository)
+            # Only an upstream answer through `repository` says the blob belongs to it (access.py).
+            seen_in = repository if fill.origin == "upstream" else None
+            await asyncio.to_thread(self._commit, committing, fill.expected_size, seen_in)
             fill.mark_committed()
-        except (UpstreamUnavailable, DigestMismatch, RelayStalled) as err:
+        except (UpstreamUnavailable, DigestMismatch, RelayStalled, HolderGone, SharedUnavailable) as err:
             fill.error = str(err)
         except TRANSFER_ERRORS as err:  # before OSError: some are OSErrors too
             fill.error = f"GET {shown(url)}: {describe_error(err)}"
@@ -351,13 +409,112 @@ class Fills:
             METRICS.fill_ended(repository, fill.written, failed=fill.error is not None)
             if staging is not None:
                 staging.discard()
-            if response is not None:
-                response.release()
+            if opened is not None:
+                opened.release()
             fill.end()
             self._retire(fill)
             self._log(fill, time.monotonic() - started_at)
-        if fill.committed:
-            await self._evict()
+
+    # where the bytes come from (module docstring) -------------------------------------------------
+    async def _open(
+        self, fill: Fill, url: str, headers: CIMultiDict[str], leased: contextlib.AsyncExitStack
+    ) -> Opened:
+        """The fill's source, `fill.origin` set: upstream on a single node; in a cluster the bucket,
+        the lease holder's fill, or upstream under this node's lease (Redis down: upstream alone)."""
+        if self._shared is not None:
+            try:
+                found = await self._cluster_source(fill, leased)
+            except SharedUnavailable as err:
+                log.debug("cluster single flight not available for %s: %s", fill.digest, err)
+                found = None
+            if found is not None:
+                return found
+        fill.origin = "upstream"
+        return await self._open_upstream(url, headers)
+
+    async def _cluster_source(self, fill: Fill, leased: contextlib.AsyncExitStack) -> Opened | None:
+        """The bucket's copy, the holder's fill, or None with this node holding the lease (None
+        also when the lease stays unobtainable past its time: then upstream without one)."""
+        assert self._shared is not None
+        shared, name = self._shared, f"blob:{fill.digest}"
+        deadline = time.monotonic() + 3 * shared.lease_seconds + (self._upstream.blob_timeout().sock_read or 30.0)
+        while time.monotonic() < deadline:
+            if not shared.s3_down and (opened := await self._from_bucket(fill.digest)) is not None:
+                fill.origin = "bucket"
+                return opened
+            url = self.fill_url(fill.digest) if self.fill_url is not None else None
+            lease = await shared.acquire(name, url)
+            if lease is not None:
+                await leased.enter_async_context(lease.kept())  # renewed until the upload is done
+                fill.lease = lease
+                return None
+            holder = await shared.holder(name)
+            if holder is not None and holder.url and (opened := await self._from_node(holder.url)) is not None:
+                fill.origin = "node"
+                log.info("FOLLOWING blob %s from node %s", fill.digest, holder.node)
+                return opened
+            await asyncio.sleep(CLUSTER_RETRY_SECONDS)  # the holder is starting, ending or dead
+        log.warning("cluster lease of %s not obtainable: fetching upstream without it", fill.digest)
+        return None
+
+    async def _from_bucket(self, digest: str) -> Opened | None:
+        assert self._shared is not None
+        found = await self._shared.shared_chunks(digest)
+        if found is None:
+            return None
+        size, chunks = found
+        return Opened(200, size, chunks, lambda: None)
+
+    async def _from_node(self, url: str) -> Opened | None:
+        """The lease holder's fill, followed at the URL it published; None unless it serves it."""
+        try:
+            response = await self._upstream.open("GET", url, CIMultiDict(), self._upstream.blob_timeout(),
+                                                 own_credentials=False)  # fmt: skip
+        except UpstreamUnavailable as err:
+            log.debug("the lease holder's fill at %s: %s", shown(url), err)
+            return None
+        if response.status != 200:
+            response.release()
+            return None
+        return Opened(200, response.content_length, response.content.iter_any(), response.release)
+
+    async def _open_upstream(self, url: str, headers: CIMultiDict[str]) -> Opened:
+        response = await self._upstream.open("GET", url, headers, self._upstream.blob_timeout())
+        if response.status != 200:
+            try:
+                body = await read_limited(response, MAX_ERROR_BODY)
+            finally:
+                response.release()
+            refusal = UpstreamAnswer(response.status, response.headers, body)
+            return Opened(response.status, None, _no_chunks(), lambda: None, refusal)
+        return Opened(200, response.content_length, response.content.iter_any(), response.release)
+
+    async def _taken_over(
+        self, fill: Fill, opened: Opened, url: str, headers: CIMultiDict[str], leased: contextlib.AsyncExitStack
+    ) -> AsyncIterator[bytes]:
+        """The source's bytes; when a followed holder dies mid-fill, the rest from a new source (the
+        bucket, the new holder, or upstream under this node's lease), its first bytes skipped."""
+        current, taken = opened, 0
+        try:
+            while True:
+                try:
+                    async for chunk in _after(current.chunks, taken):
+                        taken += len(chunk)
+                        yield chunk
+                    return
+                except (*TRANSFER_ERRORS, SharedUnavailable) as err:
+                    if fill.origin != "node":
+                        raise
+                    log.warning("the followed fill of %s broke after %d B (%s): taking over", fill.digest, taken,
+                                describe_error(err))  # fmt: skip
+                if current is not opened:
+                    current.release()
+                current = await self._open(fill, url, headers, leased)
+                if current.refusal is not None:
+                    raise HolderGone(f"taking over {fill.digest}: upstream answered {current.status}")
+        finally:
+            if current is not opened:
+                current.release()
 
     async def _take(self, fill: Fill, staging: BlobStaging, chunk: bytes, inline: bool) -> None:
         """One chunk from upstream: into the staging file (`inline`: on the event loop), or, once
@@ -381,10 +538,11 @@ class Fills:
         """The disk, not the upstream, failed: stop caching blobs for a while, keep serving."""
         self._disk_trouble_until = time.monotonic() + DISK_TROUBLE_PAUSE
 
-    def _commit(self, staging: BlobStaging, expected_size: int | None, repository: str) -> None:
+    def _commit(self, staging: BlobStaging, expected_size: int | None, repository: str | None) -> None:
         """Into the store, and known to belong to `repository` (access.py): one thread trip."""
         self._store.commit_blob(staging, expected_size)
-        best_effort("access records", self._store.mark_seen, repository, [staging.digest])
+        if repository is not None:
+            best_effort("access records", self._store.mark_seen, repository, [staging.digest])
 
     async def _evict(self) -> None:
         """One eviction at a time: concurrent ones would each free the whole excess."""
@@ -443,12 +601,21 @@ class Fills:
 
 
 class BlobService:
-    def __init__(self, store: Store, upstream: UpstreamClient, fills: Fills, access: Access, offline: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        upstream: UpstreamClient,
+        fills: Fills,
+        access: Access,
+        offline: bool,
+        shared: SharedTier | None = None,
+    ) -> None:
         self._access = access
         self._store = store
         self._upstream = upstream
         self._fills = fills
         self._offline = offline
+        self._shared = shared
 
     async def serve(self, req: RegistryRequest, ranged: bool) -> Decision:
         digest = req.route.reference
@@ -460,6 +627,8 @@ class BlobService:
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
+        if fill is None and (shared := await self._shared_hit(req, client, digest)) is not None:
+            return shared
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
         if req.head:
@@ -487,11 +656,14 @@ class BlobService:
         if not started and (denied := await self._access.check(req, client, digest, "blobs")):
             return denied  # someone else's fill: this client must be allowed too
         await fill.started.wait()  # bounded: the upstream client times out
+        if started and fill.origin != "upstream" and (denied := await self._access.check(req, client, digest, "blobs")):
+            return denied  # bytes from the cluster, not from upstream for this client: checked as a hit
         if fill.upstream_refusal is not None:
             if started:
                 self._access.observe_answer(req, client, fill.upstream_refusal)
             return relay(fill.upstream_refusal, "PASS")
-        if started and fill.upstream_status == 200:  # only what the upstream said: a skip says nothing
+        # Only what the upstream said to this client: a skip, or bytes from the cluster, say nothing.
+        if started and fill.origin == "upstream" and fill.upstream_status == 200:
             self._access.observe(req, client, 200)
         if fill.pass_through:
             return PassThrough("MISS", note=f"not cached: {fill.pass_through}")
@@ -500,6 +672,30 @@ class BlobService:
         if fill.error is not None:
             return unavailable(req, fill.error)
         return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
+
+    async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str) -> Decision | None:
+        """A blob the cluster's bucket holds, after the checks a local hit gets: a `307` to a
+        presigned URL (`shared.s3.redirect`), or None to fill it from the bucket through this node
+        (redirect off, ranged, or no URL to be had); None as well when the bucket lacks it or S3 is
+        down (then a miss)."""
+        if self._shared is None or self._shared.s3_down:
+            return None
+        try:
+            blob = await self._shared.shared_blob(digest)
+            if blob is None:
+                return None
+            if denied := await self._access.check(req, client, digest, "blobs"):
+                return denied
+            if req.head:
+                return blob_head_answer(digest, blob.size, "HIT")
+            if not self._shared.redirect:
+                return None
+            url = await self._shared.presigned_url(digest)
+        except SharedUnavailable:
+            return None
+        METRICS.cache_bytes_sent(blob.size)
+        headers = [("Location", url), ("Docker-Content-Digest", digest), *API_VERSION_HEADER.items()]
+        return Answer(307, headers, b"", "HIT", note="from the shared bucket")
 
     @staticmethod
     def _hit(req: RegistryRequest, stored: StoredBlob) -> Decision:
@@ -525,3 +721,20 @@ def find_stored(store: Store, digest: str, repository: str) -> StoredBlob | None
     with handle:
         path, size = str(handle.name), os.fstat(handle.fileno()).st_size
     return StoredBlob(digest, path, size, store.is_seen(repository, digest))
+
+
+async def _after(chunks: AsyncIterable[bytes], skip: int) -> AsyncIterator[bytes]:
+    """`chunks` without their first `skip` bytes (those a fill took from a source before this one)."""
+    async for chunk in chunks:
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        yield chunk[skip:] if skip else chunk
+        skip = 0
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:  # an async generator that yields nothing
+        yield chunk
+

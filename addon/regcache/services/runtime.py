@@ -3,7 +3,8 @@ both fronts (fronts/proxy.py, fronts/mirror.py) share.
 
 A `Runtime` owns the store, the access records, the upstream client, the services (manifests, blobs
 and their fills, access, tokens), the background completion of tags clients only `HEAD`ed
-(completion.py) and the background upkeep of the store (expiry, last uses, usage counts). It knows
+(completion.py) and the background upkeep of the store (expiry, last uses, usage counts; in a
+cluster also this node's heartbeat and the bucket's sweep, store/shared/tiered.py). It knows
 no front: the servers a configuration runs (blob endpoint, mirrors) are fronts/node.py's.
 `decide` turns a parsed registry read (`RegistryRequest`) into a `Decision`, whether it came through
 the proxy or to the mirror's own port, so both apply the same cache, revalidation and access rules.
@@ -12,7 +13,9 @@ the proxy or to the mirror's own port, so both apply the same cache, revalidatio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -33,20 +36,36 @@ from regcache.store.access import AccessRecords, DiskAccessRecords
 from regcache.store.base import Store, UsageStore
 from regcache.store.disk import DiskStore
 from regcache.store.errors import STORE_ERRORS, USE_FLUSH_SECONDS, best_effort
+from regcache.store.shared.access import ClusterAccessRecords, RedisAccessRecords
+from regcache.store.shared.errors import SharedUnavailable
+from regcache.store.shared.tiered import TieredStore, open_tiered
 
 log = logging.getLogger("regcache")
 
 USAGE_FLUSH_SECONDS = 5.0
+# In a cluster: how often this node says it is alive (for `stats`), and tries to sweep the bucket
+# (one node at a time does: the others find the sweep lock taken).
+HEARTBEAT_SECONDS = 10.0
+SWEEP_SECONDS = 300.0
 
 
 class Runtime:
     """Store, upstream client and services of one configuration."""
 
     def __init__(self, settings: Settings, offline: bool) -> None:
-        """Opens the store (raises StoreError, OSError, sqlite3.Error)."""
+        """Opens the store (raises StoreError, OSError, sqlite3.Error; with `shared`, BucketUnusable)."""
         self.settings = settings
         self.offline = offline
-        self.store: Store = DiskStore(settings.cache_dir, settings.size_limit)
+        disk = DiskStore(settings.cache_dir, settings.size_limit)
+        # A cluster's node: its disk as L1 under the shared bucket and Redis (store/shared/tiered.py).
+        self.tiered: TieredStore | None = None
+        if settings.shared is not None:
+            try:
+                self.tiered = open_tiered(disk, settings.shared)
+            except BaseException:
+                disk.close()
+                raise
+        self.store: Store = self.tiered or disk
         if self.store.read_only:
             log.warning(
                 "regcache: the store in %s is read-only (%s): serving what it holds, caching nothing new until "
@@ -55,14 +74,17 @@ class Runtime:
                 self.store.read_only,
             )
         self.records: AccessRecords = DiskAccessRecords(settings.cache_dir)
+        if self.tiered is not None and settings.shared is not None:  # grants are the cluster's, as strict
+            cluster = RedisAccessRecords(settings.shared.redis, breaker=self.tiered.redis.breaker)
+            self.records = ClusterAccessRecords(cluster, self.records)
         self.upstream = UpstreamClient(settings)
-        self.fills = Fills(self.store, self.upstream)
+        self.fills = Fills(self.store, self.upstream, self.tiered)
         self.access = Access(self.store, self.records, self.upstream, settings, offline)
         self.tokens = TokenService(self.access, self.records, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
         self.completions = Completions(self.store, self.manifests, self.fills, settings.platforms)
         self.manifests.complete_later = self.completions.schedule
-        self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline)
+        self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline, self.tiered)
         self._background: list[asyncio.Future[None]] = []
 
     def start_background(self) -> None:
@@ -73,6 +95,10 @@ class Runtime:
             self._background.append(asyncio.ensure_future(self._expire_unused()))
         self._background.append(asyncio.ensure_future(flush_usage_periodically(self.store)))
         self._background.append(asyncio.ensure_future(self._flush_uses()))
+        if self.tiered is not None:
+            self._background.append(asyncio.ensure_future(self._heartbeat(self.tiered)))
+            if not self.offline:
+                self._background.append(asyncio.ensure_future(self._sweep(self.tiered)))
 
     def stop_background(self) -> None:
         for task in self._background:
@@ -83,6 +109,24 @@ class Runtime:
         while True:
             await asyncio.sleep(USE_FLUSH_SECONDS)
             await asyncio.to_thread(self.store.flush_uses)
+
+    async def _heartbeat(self, tiered: TieredStore) -> None:
+        """This node in the cluster's registry (its blob endpoint, when it started, last seen)."""
+        started = time.time()
+        urls = {"blob": self.settings.blob_url or ""}
+        while True:
+            with contextlib.suppress(SharedUnavailable):  # the breaker has said so, once
+                await tiered.heartbeat(urls, started)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _sweep(self, tiered: TieredStore) -> None:
+        """The bucket's sweep (shared.size_limit, shared.max_age), by one node at a time."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await tiered.sweep()
+            except (SharedUnavailable, *STORE_ERRORS) as err:
+                log.warning("shared store: the bucket's sweep skipped: %s", err)
 
     async def _expire_unused(self) -> None:
         """Every max_age/10 (at most hourly): drop what nobody used for max_age."""
@@ -113,6 +157,8 @@ class Runtime:
         await asyncio.to_thread(self.store.flush_uses)
         self.store.close()
         self.records.close()
+        if self.tiered is not None:
+            await self.tiered.aclose()
 
     def store_totals(self) -> Mapping[str, tuple[int, int]] | None:
         """(entries, bytes) per kind for the metrics' store gauges; None (and a warning) when the

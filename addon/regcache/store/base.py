@@ -14,8 +14,10 @@ rule (`capped_records`), so every implementation keeps the same number per tag.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -140,3 +142,50 @@ class Store(BlobStore, ManifestStore, TagStore, SeenStore, PinStore, UsageStore,
     read_only: str
 
     def close(self) -> None: ...
+
+
+# -- a cluster's shared tier (store/shared/tiered.py), what the services ask of it on the event loop ---
+
+
+@dataclass(frozen=True)
+class SharedBlob:
+    """A blob the cluster's bucket holds."""
+
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class FillHolder:
+    """The node holding a fill's lease, and where its fill can be followed."""
+
+    node: str
+    url: str | None
+    token: str  # unique to one holding: a new token is a new holder
+
+
+class FillLease(Protocol):
+    """A lease this node holds: `kept()` renews it while a block runs and releases it after;
+    `lost` is set if it was lost meanwhile."""
+
+    @property
+    def lost(self) -> asyncio.Event: ...
+    def kept(self) -> AbstractAsyncContextManager[object]: ...
+
+
+class SharedTier(Protocol):
+    """The cluster's side of a `TieredStore`: async, on the event loop. Every call may raise
+    `SharedUnavailable` (an OSError): the caller goes on as a single node."""
+
+    node: str
+    redirect: bool  # blob hits from L2: a 307 to a presigned URL (False: streamed through the node)
+    lease_seconds: float
+
+    @property
+    def s3_down(self) -> str: ...  # why S3 is considered down ("": it is not)
+    async def shared_blob(self, digest: str) -> SharedBlob | None: ...
+    async def presigned_url(self, digest: str) -> str: ...
+    async def shared_chunks(self, digest: str) -> tuple[int, AsyncIterable[bytes]] | None: ...
+    async def upload_blob(self, digest: str) -> bool: ...
+    async def acquire(self, name: str, url: str | None) -> FillLease | None: ...
+    async def holder(self, name: str) -> FillHolder | None: ...

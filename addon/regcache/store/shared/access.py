@@ -18,13 +18,18 @@ access:challenges (hash registry → challenge).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from regcache.config import RedisSettings
-from regcache.store.access import ANONYMOUS, Grant, TokenRecord
-from regcache.store.shared.errors import Breaker, RedisUnavailable
+from regcache.store.access import ANONYMOUS, AccessRecords, Grant, TokenRecord
+from regcache.store.shared.errors import Breaker, RedisUnavailable, SharedUnavailable
 from regcache.store.shared.redis_client import sync_connection, text
+
+T = TypeVar("T")
 
 
 class RedisAccessRecords:
@@ -118,3 +123,73 @@ def _milliseconds_left(until: float) -> int | None:
     """Whole milliseconds until `until` (epoch seconds), at least 1; None when it is past."""
     left = int((until - time.time()) * 1000)
     return left if left > 0 else None
+
+
+class ClusterAccessRecords:
+    """The cluster's access records (Redis), and this node's own (`local`, on disk) while Redis
+    cannot answer: writes go to both; a read takes Redis's answer whenever Redis gives one (so a
+    grant another node revoked stays revoked), and the node's own only during an outage. Records
+    read from the node's own fail closed at worst: identities are hashed under the secret read at
+    start (the cluster's, or the node's own when Redis was down then), and a record hashed under
+    the other one simply matches nobody."""
+
+    def __init__(self, cluster: RedisAccessRecords, local: AccessRecords) -> None:
+        self._cluster = cluster
+        self._local = local
+
+    def _read(self, read: Callable[[AccessRecords], T]) -> T:
+        try:
+            return read(self._cluster)
+        except SharedUnavailable:
+            return read(self._local)
+
+    def _write(self, write: Callable[[AccessRecords], object]) -> None:
+        try:
+            write(self._local)
+        finally:
+            with contextlib.suppress(SharedUnavailable):  # the breaker has said so, once
+                write(self._cluster)
+
+    def secret(self) -> bytes:
+        return self._read(lambda records: records.secret())
+
+    def grant(self, identity: str, repository: str) -> Grant | None:
+        return self._read(lambda records: records.grant(identity, repository))
+
+    def put_grant(self, identity: str, repository: str, grant: Grant) -> None:
+        self._write(lambda records: records.put_grant(identity, repository, grant))
+
+    def drop_grant(self, identity: str, repository: str) -> None:
+        self._write(lambda records: records.drop_grant(identity, repository))
+
+    def holds_grants(self, identity: str) -> bool:
+        return self._read(lambda records: records.holds_grants(identity))
+
+    def token(self, key: str) -> TokenRecord | None:
+        return self._read(lambda records: records.token(key))
+
+    def put_token(self, key: str, record: TokenRecord) -> None:
+        self._write(lambda records: records.put_token(key, record))
+
+    def realms(self) -> set[str]:
+        return self._read(lambda records: records.realms())
+
+    def add_realm(self, realm: str) -> None:
+        self._write(lambda records: records.add_realm(realm))
+
+    def challenges(self) -> dict[str, str]:
+        return self._read(lambda records: records.challenges())
+
+    def put_challenge(self, registry: str, challenge: str | None) -> None:
+        self._write(lambda records: records.put_challenge(registry, challenge))
+
+    def close(self) -> None:
+        try:
+            self._local.close()
+        finally:
+            self._cluster.close()
+
+
+# Both provide the protocol (checked by the type checker).
+_CHECKED: type[AccessRecords] = RedisAccessRecords
+_CHECKED_CLUSTER: type[AccessRecords] = ClusterAccessRecords

@@ -207,6 +207,16 @@ class _Objects:
     async def has(self, digest: str) -> bool:
         return await self.size(digest) is not None
 
+    def size_blocking(self, digest: str) -> int | None:
+        """`size`, blocking: for the store protocols, called from worker threads."""
+        key = self.key(digest)
+        try:
+            with self._guarded(f"HEAD {key}"):
+                meta = obstore.head(self._store, key)
+        except FileNotFoundError:
+            return None
+        return int(meta["size"])
+
     async def delete(self, digest: str) -> None:
         """Remove it (no error if it is not there)."""
         with self._guarded(f"DELETE {self.key(digest)}"):
@@ -310,11 +320,19 @@ class SharedManifests(_Objects):
     async def put(self, digest: str, manifest: Manifest) -> bool:
         """Store it if absent (DigestMismatch if the bytes are not `digest`'s); True if written."""
         verify_digest(digest, manifest.body)
-        key = self.key(digest)
-        attributes = {"Content-Type": manifest.media_type}
         try:
-            with self._guarded(f"PUT {key}"):
-                await obstore.put_async(self._store, key, manifest.body, attributes=attributes, mode="create")
+            with self._guarded(f"PUT {self.key(digest)}"):
+                await obstore.put_async(self._store, self.key(digest), manifest.body, **_created(manifest))
+        except AlreadyExistsError:
+            return False
+        return True
+
+    def put_blocking(self, digest: str, manifest: Manifest) -> bool:
+        """`put`, blocking: for the store protocols, called from worker threads."""
+        verify_digest(digest, manifest.body)
+        try:
+            with self._guarded(f"PUT {self.key(digest)}"):
+                obstore.put(self._store, self.key(digest), manifest.body, **_created(manifest))
         except AlreadyExistsError:
             return False
         return True
@@ -328,8 +346,29 @@ class SharedManifests(_Objects):
                 body = bytes(await result.bytes_async())
         except FileNotFoundError:
             return None
-        verify_digest(digest, body)
-        return Manifest(str(result.attributes.get("Content-Type", "")), body)
+        return _verified(digest, result, body)
+
+    def get_blocking(self, digest: str) -> Manifest | None:
+        """`get`, blocking: for the store protocols, called from worker threads."""
+        key = self.key(digest)
+        try:
+            with self._guarded(f"GET {key}"):
+                result = obstore.get(self._store, key)
+                body = bytes(result.bytes())
+        except FileNotFoundError:
+            return None
+        return _verified(digest, result, body)
+
+
+def _created(manifest: Manifest) -> dict[str, Any]:
+    """A manifest's put options: its media type as Content-Type, and only if absent (immutable)."""
+    return {"attributes": {"Content-Type": manifest.media_type}, "mode": "create"}
+
+
+def _verified(digest: str, result: GetResult, body: bytes) -> Manifest:
+    """The manifest read (DigestMismatch unless `body` is exactly `digest`'s)."""
+    verify_digest(digest, body)
+    return Manifest(str(result.attributes.get("Content-Type", "")), body)
 
 
 class SharedObjects:
@@ -344,14 +383,15 @@ class SharedObjects:
         self.manifests = SharedManifests(self.store, self.breaker)
         self._uploads = MultipartUploads(settings, self.breaker)
 
-    async def check_bucket(self) -> None:
-        """Write and delete a probe object. BucketUnusable naming the bucket when it does not exist
-        or cannot be written with these credentials; S3Unavailable when S3 does not answer."""
+    def check_bucket(self) -> None:
+        """Write and delete a probe object (blocking: at start-up). BucketUnusable naming the bucket
+        when it does not exist or cannot be written with these credentials; S3Unavailable when S3
+        does not answer."""
         key = f"regcache-probe/{uuid.uuid4().hex}"
         where = f"shared.s3.bucket: {self.settings.bucket} at {self.settings.endpoint}"
         try:
-            await obstore.put_async(self.store, key, b"probe", use_multipart=False)
-            await obstore.delete_async(self.store, key)
+            obstore.put(self.store, key, b"probe", use_multipart=False)
+            obstore.delete(self.store, key)
         except FileNotFoundError as err:  # NoSuchBucket
             raise BucketUnusable(f"{where} does not exist (create it first): {_short(err)}") from err
         except (PermissionDeniedError, UnauthenticatedError) as err:
