@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, overload
 
 from regcache.config import SharedSettings
 from regcache.oci.digest import DigestMismatch
@@ -36,28 +35,16 @@ from regcache.ops.bundle import BundleError, is_public, mark_public
 from regcache.store import keys
 from regcache.store.access import AccessRecords
 from regcache.store.base import Entry, Store, TagRecord
+from regcache.store.disk import DiskStore
 from regcache.store.shared.access import RedisAccessRecords
 from regcache.store.shared.errors import SharedUnavailable
 from regcache.store.shared.leases import SWEEP_LOCK
 from regcache.store.shared.redis import SharedRedis
 from regcache.store.shared.s3 import SharedObjects
+from regcache.store.shared.tiered import TieredStore
 from regcache.store.walk import manifest_needs
 
-T = TypeVar("T")
-ALL = 1 << 62  # "every entry" for the inventory's range reads
 _MANIFEST_READS = 16  # manifests read from the bucket at once
-
-
-@overload
-async def resolved(value: Awaitable[T]) -> T: ...
-@overload
-async def resolved(value: T) -> T: ...
-async def resolved(value: object) -> object:
-    """The result of a shared-store call, awaited when the call is a coroutine (the Redis stores'
-    calls are blocking on the node's side, coroutines on others': both work here)."""
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 @dataclass
@@ -83,15 +70,13 @@ async def opened(settings: SharedSettings) -> AsyncIterator[Cluster]:
     objects = SharedObjects(settings.s3, retry_after=0)
     redis = SharedRedis(settings.redis, settings.node, retry_after=0)
     try:
-        await resolved(redis.check())
+        redis.check()
         yield Cluster(settings, objects, redis)
     finally:
         with contextlib.suppress(Exception):  # closing what could not be used is no news
             await objects.close()
         with contextlib.suppress(Exception):
-            await resolved(redis.close())
-            if hasattr(redis, "aclose"):
-                await redis.aclose()
+            await redis.aclose()
         quiet.setLevel(level)
 
 
@@ -157,18 +142,18 @@ class Snapshot:
 async def snapshot(cluster: Cluster) -> Snapshot:
     """Read the cluster's content: the inventory, every tag record, pins, seen pairs and the manifests
     the inventory or a tag record names (a damaged manifest counts as absent)."""
-    inventory = cluster.redis.inventory
-    uses = dict(await resolved(inventory.least_recent(ALL)))
-    sizes = await resolved(inventory.sizes([key for key in uses if keys.is_kind(key, keys.BLOB, keys.MANIFEST)]))
-    refs = await resolved(cluster.redis.tags.refs())
-    records = {ref: await resolved(cluster.redis.tags.records(ref)) for ref in refs}
+    inventory = cluster.redis.inventory.everything()
+    uses = {key: when for key, (_, when) in inventory.items()}
+    sizes = {key: size for key, (size, _) in inventory.items() if keys.is_kind(key, keys.BLOB, keys.MANIFEST)}
+    refs = cluster.redis.tags.refs()
+    records = {ref: cluster.redis.tags.records(ref) for ref in refs}
     wanted = {keys.subject(key) for key in sizes if keys.is_kind(key, keys.MANIFEST)}
     wanted |= {record.digest for found in records.values() for record in found.values()}
     manifests = await read_manifests(cluster, wanted)
     for digest, manifest in manifests.items():  # in the bucket, whether or not the inventory knew it
         sizes.setdefault(keys.manifest_key(digest), len(manifest.body))
-    pins = await resolved(cluster.redis.pins.pins())
-    seen = await resolved(cluster.redis.seen.pairs())
+    pins = cluster.redis.pins.pins()
+    seen = cluster.redis.seen.pairs()
     return Snapshot(sizes, uses, {ref: found for ref, found in records.items() if found}, manifests, pins, seen)
 
 
@@ -198,17 +183,46 @@ async def remove(cluster: Cluster, entry_keys: Iterable[str]) -> tuple[int, int]
     gone_seen = []
     for key in entry_keys:
         if keys.is_kind(key, keys.TAG):
-            removed += await resolved(cluster.redis.tags.delete(keys.tag_ref_of(key)))
+            removed += cluster.redis.tags.delete(keys.tag_ref_of(key))
         elif keys.is_kind(key, keys.BLOB, keys.MANIFEST):
             objects = cluster.objects.blobs if keys.is_kind(key, keys.BLOB) else cluster.objects.manifests
             await objects.delete(keys.subject(key))
-            freed += await resolved(cluster.redis.inventory.forget([key]))
+            freed += cluster.redis.inventory.forget([key])
             removed += 1
         elif (pair := keys.seen_pair(key)) is not None:
             gone_seen.append(pair)
     if gone_seen:
-        await resolved(cluster.redis.seen.forget(gone_seen))
+        cluster.redis.seen.forget(gone_seen)
     return removed + len(gone_seen), freed
+
+
+SCRATCH_LIMIT = 1 << 62  # a scratch store never evicts: what is in it is on its way to the bucket
+
+
+@contextlib.contextmanager
+def scratch_store() -> Iterator[DiskStore]:
+    """An empty store in a temporary directory, removed after."""
+    with tempfile.TemporaryDirectory(prefix="regcache-scratch-") as scratch:
+        store = DiskStore(Path(scratch), SCRATCH_LIMIT)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@contextlib.contextmanager
+def tiered_over_scratch(cluster: Cluster) -> Iterator[TieredStore]:
+    """The cluster's store as a node has it (`TieredStore`), over a scratch L1: what the node's own
+    code does (warm's fills under the cluster's leases, the bucket's sweep), done from here."""
+    with scratch_store() as disk:
+        yield TieredStore(disk, cluster.objects, cluster.redis, cluster.settings)
+
+
+async def sweep(cluster: Cluster) -> tuple[int, int] | None:
+    """The bucket's sweep, as the nodes run it (shared.max_age, shared.size_limit, pins kept, then
+    abandoned uploads aborted); None if another node is sweeping."""
+    with tiered_over_scratch(cluster) as tiered:
+        return await tiered.sweep()
 
 
 @contextlib.asynccontextmanager
@@ -236,15 +250,14 @@ async def recount(cluster: Cluster) -> tuple[int, int]:
         async for page in objects.pages():
             page_keys = [f"{kind}:{stored.digest}" for stored in page]
             listed.update(page_keys)
-            known = await resolved(inventory.sizes(page_keys))
+            known = inventory.sizes(page_keys)
             for stored, key in zip(page, page_keys, strict=True):
                 if key not in known:
-                    await resolved(inventory.added(key, stored.size, stored.last_modified))
+                    inventory.added(key, stored.size, stored.last_modified)
                     counted += 1
-    uses = await resolved(inventory.least_recent(ALL))
-    gone = [key for key, _ in uses if keys.is_kind(key, keys.BLOB, keys.MANIFEST) and key not in listed]
+    gone = [key for key in inventory.everything() if keys.is_kind(key, keys.BLOB, keys.MANIFEST) and key not in listed]
     if gone:
-        await resolved(inventory.forget(gone))
+        inventory.forget(gone)
     return counted, len(gone)
 
 
@@ -273,10 +286,10 @@ class ClusterStats:
 async def cluster_stats(cluster: Cluster) -> ClusterStats:
     """The bucket's totals (the inventory), the usage counters in total and per node, the nodes."""
     redis = cluster.redis
-    objects, size = await resolved(redis.inventory.totals())
-    tags = len(await resolved(redis.tags.refs()))
-    per_node = await resolved(redis.usage.per_node())
-    registered = {info.node: info for info in await resolved(redis.nodes.nodes())}
+    objects, size = redis.inventory.totals()
+    tags = len(redis.tags.refs())
+    per_node = redis.usage.per_node()
+    registered = {info.node: info for info in redis.nodes.nodes()}
     nodes = []
     for node in sorted(per_node.keys() | registered.keys()):
         info = registered.get(node)
@@ -285,7 +298,7 @@ async def cluster_stats(cluster: Cluster) -> ClusterStats:
             nodes.append(NodeStats(node, {}, None, None, usage))
         else:
             nodes.append(NodeStats(node, info.urls, info.started, info.last_seen, usage))
-    usage = summarize_usage(await resolved(redis.usage.totals()))
+    usage = summarize_usage(redis.usage.totals())
     return ClusterStats(objects, size, tags, cluster.settings.size_limit, usage, nodes)
 
 
@@ -395,19 +408,19 @@ async def push(cluster: Cluster, local: Store, records: AccessRecords) -> Pushed
             digest, manifest
         ):
             pushed.manifests += 1
-        await resolved(inventory.added(key, entries[key].size))
+        inventory.added(key, entries[key].size)
     by_repository: dict[str, list[str]] = {}
     for repository, digest in local.seen_pairs():
         by_repository.setdefault(repository, []).append(digest)
     for repository, digests in sorted(by_repository.items()):
-        await resolved(cluster.redis.seen.mark(repository, digests))
+        cluster.redis.seen.mark(repository, digests)
     refs = local.tag_refs()
     for ref in refs:
         for accepted, record in local.tag_records(ref).items():
-            await resolved(cluster.redis.tags.put(ref, tuple(accepted.split(",")) if accepted else (), record))
+            cluster.redis.tags.put(ref, tuple(accepted.split(",")) if accepted else (), record)
             pushed.tags += 1
     for ref_text, digest in local.pins().items():
-        await resolved(cluster.redis.pins.pin(keys.tag_ref_of(keys.tag_key(ref_text)), digest))
+        cluster.redis.pins.pin(keys.tag_ref_of(keys.tag_key(ref_text)), digest)
     public = sorted({ref.repository for ref in refs if is_public(records, ref.repository)})
     mark_public(cluster.access_records(), public)
     return pushed
@@ -416,7 +429,7 @@ async def push(cluster: Cluster, local: Store, records: AccessRecords) -> Pushed
 async def newest_stored(cluster: Cluster, ref: TagRef) -> TagRecord | None:
     """The most recently recorded of the tag's records whose manifest the bucket holds."""
     stored = []
-    for record in (await resolved(cluster.redis.tags.records(ref))).values():
+    for record in (cluster.redis.tags.records(ref)).values():
         with contextlib.suppress(DigestMismatch):
             if await cluster.objects.manifests.get(record.digest) is not None:
                 stored.append(record)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc as garbage
 import json
 import sys
 import tempfile
@@ -30,14 +31,21 @@ from rich.table import Table
 from regcache.config import ConfigError, Settings, SharedSettings, parse_duration
 from regcache.ops import cluster as shared
 from regcache.ops.admin import list_images, parse_ref_pattern, plan_orphans, plan_purge
-from regcache.ops.bundle import BundleError, collect_for_export, import_bundle, parse_image_ref, write_bundle
+from regcache.ops.bundle import (
+    BundleError,
+    collect_for_export,
+    import_bundle,
+    is_public,
+    mark_public,
+    parse_image_ref,
+    write_bundle,
+)
 from regcache.ops.show import console, print_images, print_plan, report_verification, size_text, usage_rows, when_text
 from regcache.ops.warm import default_platforms, warm_all
 from regcache.store.access import DiskAccessRecords
 from regcache.store.disk import DiskStore
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-SCRATCH_LIMIT = 1 << 62  # a scratch store never evicts: everything in it goes to the bucket
 
 
 def _shared(settings: Settings) -> SharedSettings:
@@ -53,7 +61,12 @@ def _run(settings: Settings, work: Callable[[shared.Cluster], Coroutine[Any, Any
         async with shared.opened(_shared(settings)) as cluster:
             return await work(cluster)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        # An obstore stream that failed (a listing while S3 is down) must be collected before the
+        # interpreter exits: freed during shutdown, after its runtime, it aborts the process.
+        garbage.collect()
 
 
 # stats -------------------------------------------------------------------------------------------
@@ -101,13 +114,13 @@ def show_stats(found: shared.ClusterStats, options: argparse.Namespace) -> None:
     for label, value in usage_rows(found.usage):
         summary.add_row(label, value)
     nodes = Table(title="nodes")
-    for column in ("node", "blob_url", "last seen", "hit ratio", "requests", "from cache", "from upstream"):
+    for column in ("node", "blob endpoint", "last seen", "hit ratio", "requests", "from cache", "from upstream"):
         nodes.add_column(column, justify="right" if column in ("requests", "from cache", "from upstream") else "left")
     for node in found.nodes:
         ratio = "-" if node.usage.hit_ratio is None else f"{node.usage.hit_ratio:.1%}"
         seen = when_text(node.last_seen) if node.last_seen else "never registered"
         requests = str(sum(node.usage.requests.values()))
-        nodes.add_row(node.node, node.urls.get("blob_url", ""), seen, ratio, requests,
+        nodes.add_row(node.node, node.urls.get("blob", ""), seen, ratio, requests,
                       size_text(node.usage.bytes_cache), size_text(node.usage.bytes_upstream))  # fmt: skip
     out = console()
     out.print(summary)
@@ -135,7 +148,7 @@ def pin(options: argparse.Namespace, settings: Settings) -> int:
             record = await shared.newest_stored(cluster, ref)
             if record is None:
                 raise BundleError(f"{ref} is not in the cluster's store: pull, warm or import it first")
-            await shared.resolved(cluster.redis.pins.pin(ref, record.digest))
+            cluster.redis.pins.pin(ref, record.digest)
             print(f"pinned {ref} -> {record.digest} (cluster-wide)")
         return 0
 
@@ -147,7 +160,7 @@ def unpin(options: argparse.Namespace, settings: Settings) -> int:
 
     async def work(cluster: shared.Cluster) -> int:
         for ref in refs:
-            done = await shared.resolved(cluster.redis.pins.unpin(ref))
+            done = cluster.redis.pins.unpin(ref)
             print(f"unpinned {ref}" if done else f"{ref} was not pinned")
         return 0
 
@@ -156,7 +169,7 @@ def unpin(options: argparse.Namespace, settings: Settings) -> int:
 
 def pins(options: argparse.Namespace, settings: Settings) -> int:
     async def work(cluster: shared.Cluster) -> int:
-        for ref, digest in sorted((await shared.resolved(cluster.redis.pins.pins())).items()):
+        for ref, digest in sorted((cluster.redis.pins.pins()).items()):
             print(f"{ref} {digest}")
         return 0
 
@@ -190,14 +203,17 @@ def gc(options: argparse.Namespace, settings: Settings) -> int:
         async with shared.sweep_lock(cluster):
             if not options.dry_run:
                 counted, forgotten = await shared.recount(cluster)
-                print(f"inventory: {counted} objects of the bucket counted again, {forgotten} gone ones forgotten")
+                print(f"inventory: {counted} uncounted objects of the bucket counted, {forgotten} gone ones forgotten")
             plan = plan_orphans(await shared.snapshot(cluster), min_age)
             size = plan.bytes if options.dry_run else (await shared.remove(cluster, plan.keys))[1]
             print_plan(plan, "orphans in the bucket", options.dry_run, size)
-            if not options.dry_run:
-                aborted = await cluster.objects.abort_abandoned_uploads()
-                print(f"aborted {aborted} abandoned multipart uploads")
-        objects, stored = await shared.resolved(cluster.redis.inventory.totals())
+        if options.dry_run:
+            print("(the sweep by shared.max_age and shared.size_limit runs without --dry-run)")
+        elif (swept := await shared.sweep(cluster)) is None:
+            print("swept: nothing, another node is sweeping the bucket now")
+        else:
+            print(f"swept (shared.max_age, shared.size_limit; pins kept): {swept[0]} entries, {size_text(swept[1])}")
+        objects, stored = cluster.redis.inventory.totals()
         limit = cluster.settings.size_limit
         of_limit = f" of size_limit {size_text(limit)}" if limit else ""
         print(f"bucket: {size_text(stored)}{of_limit}, {objects} objects")
@@ -248,19 +264,16 @@ def export(options: argparse.Namespace, settings: Settings) -> int:
 
 def _through_scratch(settings: Settings, fill: Callable[[DiskStore, DiskAccessRecords], int]) -> int:
     """With the cluster's store open (Redis answering), `fill` a scratch store (everything verified
-    there: bundles whole, fills by digest), then put what it holds into the cluster. The scratch
-    store is removed after."""
+    there), then put what it holds into the cluster."""
 
     async def work(cluster: shared.Cluster) -> int:
-        with tempfile.TemporaryDirectory(prefix="regcache-scratch-") as scratch:
-            store = DiskStore(Path(scratch), SCRATCH_LIMIT)
-            records = DiskAccessRecords(Path(scratch))
+        with shared.scratch_store() as store:
+            records = DiskAccessRecords(store.cache_dir)
             try:
-                status = await asyncio.to_thread(fill, store, records)  # warm runs its own event loop
+                status = fill(store, records)
                 pushed = await shared.push(cluster, store, records)
             finally:
                 records.close()
-                store.close()
         print(f"into the cluster's store: {pushed.blobs} blobs ({size_text(pushed.bytes)}) and "
               f"{pushed.manifests} manifests the bucket lacked, {pushed.tags} tag records")  # fmt: skip
         return status
@@ -286,20 +299,29 @@ def import_(options: argparse.Namespace, settings: Settings) -> int:
 
 
 def warm(options: argparse.Namespace, settings: Settings, images: list[str]) -> int:
+    """As a node fills: each blob under the cluster's lease (a node pulling it meanwhile waits for
+    the bucket's copy instead of fetching it too), into the bucket; tags and manifests too."""
     refs = [parse_image_ref(image) for image in images]
     platforms = set(options.platform) if options.platform else default_platforms(settings)
-    _shared(settings)
 
-    def fill(store: DiskStore, _: DiskAccessRecords) -> int:
-        results = asyncio.run(warm_all(settings, store, refs, platforms))
+    async def work(cluster: shared.Cluster) -> int:
+        with shared.tiered_over_scratch(cluster) as tiered:
+            results = await warm_all(settings, tiered, refs, platforms, tiered)
+            records = DiskAccessRecords(tiered.cache_dir)  # what warm's anonymous tokens showed public
+            try:
+                public = sorted({ref.repository for ref in refs if is_public(records, ref.repository)})
+            finally:
+                records.close()
+        mark_public(cluster.access_records(), public)
         for result in results:
             if isinstance(result, str):
                 print(f"regcache warm: FAILED {result}", file=sys.stderr)
             else:
-                print(f"warmed {result.ref} -> {result.digest} ({result.manifests} manifests, {result.blobs} blobs)")
+                print(f"warmed {result.ref} -> {result.digest} ({result.manifests} manifests, {result.blobs} blobs)"
+                      " into the cluster's store")  # fmt: skip
         return 1 if any(isinstance(result, str) for result in results) else 0
 
-    return _through_scratch(settings, fill)
+    return _run(settings, work)
 
 
 HANDLERS: dict[str, Handler] = {
