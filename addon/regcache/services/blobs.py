@@ -439,12 +439,15 @@ class Fills:
         shared, name = self._shared, f"blob:{fill.digest}"
         deadline = time.monotonic() + 3 * shared.lease_seconds + (self._upstream.blob_timeout().sock_read or 30.0)
         while time.monotonic() < deadline:
-            if not shared.s3_down and (opened := await self._from_bucket(fill.digest)) is not None:
-                fill.origin = "bucket"
+            if (opened := await self._from_bucket(fill)) is not None:
                 return opened
             url = self.fill_url(fill.digest) if self.fill_url is not None else None
             lease = await shared.acquire(name, url)
             if lease is not None:
+                # A holder uploads before it lets go: the lease may be free because the blob is there now.
+                if (opened := await self._from_bucket(fill)) is not None:
+                    await lease.release()
+                    return opened
                 await leased.enter_async_context(lease.kept())  # renewed until the upload is done
                 fill.lease = lease
                 return None
@@ -457,12 +460,19 @@ class Fills:
         log.warning("cluster lease of %s not obtainable: fetching upstream without it", fill.digest)
         return None
 
-    async def _from_bucket(self, digest: str) -> Opened | None:
+    async def _from_bucket(self, fill: Fill) -> Opened | None:
+        """The bucket's copy (`fill.origin` then `bucket`), None if it has none or S3 is down."""
         assert self._shared is not None
-        found = await self._shared.shared_chunks(digest)
+        if self._shared.s3_down:
+            return None
+        try:
+            found = await self._shared.shared_chunks(fill.digest)
+        except SharedUnavailable:
+            return None
         if found is None:
             return None
         size, chunks = found
+        fill.origin = "bucket"
         return Opened(200, size, chunks, lambda: None)
 
     async def _from_node(self, url: str) -> Opened | None:
@@ -627,7 +637,7 @@ class BlobService:
             if fill is not None:  # committed, and evicted since
                 self._fills.forget(fill)
                 fill = None
-        if fill is None and (shared := await self._shared_hit(req, client, digest)) is not None:
+        if fill is None and (shared := await self._shared_hit(req, client, digest, ranged)) is not None:
             return shared
         if self._offline:
             return not_in_offline_cache(req, "BLOB_UNKNOWN")
@@ -640,7 +650,11 @@ class BlobService:
             return relay(answer, "PASS")
         if ranged:
             return PassThrough(note="range request for an uncached blob")
-        fill, started = self._fills.start(digest, req.url, CIMultiDict(req.headers), req.repository)
+        return await self._fill_and_join(req, client)
+
+    async def _fill_and_join(self, req: RegistryRequest, client: Client) -> Decision:
+        """Start the blob's fill (or join the running one) and follow it."""
+        fill, started = self._fills.start(req.route.reference, req.url, CIMultiDict(req.headers), req.repository)
         fill.promise()  # before the fill runs: should its disk fail, it keeps its bytes for this client
         decision: Decision | None = None
         try:
@@ -671,13 +685,15 @@ class BlobService:
             return PassThrough("MISS", note=f"not cached: {fill.spilled}")
         if fill.error is not None:
             return unavailable(req, fill.error)
+        if fill.origin == "bucket":  # no upstream contact: a hit, streamed through this node
+            return LocalStream("fills", digest, "HIT", note="from the shared bucket, through this node")
         return LocalStream("fills", digest, "MISS", note="" if started else "joined a running fill")
 
-    async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str) -> Decision | None:
+    async def _shared_hit(self, req: RegistryRequest, client: Client, digest: str, ranged: bool) -> Decision | None:
         """A blob the cluster's bucket holds, after the checks a local hit gets: a `307` to a
-        presigned URL (`shared.s3.redirect`), or None to fill it from the bucket through this node
-        (redirect off, ranged, or no URL to be had); None as well when the bucket lacks it or S3 is
-        down (then a miss)."""
+        presigned URL (`shared.s3.redirect`), or with redirects off a fill from the bucket through
+        this node (also offline); None when the bucket lacks it or S3 is down (then a miss), or
+        for a range without redirects."""
         if self._shared is None or self._shared.s3_down:
             return None
         try:
@@ -689,7 +705,7 @@ class BlobService:
             if req.head:
                 return blob_head_answer(digest, blob.size, "HIT")
             if not self._shared.redirect:
-                return None
+                return None if ranged else await self._fill_and_join(req, client)
             url = await self._shared.presigned_url(digest)
         except SharedUnavailable:
             return None

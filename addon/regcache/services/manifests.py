@@ -6,11 +6,18 @@ stored bytes are served (REVALIDATED); otherwise the manifest is fetched and sto
 upstream cannot answer (unreachable, time-out, 5xx, 429), the last digest recorded for the same
 registry, repository, tag and accepted media types is served (STALE) — to clients access.py lets
 have it without a fresh answer. A client `HEAD` never becomes an upstream `GET`.
+
+In a cluster (`shared`), a manifest is fetched by one node at a time: before its upstream `GET`
+(by digest, or by a tag whose `HEAD` named the digest) a node takes the lease
+`manifest:<digest>` in Redis; the others wait for the holder to store it (the bucket) and serve it
+from there (REVALIDATED for a tag: the `HEAD` was this client's own; a `HIT` by digest, after the
+access check every hit gets). Redis down: each node fetches for itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,16 +38,22 @@ from regcache.services.access import Access, credential
 from regcache.services.answers import Answer, answer_from_head, error_answer, manifest_answer, relay
 from regcache.services.identity import Client
 from regcache.services.upstream import UpstreamClient, UpstreamUnavailable, upstream_failed
-from regcache.store.base import Store, TagRecord, new_tag_record
+from regcache.store.base import FillLease, SharedTier, Store, TagRecord, new_tag_record
 from regcache.store.errors import best_effort
+from regcache.store.shared.errors import SharedUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# While another node fetches a manifest (holds its lease), look in the store this often.
+CLUSTER_POLL_SECONDS = 0.05
 
 
 class ManifestService:
-    def __init__(self, store: Store, upstream: UpstreamClient, access: Access, offline: bool) -> None:
+    def __init__(
+        self, store: Store, upstream: UpstreamClient, access: Access, offline: bool, shared: SharedTier | None = None
+    ) -> None:
+        self._shared = shared  # the cluster (store/shared/tiered.py); None: this node alone
         self._store = store
         self._upstream = upstream
         self._access = access
@@ -114,25 +127,78 @@ class ManifestService:
                 if not held and media_type not in SCHEMA1_MEDIA_TYPES and self.complete_later is not None:
                     self.complete_later(req, digest)
             return relay(check, "MISS" if check.status == 200 else "PASS")
+        named = digest if check.status == 200 and DIGEST_RE.fullmatch(digest) else None
         try:
-            answer = await self._fetch(req, client, None)
+            answer = await self._fetch(req, client, None, named)
         except UpstreamUnavailable as err:
             return await self._stale(req, client, str(err))
         if upstream_failed(answer.status):  # Docker Hub's rate limit hits GETs, not HEADs
             return await self._stale(req, client, f"upstream answered {answer.status}", answer)
         return answer
 
-    async def _fetch(self, req: RegistryRequest, client: Client, expected_digest: str | None) -> Answer:
-        """Fetch and store; concurrent requests for the same manifest share one upstream fetch."""
+    async def _fetch(
+        self, req: RegistryRequest, client: Client, expected_digest: str | None, named: str | None = None
+    ) -> Answer:
+        """Fetch and store; concurrent requests for the same manifest share one upstream fetch
+        (`named`: the digest a tag's `HEAD` named, for the cluster's lease)."""
         # Shared between clients the upstream has lately let read this repository (every tag
         # request is, by its HEAD); anyone else shares only with its own credentials.
         shared = self._access.granted_recently(client, req.repository)
         key = (req.method, req.url, accept_key(req.accepted), "" if shared else credential(req))
         fetch = self._inflight.get(key)
         if fetch is None:
-            fetch = self._inflight[key] = asyncio.ensure_future(self._fetch_once(req, client, expected_digest))
+            fetch = asyncio.ensure_future(self._cluster_fetch(req, client, expected_digest, named))
+            self._inflight[key] = fetch
             fetch.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(fetch)  # a client that goes away does not cancel it for others
+
+    async def _cluster_fetch(
+        self, req: RegistryRequest, client: Client, expected_digest: str | None, named: str | None
+    ) -> Answer:
+        """`_fetch_once` under the cluster's lease on the manifest, or what another node stored."""
+        lease, stored = await self._turn(expected_digest or named)
+        if stored is not None:
+            return await self._stored_by_another_node(req, client, expected_digest or named or "", stored)
+        try:
+            return await self._fetch_once(req, client, expected_digest)
+        finally:
+            if lease is not None:
+                with contextlib.suppress(SharedUnavailable):
+                    await lease.release()
+
+    async def _turn(self, digest: str | None) -> tuple[FillLease | None, Manifest | None]:
+        """This node's turn to fetch `digest`: (the lease, None); or (None, the manifest) another
+        node stored meanwhile; (None, None) to fetch without a lease (single node, Redis down, a
+        holder that stays past three lease times)."""
+        if self._shared is None or digest is None:
+            return None, None
+        name, deadline = f"manifest:{digest}", time.monotonic() + 3 * self._shared.lease_seconds
+        try:
+            while (lease := await self._shared.acquire(name, None)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(CLUSTER_POLL_SECONDS)
+                if (stored := await asyncio.to_thread(self._store.get_manifest, digest)) is not None:
+                    return None, stored
+        except SharedUnavailable:
+            return None, None
+        # The last holder stores before it lets go: the lease may be free because it is stored now.
+        if lease is not None and (stored := await asyncio.to_thread(self._store.get_manifest, digest)) is not None:
+            with contextlib.suppress(SharedUnavailable):
+                await lease.release()
+            return None, stored
+        return lease, None
+
+    async def _stored_by_another_node(
+        self, req: RegistryRequest, client: Client, digest: str, stored: Manifest
+    ) -> Answer:
+        """The manifest another node fetched, as this node would answer from its store."""
+        if req.route.is_digest:
+            return await self._access.check(req, client, digest, "manifests") or manifest_answer(
+                stored, digest, req.head, "HIT", note="fetched by another node"
+            )
+        if not is_acceptable(stored.media_type, req.accepted):  # what the client's own HEAD named: unlikely
+            return await self._fetch_once(req, client, None)
+        await asyncio.to_thread(self._remember, req, digest, stored, new_tag_record(stored, digest))
+        return manifest_answer(stored, digest, req.head, "REVALIDATED", note="fetched by another node")
 
     async def _fetch_once(self, req: RegistryRequest, client: Client, expected_digest: str | None) -> Answer:
         answer = await self._upstream.fetch(req.method, req.url, CIMultiDict(req.headers), MAX_MANIFEST_SIZE)

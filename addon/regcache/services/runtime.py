@@ -81,7 +81,7 @@ class Runtime:
         self.fills = Fills(self.store, self.upstream, self.tiered)
         self.access = Access(self.store, self.records, self.upstream, settings, offline)
         self.tokens = TokenService(self.access, self.records, self.upstream, offline)
-        self.manifests = ManifestService(self.store, self.upstream, self.access, offline)
+        self.manifests = ManifestService(self.store, self.upstream, self.access, offline, self.tiered)
         self.completions = Completions(self.store, self.manifests, self.fills, settings.platforms)
         self.manifests.complete_later = self.completions.schedule
         self.blobs = BlobService(self.store, self.upstream, self.fills, self.access, offline, self.tiered)

@@ -291,12 +291,16 @@ class TieredStore:
             return False
         try:
             uploaded = await self.objects.blobs.put_file(digest, path, size)
-            await asyncio.to_thread(self.redis.inventory.added, keys.blob_key(digest), size)
-        except (SharedUnavailable, DigestMismatch, OSError) as err:  # evicted from L1 meanwhile: no object
+        except SharedUnavailable as err:  # the breaker has warned, once
+            log.debug("shared store: %s not uploaded to the bucket: %s", digest, err)
+            return False
+        except (DigestMismatch, OSError) as err:  # evicted from L1 meanwhile: no object
             log.warning("shared store: %s not uploaded to the bucket: %s", digest, err)
             return False
         if uploaded:
             log.info("SHARED blob %s %d B uploaded to %s", digest, size, self.settings.s3.bucket)
+        with _carry_on():  # Redis down: the sweep does not know this object (known limit)
+            await asyncio.to_thread(self.redis.inventory.added, keys.blob_key(digest), size)
         return True
 
     async def acquire(self, name: str, url: str | None) -> Lease | None:
@@ -350,9 +354,12 @@ class TieredStore:
         pins = self.redis.pins.pins()
         pinned = reachable((keys.manifest_key(d) for d in pins.values()), lambda key: needs.get(key, []))
         pinned |= {keys.tag_key(ref) for ref in pins}
+        # Least recently used first; among equals what needs the others first (tag, manifest, blobs),
+        # so a sweep that stops half-way leaves no manifest without its blobs.
+        rank = {keys.TAG: 0, keys.MANIFEST: 1}
         candidates = sorted(
             ((key, size, last_use[key]) for key, (size, _) in inventory.items() if key not in pinned),
-            key=lambda entry: entry[2],
+            key=lambda entry: (entry[2], rank.get(entry[0].partition(":")[0], 2)),
         )
         cutoff = now - self.settings.max_age if self.settings.max_age else None
         total = sum(size for size, _ in inventory.values())
@@ -406,12 +413,10 @@ def open_tiered(disk: DiskStore, settings: SharedSettings) -> TieredStore:
     except BucketUnusable:
         redis.close()
         raise
-    except SharedUnavailable as err:
-        log.warning("regcache: WARNING: starting without the shared bucket for now: %s", err)
-    try:
+    except SharedUnavailable as err:  # the breaker's one warning for this outage
+        objects.breaker.failed("checking the bucket at start-up", str(err))
+    with contextlib.suppress(SharedUnavailable):  # its breaker has warned, once
         redis.check()
-    except SharedUnavailable as err:
-        log.warning("regcache: WARNING: starting without the shared Redis for now: %s", err)
     return TieredStore(disk, objects, redis, settings)
 
 
