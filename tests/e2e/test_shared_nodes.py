@@ -53,6 +53,7 @@ class Cluster:
         self._ceph, self._redis, self._regcache_with = ceph, redis_server, regcache_with
         self.run = uuid.uuid4().hex[:12]
         self.prefix = f"{self.run}/"
+        self.redis_url = redis_server.url
         self.nodes: list[Mitmdump] = []
 
     def shared(self, **changes: Any) -> dict[str, Any]:
@@ -134,6 +135,9 @@ def test_cold_pulls_over_three_nodes_fetch_each_blob_once_and_a_fresh_node_pulls
     assert manifest_gets and set(manifest_gets.values()) == {1}, manifest_gets
     followed = sum(node.log().count("FOLLOWING blob") for node in nodes)
     assert followed >= 1, "no node followed another node's fill"
+    registry = redis_client.Redis.from_url(cluster.redis_url)
+    assert {m.decode() for m in registry.smembers(f"t{cluster.run}:nodes")} >= {"node0", "node1", "node2"}
+    registry.close()
     # Uploaded once verified and committed (after the clients had their last byte): wait, bounded.
     wanted = {cluster.blob_key(blob.digest): blob.size for blob in image.blobs}
     assert wait_for(lambda: wanted.items() <= cluster.in_bucket().items(), 60)

@@ -20,8 +20,11 @@ blob the bucket holds, streamed through this node (`shared.s3.redirect: false`; 
 L2 hit is a `307` to a presigned URL and no fill at all). A followed holder that dies (its stream
 breaks, or stalls past the read time-out) is replaced: the bytes after those already taken come
 from the bucket if the blob got there, else from the new lease holder, else this node takes the
-lease and fetches upstream itself. Redis down: every node fills alone (local single flight); S3
-down: blob misses pass through uncached.
+lease and fetches upstream itself. Only the node that fetched a blob upstream uploads it, once
+committed (verified), before it lets go of the lease. A follower's client that did not fetch
+through upstream itself is checked as for a hit (access.py), and such bytes never mark the blob as
+seen in a repository. Redis down: every node fills alone (local single flight); S3 down: the
+leases still hold, blobs are cached in the nodes' own disks only (not uploaded), and L1 hits go on.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class RelayStalled(Exception):
 
 
 class HolderGone(Exception):
-    """The node holding a blob's lease no longer serves its fill (it answered something else)."""
+    """A fill followed from a node that died could not go on: the source that took over refused."""
 
 
 # Where a fill's bytes come from (module docstring).
@@ -342,7 +345,8 @@ class Fills:
         its bytes are in the bucket too; then this node's eviction."""
         async with contextlib.AsyncExitStack() as leased:
             await self._fill(fill, url, headers, repository, leased)
-            if fill.committed and self._shared is not None and fill.origin != "bucket":
+            # The node that fetched it upstream uploads it (a follower's copy is the holder's to upload).
+            if fill.committed and self._shared is not None and fill.origin == "upstream":
                 await self._shared.upload_blob(fill.digest)  # verified and committed: never partial
         if fill.committed:
             await self._evict()
@@ -406,7 +410,11 @@ class Fills:
             fill.error = fill.error or f"fill stopped: {describe_error(err)}"
             raise
         finally:
-            METRICS.fill_ended(repository, fill.written, failed=fill.error is not None)
+            # Bytes from the cluster (another node, the bucket) are the cache's, not the upstream's.
+            upstream_bytes = fill.written if fill.origin == "upstream" else 0
+            METRICS.fill_ended(repository, upstream_bytes, failed=fill.error is not None)
+            if fill.origin != "upstream":
+                METRICS.cache_bytes_sent(fill.written)
             if staging is not None:
                 staging.discard()
             if opened is not None:
@@ -446,7 +454,8 @@ class Fills:
             if lease is not None:
                 # A holder uploads before it lets go: the lease may be free because the blob is there now.
                 if (opened := await self._from_bucket(fill)) is not None:
-                    await lease.release()
+                    with contextlib.suppress(SharedUnavailable):  # it expires by itself
+                        await lease.release()
                     return opened
                 await leased.enter_async_context(lease.kept())  # renewed until the upload is done
                 fill.lease = lease
