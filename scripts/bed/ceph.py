@@ -178,6 +178,7 @@ class RgwRecord:
     query: str
     status: int
     user: str
+    size: int = 0  # bytes radosgw sent
 
 
 def parse_beast_line(line: str) -> RgwRecord | None:
@@ -185,7 +186,9 @@ def parse_beast_line(line: str) -> RgwRecord | None:
     if not m:
         return None
     path, _, query = m.group("uri").partition("?")
-    return RgwRecord(m.group("method"), path, query, int(m.group("status")), m.group("user"))
+    size = m.group("size")
+    return RgwRecord(m.group("method"), path, query, int(m.group("status")), m.group("user"),
+                     int(size) if size != "-" else 0)  # fmt: skip
 
 
 class Ceph:

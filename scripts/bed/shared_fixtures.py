@@ -98,3 +98,11 @@ def _set_up(request: pytest.FixtureRequest, name: str) -> object:
         return request.getfixturevalue(name)
     except pytest.skip.Exception:
         return None
+
+
+def shared_section(ceph: _ceph.Ceph, redis: _redis.Redis, run: str, **extra: object) -> dict[str, object]:
+    """A regcache ``shared`` configuration on these engines, under S3 and Redis prefixes of run ``run``
+    (a test's own): the same for every node of one cluster and for the command line pointed at it."""
+    s3 = {"endpoint": ceph.endpoint, "bucket": ceph.bucket, "region": ceph.region, "access_key": ceph.access_key,
+          "secret_key": ceph.secret_key, "prefix": f"{run}/"}  # fmt: skip
+    return {"s3": s3, "redis": {"url": redis.url, "prefix": f"t{run}:"}, **extra}

@@ -13,9 +13,11 @@ the one module they share, importing the test bed (``scripts/bed``) and nothing 
 * Upstream traffic as the bed's own servers saw it (:class:`UpstreamLogs`, :class:`UpstreamTraffic`):
   registry access logs, the CDN's log (which carries the blob bytes), the token server's log.
 * Waiting for regcache's background blob commits (:func:`wait_stored`).
+* Clients released at one moment, each in a thread of its own (:func:`release_together`).
 * Report facts (machine, tool versions, the code measured, load) and number formatting.
 * Clean-up: signals as ``KeyboardInterrupt`` (:func:`raise_on_signals`) so ``ExitStack`` callbacks
-  run, and stopping our own stray child processes by PID (:func:`terminate_children`).
+  run, and stopping our own stray child processes by PID (:func:`terminate_children`); a failure or an
+  interrupt still reports what was measured (:func:`guarded`, :func:`exit_status`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -339,6 +342,49 @@ def wait_stored(proxy: Mitmdump, digests: Iterable[str], since: int, timeout: fl
     return None
 
 
+@dataclass
+class Released:
+    """What :func:`release_together` measured: per job its seconds from the common start to its end,
+    and the exception it raised (None: it finished)."""
+
+    seconds: list[float]
+    errors: list[BaseException | None]
+
+    @property
+    def wall(self) -> float:
+        """Common start → the last job's end."""
+        return max(self.seconds, default=0.0)
+
+    def failures(self) -> list[str]:
+        return [f"client {i}: {error}" for i, error in enumerate(self.errors) if error is not None]
+
+
+def release_together(jobs: Sequence[Callable[[], object]]) -> Released:
+    """Run every job in a thread of its own, all released at the same moment (a barrier), and wait
+    for the last one; an exception a job raises is recorded, not raised."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    ends = [0.0] * len(jobs)
+    errors: list[BaseException | None] = [None] * len(jobs)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            jobs[i]()
+        except BaseException as e:  # reported by the caller
+            errors[i] = e
+        finally:
+            ends[i] = time.monotonic()
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"client-{i}", daemon=True) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.monotonic()
+    for thread in threads:
+        thread.join()
+    return Released([end - start for end in ends], errors)
+
+
 # -- report facts and formatting ------------------------------------------------------------
 
 
@@ -475,6 +521,27 @@ def snapshot_environment(src: Path) -> dict[str, str]:
     to remove)."""
     path = os.pathsep.join([str(src / "scripts"), str(src / "addon")])
     return {**os.environ, SNAPSHOT_ENV: str(src), ROOT_ENV: str(ROOT), "PYTHONPATH": path}
+
+
+def guarded(work: Callable[[], None]) -> str | None:
+    """Run the bench's `work`; None when it finished, else why it stopped (interrupted, or failed:
+    the traceback is logged), so that what was measured before is still reported."""
+    try:
+        work()
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e or 'Ctrl-C'}); cleaning up")
+        return f"interrupted ({e or 'Ctrl-C'})"
+    except Exception as e:
+        log(f"failed: {e}\n{traceback.format_exc()}")
+        return f"failed: {e}"
+    return None
+
+
+def exit_status(error: str | None, failed_targets: int = 0) -> int:
+    """130 interrupted, 1 failed (or targets failed, when `failed_targets` counts), 0."""
+    if error:
+        return 130 if error.startswith("interrupted") else 1
+    return 1 if failed_targets else 0
 
 
 def snapshot_and_reexec(module: str, argv: list[str]) -> NoReturn:

@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import sys
-import threading
 import time
 import traceback
 from collections import Counter
@@ -85,6 +85,7 @@ from bench.common import (
     num,
     positive_int,
     prepare_process,
+    release_together,
     source_digest,
     sources_under_test,
     terminate_children,
@@ -201,31 +202,14 @@ class Bench:
         client_root = self.workdir / "clients" / label
         # One workdir per client: Skopeo rewrites its CA bundle there on every call.
         skopeos = [Skopeo(client_root / f"c{i}", proxy.url, proxy.ca_cert) for i in range(self.clients)]
-        barrier = threading.Barrier(self.clients + 1)
-        ends: list[float] = [0.0] * self.clients
         digests: list[str] = [""] * self.clients
-        errors: list[BaseException | None] = [None] * self.clients
 
-        def work(i: int) -> None:
-            try:
-                barrier.wait()
-                digests[i] = skopeos[i].copy_to_dir(image.ref, dest_root / f"c{i}")
-            except BaseException as e:  # reported by the main thread
-                errors[i] = e
-            finally:
-                ends[i] = time.monotonic()
+        def pull(i: int) -> None:
+            digests[i] = skopeos[i].copy_to_dir(image.ref, dest_root / f"c{i}")
 
-        threads = [
-            threading.Thread(target=work, args=(i,), name=f"client-{i}", daemon=True) for i in range(self.clients)
-        ]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.monotonic()
-        for t in threads:
-            t.join()
+        released = release_together([functools.partial(pull, i) for i in range(self.clients)])
         try:
-            failed = [f"client {i}: {e}" for i, e in enumerate(errors) if e is not None]
+            failed = released.failures()
             if failed:
                 changed = "" if source_digest(SRC / "addon") == self.addon_digest else " (addon/ changed meanwhile!)"
                 raise RuntimeError(
@@ -243,7 +227,7 @@ class Bench:
         finally:
             shutil.rmtree(dest_root, ignore_errors=True)
             shutil.rmtree(client_root, ignore_errors=True)
-        return max(ends) - start, [end - start for end in ends]
+        return released.wall, released.seconds
 
     def measure(self, scenario: str, run: int, proxy: MitmDump) -> Phase:
         if proxy.pid is None:

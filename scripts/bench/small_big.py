@@ -82,7 +82,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -110,6 +109,8 @@ from bench.common import (
     code_facts,
     cpu_counters,
     enter_workdir,
+    exit_status,
+    guarded,
     load_average,
     log,
     machine_facts,
@@ -307,12 +308,12 @@ def pulls_table(summaries: Sequence[CellSummary]) -> list[str]:
     return lines
 
 
-def hits_table(hits: Sequence[HitFetch]) -> list[str]:
+def hits_table(hits: Sequence[HitFetch], paths: Sequence[str] = PATHS) -> list[str]:
     lines = [
         "| path | blob MB | fetches | median MB/s | min-max MB/s | redirects followed |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for path in PATHS:
+    for path in paths:
         hs = [h for h in hits if h.path == path]
         if not hs:
             continue
@@ -655,8 +656,12 @@ class ReferenceCache:
 
     via_proxy = False
 
-    def __init__(self, workdir: Path, remote_url: str, mirror_port: int | None = None) -> None:
-        self.storage = workdir / "storage"
+    def __init__(
+        self, workdir: Path, remote_url: str, mirror_port: int | None = None, storage: Path | None = None
+    ) -> None:
+        """`storage`: a storage directory other references share (default: its own)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.storage = storage or workdir / "storage"
         self.remote_url = remote_url
         self.as_mirror = mirror_port is not None
         self.process = RegistryProcess(workdir, "reference", mirror_port or 0, ready_status=200)
@@ -1308,27 +1313,21 @@ def main(argv: list[str] | None = None) -> int:
     load_before, code, counters_before = load_average(), code_facts(), cpu_counters()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    error: str | None = None
     with contextlib.ExitStack() as stack:
         workdir = enter_workdir(stack, args.workdir, scratch=("caches", "skopeo", "dockerd"))
         log(f"results to {out}")
         bench = Bench(args, workdir, out, stack)
-        try:
+
+        def work() -> None:
             bench.setup()
             # Registered after the servers, so it runs before they stop: clients go first.
             stack.callback(terminate_children, "skopeo", "docker", "curl", "py-spy")
             bench.run()
-        except KeyboardInterrupt as e:
-            log(f"interrupted ({e or 'Ctrl-C'}); cleaning up")
-            error = f"interrupted ({e or 'Ctrl-C'})"
-        except Exception as e:
-            log(f"failed: {e}\n{traceback.format_exc()}")
-            error = f"failed: {e}"
+
+        error = guarded(work)
         failed = bench.write(load_before, code, counters_before, error)
     log(f"done in {time.monotonic() - started:.0f} s; {failed} target(s) failed")
-    if error:
-        return 130 if error.startswith("interrupted") else 1
-    return 0
+    return exit_status(error)
 
 
 if __name__ == "__main__":

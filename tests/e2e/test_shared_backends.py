@@ -47,8 +47,8 @@ from regcache.oci.manifest import Manifest
 from regcache.oci.reference import TagRef
 from regcache.store.access import ANONYMOUS, AccessRecords, DiskAccessRecords, Grant, TokenRecord
 from regcache.store.base import MAX_TAG_RECORDS, TagRecord, capped_records
-from regcache.store.shared.access import RedisAccessRecords
-from regcache.store.shared.errors import BucketUnusable, RedisUnavailable, S3Unavailable, SharedUnavailable
+from regcache.store.shared.access import ClusterAccessRecords, RedisAccessRecords
+from regcache.store.shared.errors import Breaker, BucketUnusable, RedisUnavailable, S3Unavailable, SharedUnavailable
 from regcache.store.shared.leases import SWEEP_LOCK, FillEvent, FillStalled
 from regcache.store.shared.redis import SharedRedis
 from regcache.store.shared.s3 import SINGLE_PUT_MAX, SharedObjects, object_key
@@ -940,6 +940,37 @@ def test_redis_access_records_are_one_set_for_the_cluster(redis_server: Redis) -
     assert b.holds_grants("basic:a") and not other.holds_grants("basic:a")
     for one in (a, b, other):
         one.close()
+
+
+def test_a_revocation_redis_missed_is_owed_to_it_across_a_restart(redis_server: Redis, tmp_path: Path) -> None:
+    """A grant dropped while Redis is down reads as absent at once, stays owed across the node's
+    restart (kept on its disk), and is deleted from Redis by the first call once Redis is back,
+    so no node serves the grant Redis still held."""
+    settings = redis_settings(redis_server)
+    held = Grant(time.time(), time.time() + 3600)
+
+    def node() -> ClusterAccessRecords:
+        return ClusterAccessRecords(RedisAccessRecords(settings, breaker=Breaker("Redis", RedisUnavailable, 0)),
+                                    DiskAccessRecords(tmp_path))  # fmt: skip
+
+    records = node()
+    records.put_grant("basic:a", "r/x", held)
+    redis_server.stop()
+    records.drop_grant("basic:a", "r/x")  # Redis missed it
+    assert records.grant("basic:a", "r/x") is None
+    records.close()
+    redis_server.start()
+    other = RedisAccessRecords(settings)  # another node, or a Redis that kept its data
+    other.put_grant("basic:a", "r/x", held)
+    other.put_grant("basic:a", "r/y", held)
+
+    again = node()  # restarted
+    assert again.grant("basic:a", "r/x") is None
+    assert other.grant("basic:a", "r/x") is None  # paid: gone from Redis
+    assert again.grant("basic:a", "r/y") == held  # only what was revoked
+    assert DiskAccessRecords(tmp_path).pending_drops() == set()  # nothing owed any more
+    again.close()
+    other.close()
 
 
 # -- Redis: failures --------------------------------------------------------------------------------------------

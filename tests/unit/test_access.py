@@ -647,3 +647,32 @@ def test_a_token_regcache_issued_is_judged_upstream_and_revokes_nothing(tmp_path
             await world.close()
 
     asyncio.run(go())
+
+
+def test_in_a_cluster_a_revocation_by_another_node_counts_within_its_bound(tmp_path: Path, clock: list[float]) -> None:
+    """Two nodes over one set of records: node b's revocation stops node a serving its grant held in
+    memory once that is CLUSTER_GRANT_SECONDS old (no fast path, the records read back, upstream down);
+    a grant the records still hold goes on counting; within the bound the fast path serves."""
+
+    async def go() -> None:
+        async with upstream_server() as (server, port):
+            a, b = World(tmp_path, port), World(tmp_path, port)
+            for node in (a, b):
+                node.access = Access(node.store, a.records, node.upstream, node.settings, False, cluster=True)
+            alice, carol = request("team/app", basic("alice:pw")), request("team/app", basic("carol:pw"))
+            await a.accept(alice)
+            await a.accept(carol)
+            await a.access.writer.flush()
+            server.status = 401
+            assert await b.decide(alice) == 401  # node b: refused upstream, revoked in the records
+            await b.access.writer.flush()
+            server.status, server.asked = 503, 0
+            clock[0] += access_module.CLUSTER_GRANT_SECONDS / 2
+            assert await a.decide(alice) == 200 and server.asked == 0  # the fast path, within the bound
+            clock[0] += access_module.CLUSTER_GRANT_SECONDS
+            assert await a.decide(alice) == 503 and server.asked == 1  # asked, down: the records say revoked
+            assert await a.decide(carol) == 200  # still held by the records
+            for node in (b, a):
+                await node.close()
+
+    asyncio.run(go())

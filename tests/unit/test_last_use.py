@@ -15,6 +15,7 @@ import pytest
 from bench.store import commit, put_manifest
 
 import regcache.store.disk as disk
+import regcache.store.walk as walk
 from regcache.oci.manifest import Manifest
 from regcache.oci.reference import TagRef
 from regcache.store.base import TagRecord
@@ -81,13 +82,13 @@ def m(digest: str) -> str:
 def parses(monkeypatch: pytest.MonkeyPatch) -> list[Manifest]:
     """Every manifest the store parses."""
     seen: list[Manifest] = []
-    parse = disk.manifest_references
+    parse = walk.manifest_references
 
     def counting(manifest: Manifest) -> object:
         seen.append(manifest)
         return parse(manifest)
 
-    monkeypatch.setattr(disk, "manifest_references", counting)
+    monkeypatch.setattr(walk, "manifest_references", counting)
     return seen
 
 

@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from regcache.oci.api import NAME_RE, TAG_RE
 from regcache.oci.digest import verify_digest
 from regcache.oci.reference import TagRef, repository_name, split_registry
 from regcache.ops.bundle import BundleError
 from regcache.store import keys
-from regcache.store.base import Store
+from regcache.store.base import Entry, Store
 from regcache.store.walk import lacking, reachable
 
 HASH_CHUNK = 1024 * 1024
@@ -78,6 +78,15 @@ def parse_ref_pattern(text: str, aliases: Mapping[str, str] | None = None) -> Re
     return RefPattern(aliases.get(namespace, namespace), name, tag)
 
 
+class Walkable(Protocol):
+    """What the listing and the plans read: a node's store, or the cluster's content (cluster.Snapshot)."""
+
+    def entries(self) -> dict[str, Entry]: ...
+    def needs(self, key: str) -> list[str]: ...
+    def pins(self) -> dict[str, str]: ...
+    def seen_pairs(self) -> list[tuple[str, str]]: ...
+
+
 # listing ---------------------------------------------------------------------------------------
 
 
@@ -93,7 +102,7 @@ class ImageRow:
     missing: tuple[str, ...] = ()  # what it lacks (store keys, see store/walk.py `lacking`): incomplete if any
 
 
-def list_images(store: Store, pattern: RefPattern | None = None) -> list[ImageRow]:
+def list_images(store: Walkable, pattern: RefPattern | None = None) -> list[ImageRow]:
     needs = functools.cache(store.needs)  # images share manifests and blobs: read each once
     entries = store.entries()
     pins = store.pins()
@@ -133,11 +142,11 @@ class Plan:
         return sum(self.sizes.values()) + sum(_size_of(path) for path in self.staging_files)
 
 
-def _pinned_roots(store: Store) -> list[str]:
+def _pinned_roots(store: Walkable) -> list[str]:
     return [keys.manifest_key(digest) for digest in store.pins().values()]
 
 
-def plan_purge(store: Store, pattern: RefPattern) -> Plan:
+def plan_purge(store: Walkable, pattern: RefPattern) -> Plan:
     """Tag records the pattern covers (pinned ones excepted), then the manifests and blobs they
     need that nothing else needs: no other tag record, no pin, and — for a registry or repository
     pattern — no repository outside it they were pulled through. For a registry or repository, also
@@ -183,9 +192,17 @@ def plan_purge(store: Store, pattern: RefPattern) -> Plan:
 
 
 def plan_gc(store: Store, min_age: float, now: float | None = None) -> Plan:
+    """`plan_orphans`, and staging files untouched for `min_age`."""
+    now = time.time() if now is None else now
+    plan = plan_orphans(store, min_age, now)
+    plan.staging_files = [path for path in _staging_files(store) if _mtime(path) < now - min_age]
+    return plan
+
+
+def plan_orphans(store: Walkable, min_age: float, now: float | None = None) -> Plan:
     """Orphans: manifests and blobs no tag record and no pin needs, unused for `min_age` (so a
     pull in progress, whose manifest is stored a moment before its tag record, keeps its content);
-    access records of digests no longer stored; staging files untouched for `min_age`."""
+    access records of digests no longer stored."""
     now = time.time() if now is None else now
     entries = store.entries()
     needed = reachable([*(k for k in entries if keys.is_kind(k, keys.TAG)), *_pinned_roots(store)], store.needs)
@@ -196,9 +213,7 @@ def plan_gc(store: Store, min_age: float, now: float | None = None) -> Plan:
     )
     stored = {keys.subject(key) for key in entries.keys() - set(orphans)}
     stale_seen = sorted(keys.seen_key(repo, digest) for repo, digest in store.seen_pairs() if digest not in stored)
-    plan = Plan(keys=orphans + stale_seen, sizes={key: entries[key].size for key in orphans})
-    plan.staging_files = [path for path in _staging_files(store) if _mtime(path) < now - min_age]
-    return plan
+    return Plan(keys=orphans + stale_seen, sizes={key: entries[key].size for key in orphans})
 
 
 def _staging_files(store: Store) -> list[Path]:
@@ -302,9 +317,15 @@ def _chunks(reader: BinaryIO, progress: Callable[[int], None]) -> Iterable[bytes
         yield chunk
 
 
-def _digest(expected: str, chunks: Iterable[bytes]) -> str:
+def new_hasher(expected: str) -> hashlib._Hash:
+    """A hasher of the algorithm `expected` (a digest) names: sha256 or sha512 (others: sha256,
+    which then never matches)."""
     algorithm = expected.partition(":")[0]
-    hasher = hashlib.new(algorithm if algorithm in ("sha256", "sha512") else "sha256")
+    return hashlib.new(algorithm if algorithm in ("sha256", "sha512") else "sha256")
+
+
+def _digest(expected: str, chunks: Iterable[bytes]) -> str:
+    hasher = new_hasher(expected)
     for chunk in chunks:
         hasher.update(chunk)
     return f"{hasher.name}:{hasher.hexdigest()}"

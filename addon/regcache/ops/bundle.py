@@ -24,10 +24,11 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from regcache.oci.api import NAME_RE, TAG_RE
 from regcache.oci.digest import DigestMismatch, verify_digest
@@ -49,6 +50,18 @@ TAG = "io.regcache.tag"
 ACCEPT = "io.regcache.accept"
 ACCESS = "io.regcache.access"
 COPY_CHUNK = 4 * 1024 * 1024
+
+
+class ExportSource(Protocol):
+    """What an export reads: a node's store, or the cluster's content (cluster.Snapshot)."""
+
+    def tag_refs(self) -> list[TagRef]: ...
+    def tag_records(self, ref: TagRef) -> dict[str, TagRecord]: ...
+    def get_manifest(self, digest: str) -> Manifest | None: ...
+    def needs(self, key: str) -> list[str]: ...
+    def has_entry(self, key: str) -> bool: ...
+    def blob_size(self, digest: str) -> int | None: ...
+    def blob_path(self, digest: str) -> str | None: ...
 
 
 class BundleError(Exception):
@@ -84,7 +97,7 @@ class Contents:
         return f"{len(self.entries)} tags, {len(self.manifests)} manifests, {len(self.blobs)} blobs, {size} bytes"
 
 
-def _collect(store: Store, digest: str, manifest: Manifest, contents: Contents) -> bool:
+def _collect(store: ExportSource, digest: str, manifest: Manifest, contents: Contents) -> bool:
     """Add a manifest and what it needs; False if the store lacks something an image needs.
     An index keeps only the children that were recorded (others were never pulled)."""
     child_manifests, blobs = children(manifest)
@@ -117,7 +130,7 @@ def incomplete_message(ref: TagRef | str, missing: list[str] | tuple[str, ...]) 
 
 
 def collect_for_export(
-    store: Store, refs: list[TagRef] | None, records: AccessRecords | None = None
+    store: ExportSource, refs: list[TagRef] | None, records: AccessRecords | None = None
 ) -> Contents:
     """Every complete image of `refs` (None: of the whole store); an incomplete one is skipped,
     saying so, and is an error when it was named and nothing else of its tag was complete.
@@ -150,7 +163,7 @@ def collect_for_export(
     return contents
 
 
-def write_bundle(store: Store, contents: Contents, out: Path) -> None:
+def write_bundle(store: ExportSource, contents: Contents, out: Path) -> None:
     """Write a layout directory, or a tar when `out` ends in .tar; atomically (temp + rename)."""
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": contents.entries}
     files: list[tuple[str, bytes | Path]] = [
@@ -389,11 +402,16 @@ def import_bundle(
         if pin:
             store.pin(ref, record.digest)
     if records is not None:
-        for repository in sorted(contents.public):
-            records.put_grant(ANONYMOUS, repository, Grant(time.time(), None))
+        mark_public(records, sorted(contents.public))
     store.evict()
     return contents
 
 
 def is_public(records: AccessRecords, repository: str) -> bool:
     return records.grant(ANONYMOUS, repository) is not None
+
+
+def mark_public(records: AccessRecords, repositories: Iterable[str]) -> None:
+    """Make these repositories readable anonymously (what the bundle or the scratch store said)."""
+    for repository in repositories:
+        records.put_grant(ANONYMOUS, repository, Grant(time.time(), None))

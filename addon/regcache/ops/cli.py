@@ -18,12 +18,10 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -33,8 +31,8 @@ from regcache.config import ConfigError, Settings, load_settings, parse_duration
 from regcache.fronts import ca
 from regcache.fronts.master import serve
 from regcache.oci.manifest import BadManifest
+from regcache.ops import cluster_cli
 from regcache.ops.admin import (
-    Plan,
     carry_out,
     find_corrupt,
     list_images,
@@ -48,11 +46,11 @@ from regcache.ops.bundle import (
     BundleError,
     collect_for_export,
     import_bundle,
-    incomplete_message,
     parse_image_ref,
     write_bundle,
 )
 from regcache.ops.setup import client as client_setup
+from regcache.ops.show import console, print_images, print_plan, report_verification, size_text, usage_rows
 from regcache.ops.warm import default_platforms, warm_all
 from regcache.services.blobs import FREE_SPACE_RESERVE
 from regcache.store.access import DiskAccessRecords
@@ -247,6 +245,8 @@ def warm(options: argparse.Namespace) -> int:
     images = list(options.images) + (image_list(options.file) if options.file else [])
     if not images:
         raise UsageError("name at least one image (or -f FILE)")
+    if settings.shared is not None and not options.local:
+        return cluster_cli.warm(options, settings, images)
     refs = [parse_image_ref(image) for image in images]
     store = open_store(options, settings)
     platforms = set(options.platform) if options.platform else default_platforms(settings)
@@ -295,24 +295,6 @@ def pins(options: argparse.Namespace) -> int:
     return 0
 
 
-def _size(count: float) -> str:
-    """Binary units, as `size_limit` is usually written (50GiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
-
-
-def _short(digest: str) -> str:
-    algorithm, _, hex_digest = digest.partition(":")
-    return f"{algorithm}:{hex_digest[:12]}"
-
-
 def stats(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
     store = open_store(options, settings, read_only=True)
@@ -334,23 +316,18 @@ def stats(options: argparse.Namespace) -> int:
         }
         print(json.dumps(document, indent=2))
         return 0
-    ratio = "no requests yet" if usage.hit_ratio is None else f"{usage.hit_ratio:.1%}"
-    results = ", ".join(f"{result} {count}" for result, count in sorted(usage.requests.items()))
-    saved = sum(usage.pulls_saved.values())
-    by_registry = ", ".join(f"{registry} {count}" for registry, count in sorted(usage.pulls_saved.items()))
     summary = Table(title=f"regcache {store.cache_dir}", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
     stored = sum(size for _, size in totals.values())
-    summary.add_row("size", f"{_size(stored)} of {_size(store.size_limit)} (size_limit)")
-    nothing_new = f": nothing new is cached (regcache keeps {_size(FREE_SPACE_RESERVE)} free)" if full else ""
-    summary.add_row("disk", f"{'FULL, ' if full else ''}{_size(free)} free{nothing_new}")
+    summary.add_row("size", f"{size_text(stored)} of {size_text(store.size_limit)} (size_limit)")
+    nothing_new = f": nothing new is cached (regcache keeps {size_text(FREE_SPACE_RESERVE)} free)" if full else ""
+    summary.add_row("disk", f"{'FULL, ' if full else ''}{size_text(free)} free{nothing_new}")
     summary.add_row("entries", ", ".join(f"{kind} {count}" for kind, (count, _) in totals.items() if count))
-    summary.add_row("hit ratio", f"{ratio} ({results})" if results else ratio)
-    summary.add_row("pulls saved", f"{saved} ({by_registry})" if by_registry else "0")
-    summary.add_row("bytes", f"{_size(usage.bytes_cache)} from cache, {_size(usage.bytes_upstream)} from upstream")
-    console = _console()
-    console.print(summary)
+    for label, value in usage_rows(usage):
+        summary.add_row(label, value)
+    out = console()
+    out.print(summary)
     if usage.repositories:
         top = Table(title=f"top repositories (of {len(usage.repositories)})")
         for column in ("repository", "pulls", "pulls saved", "requests", "from cache"):
@@ -358,7 +335,7 @@ def stats(options: argparse.Namespace) -> int:
         for repo in usage.repositories[: options.top]:
             share = f"{repo.from_store / repo.requests:.0%}" if repo.requests else "-"
             top.add_row(repo.repository, str(repo.pulls), str(repo.pulls_saved), str(repo.requests), share)
-        console.print(top)
+        out.print(top)
     return 0
 
 
@@ -366,41 +343,8 @@ def ls(options: argparse.Namespace) -> int:
     settings = load_settings(options.config)
     pattern = parse_ref_pattern(options.ref, settings.registries) if options.ref else None
     rows = list_images(open_store(options, settings, read_only=True), pattern)
-    if options.json:
-        print(json.dumps([asdict(row) for row in rows], indent=2))
-        return 0
-    table = Table(title=f"cached images{f' in {pattern}' if pattern else ''}: {len(rows)}")
-    for column in ("image", "digest", "size", "last used", "pinned", "complete"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for row in rows:
-        pinned, complete = "yes" if row.pinned else "", "NO" if row.missing else "yes"
-        table.add_row(row.ref, _short(row.digest), _size(row.size), _when(row.last_used), pinned, complete)
-    _console().print(table)
-    for row in rows:
-        if row.missing:
-            print(f"{incomplete_message(row.ref, row.missing)} ({_short(row.digest)})")
+    print_images(rows, pattern, options.json)
     return 0
-
-
-def _console() -> Console:
-    """On a terminal, its width; into a pipe or file, wide enough that digests and names never fold."""
-    return Console() if sys.stdout.isatty() else Console(width=240)
-
-
-def _print_plan(plan: Plan, what: str, dry_run: bool, size: int) -> None:
-    """`size`: what the plan would free (dry run), or what carrying it out freed."""
-    if dry_run:
-        for key in plan.keys:
-            entry_size = plan.sizes.get(key)
-            print(f"  {key}{f' ({entry_size} B)' if entry_size else ''}")
-        for path in plan.staging_files:
-            print(f"  staging file {path}")
-    counts = ", ".join(
-        f"{plan.count(kind)} {label}"
-        for kind, label in (("tag", "tags"), ("manifest", "manifests"), ("blob", "blobs"), ("seen", "access records"))
-    )
-    staging = f", {len(plan.staging_files)} staging files" if plan.staging_files else ""
-    print(f"{'would remove' if dry_run else 'removed'} ({what}): {counts}{staging}, {_size(size)}")
 
 
 def purge(options: argparse.Namespace) -> int:
@@ -414,7 +358,7 @@ def purge(options: argparse.Namespace) -> int:
         print(f"nothing in the cache to purge for {pattern}")
         return 0
     size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
-    _print_plan(plan, f"purge {pattern}", options.dry_run, size)
+    print_plan(plan, f"purge {pattern}", options.dry_run, size)
     return 0
 
 
@@ -424,18 +368,10 @@ def verify(options: argparse.Namespace) -> int:
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("verify", total=verify_total(store))
         verification = find_corrupt(store, lambda count: progress.advance(task, count))
-    for found in verification.corrupt:
-        print(f"CORRUPT {found.key}: {found.problem}{'' if options.dry_run else ' (removed)'}")
     store.close()  # before a writable store of the same cache is opened (DiskStore)
     if verification.corrupt and not options.dry_run:  # only then is the store written
         open_store(options).remove(found.key for found in verification.corrupt)
-    outcome = ", kept (--dry-run)" if options.dry_run else ", removed (pulls fetch them again)"
-    outcome = outcome if verification.corrupt else ""
-    print(
-        f"verified {verification.manifests} manifests and {verification.blobs} blobs, {_size(verification.bytes)}: "
-        f"{len(verification.corrupt)} corrupt{outcome}"
-    )
-    return 1 if verification.corrupt else 0
+    return report_verification(verification, options.dry_run)
 
 
 def gc(options: argparse.Namespace) -> int:
@@ -445,21 +381,21 @@ def gc(options: argparse.Namespace) -> int:
     if settings.max_age:
         if options.dry_run:
             unused = store.unused(settings.max_age)
-            print(f"would expire (unused for max_age): {len(unused)} entries, {_size(sum(s for _, s in unused))}")
+            print(f"would expire (unused for max_age): {len(unused)} entries, {size_text(sum(s for _, s in unused))}")
         else:
             removed, freed = store.expire_unused(settings.max_age)
-            print(f"expired (unused for max_age): {removed} entries, {_size(freed)}")
+            print(f"expired (unused for max_age): {removed} entries, {size_text(freed)}")
     plan = plan_gc(store, min_age)
     # Staging files are measured before they go: after, they would count as 0 B.
     size = plan.bytes if options.dry_run else carry_out(store, plan)[1]
-    _print_plan(plan, "orphans and leftovers", options.dry_run, size)
+    print_plan(plan, "orphans and leftovers", options.dry_run, size)
     stored = sum(size for _, size in store.entry_totals().values())
     if options.dry_run:
         over = max(0, stored - store.size_limit)
-        print(f"store: {_size(stored)} of size_limit {_size(store.size_limit)}; over by {_size(over)}")
+        print(f"store: {size_text(stored)} of size_limit {size_text(store.size_limit)}; over by {size_text(over)}")
     else:
         removed, freed = store.evict()
-        print(f"evicted (size_limit): {removed} entries, {_size(freed)}")
+        print(f"evicted (size_limit): {removed} entries, {size_text(freed)}")
     return 0
 
 
@@ -527,8 +463,13 @@ def setup(options: argparse.Namespace) -> int:
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML configuration whose cache_dir to use")
+    parser.add_argument("--config", help="YAML configuration whose cache_dir (or shared store) to use")
     parser.add_argument("--cache-dir", help="the cache directory (default: cache_dir of --config, or the default)")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="with shared in the configuration: this machine's cache_dir only (default: the cluster's store)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     _store_options(verify_parser)
     verify_parser.add_argument("--dry-run", "--keep", dest="dry_run", action="store_true", help="only report them")
+    verify_parser.add_argument(
+        "--sample", type=int, help="shared store: rehash only this many objects of the bucket, picked at random"
+    )
     verify_parser.set_defaults(handler=verify)
 
     gc_parser = commands.add_parser(
@@ -655,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.command == "run" and options.mitmdump_args[:1] == ["--"]:
         options.mitmdump_args = options.mitmdump_args[1:]
     try:
-        return int(options.handler(options))
+        return int(handler_for(options)(options))
     except (ConfigError, BundleError, BadManifest, StoreError, UsageError, ca.CaError, OSError, sqlite3.Error) as err:
         # One line, never a traceback: these are the user's paths, files and settings.
         unchanged = " (the cache is unchanged)" if options.command == "import" else ""
@@ -682,6 +626,18 @@ def _ca_commands(ca_parser: argparse.ArgumentParser) -> None:
                 action="store_true",
                 help="replace the existing CA (its files move to replaced-TIME/); every client must trust the new one",
             )
+
+
+def handler_for(options: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The command's handler: with `shared` in the configuration (and no --local), the cluster's."""
+    handler: Callable[[argparse.Namespace], int] = options.handler
+    if options.command not in cluster_cli.HANDLERS or options.local:
+        return handler
+    settings = load_settings(options.config)
+    if settings.shared is None:
+        return handler
+    cluster_handler = cluster_cli.HANDLERS[options.command]
+    return lambda given: cluster_handler(given, settings)
 
 
 def describe(err: Exception) -> str:

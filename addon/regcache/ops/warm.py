@@ -28,7 +28,7 @@ from regcache.services.completion import FetchError, ImageFetcher, ImageSource
 from regcache.services.manifests import ManifestService
 from regcache.services.upstream import UpstreamClient, UpstreamUnavailable
 from regcache.store.access import ANONYMOUS, DiskAccessRecords
-from regcache.store.base import Store
+from regcache.store.base import SharedTier, Store
 
 
 @dataclass
@@ -59,13 +59,13 @@ class Bars:
 
 
 class Warmer:
-    def __init__(self, settings: Settings, store: Store, progress: Progress) -> None:
+    def __init__(self, settings: Settings, store: Store, progress: Progress, shared: SharedTier | None = None) -> None:
         self._settings = settings
         self._upstream = UpstreamClient(settings)
         self._records = DiskAccessRecords(store.cache_dir)
         self._access = Access(store, self._records, self._upstream, settings, offline=False)
         manifests = ManifestService(store, self._upstream, self._access, offline=False)
-        self._fills = Fills(store, self._upstream)
+        self._fills = Fills(store, self._upstream, shared)  # shared: the cluster's leases and bucket
         self._fetcher = ImageFetcher(store, manifests, self._fills, Bars(progress))
 
     async def warm(self, ref: TagRef, platforms: set[str] | None) -> Warmed:
@@ -97,13 +97,19 @@ class Warmer:
 
 
 async def warm_all(
-    settings: Settings, store: Store, refs: Iterable[TagRef], platforms: set[str] | None
+    settings: Settings,
+    store: Store,
+    refs: Iterable[TagRef],
+    platforms: set[str] | None,
+    shared: SharedTier | None = None,
 ) -> list[Warmed | str]:
-    """Warm each image; a failure is reported (as a string) and does not stop the others."""
+    """Warm each image; a failure is reported (as a string) and does not stop the others. `shared`:
+    the cluster's tier (store/shared/tiered.py) when `store` is a cluster's: each blob fill then
+    takes the cluster's lease, as a node's does, and goes into the bucket."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     results: list[Warmed | str] = []
     with Progress(*columns, transient=True) as progress:
-        warmer = Warmer(settings, store, progress)
+        warmer = Warmer(settings, store, progress, shared)
         try:
             for ref in refs:
                 try:

@@ -28,6 +28,11 @@ memory and in the access records (store/access.py), each saved at most once a mi
 revocation is written ahead of every other queued write; one the store refuses (a full disk) is
 kept in memory for the rest of the run — after a restart, the stored grant counts again until it
 expires (an anonymous one: until a fresh refusal of an anonymous token).
+
+In a cluster the records are shared (store/shared/access.py) and another node may revoke a grant
+this one holds in memory: the fast path is `CLUSTER_GRANT_SECONDS` (30 s), and without a fresh
+answer a grant held in memory longer than that counts only if the cluster's records still hold it.
+So a revocation on one node stops every node serving within 30 s.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ from regcache.store.base import Store
 from regcache.store.errors import STORE_ERRORS, best_effort
 
 GRANT_SECONDS = 300.0
+# In a cluster another node may revoke a grant this node holds in memory: the fast path is this
+# short there, and a grant in memory older than this is read back from the cluster's records
+# before it counts without a fresh upstream answer. So a revocation reaches every node within it.
+CLUSTER_GRANT_SECONDS = 30.0
 SAVE_EVERY = 60.0  # a grant accepted again is saved to the store at most this often
 MAX_REMEMBERED = 50_000  # in-memory entries of each kind before the least recently set is forgotten
 
@@ -105,8 +114,15 @@ def with_scope(challenge: str, name: str) -> str:
 
 class Access:
     def __init__(
-        self, store: Store, records: AccessRecords, upstream: UpstreamClient, settings: Settings, offline: bool
+        self,
+        store: Store,
+        records: AccessRecords,
+        upstream: UpstreamClient,
+        settings: Settings,
+        offline: bool,
+        cluster: bool = False,
     ) -> None:
+        """`cluster`: the records are a cluster's (other nodes revoke grants in them)."""
         self._store = store
         self._records = records
         self._upstream = upstream
@@ -114,6 +130,8 @@ class Access:
         self._offline = offline
         self.open_offline = offline and settings.offline_access == "open"
         self._ttl = settings.access_grant_ttl
+        self._cluster = cluster
+        self._fast = min(GRANT_SECONDS, CLUSTER_GRANT_SECONDS) if cluster else GRANT_SECONDS
         self.keyer = Keyer(records.secret())
         self.writer = RecordWriter()
         # Bounded (clients choose what is remembered): a grant forgotten here is read from the store.
@@ -123,6 +141,7 @@ class Access:
         # token key → record (None: looked up, unknown)
         self._tokens: Recent[str, TokenRecord | None] = Recent(MAX_REMEMBERED)
         self._held: Recent[str, None] = Recent(MAX_REMEMBERED)  # identities granted something this run
+        self._confirmed: Recent[tuple[str, str], float] = Recent(MAX_REMEMBERED)  # cluster: last read back
         self._revoked: set[tuple[str, str]] = set()  # this run: not to be read back from the store
         self._undropped: set[tuple[str, str]] = set()  # revocations the store refused: kept in memory
         self._challenges = records.challenges()
@@ -273,15 +292,16 @@ class Access:
 
     def granted_recently(self, client: Client, repo: str) -> bool:
         """The fast path: one of the client's identities was accepted for `repo` within
-        GRANT_SECONDS, or `repo` was confirmed readable anonymously that recently. Memory only."""
+        GRANT_SECONDS (CLUSTER_GRANT_SECONDS in a cluster), or `repo` was confirmed readable
+        anonymously that recently. Memory only."""
         now = time.time()
-        recent = now - min(GRANT_SECONDS, self._ttl)
+        recent = now - min(self._fast, self._ttl)
         for identity in client.identities:
             grant = self._grants.get((identity.key, repo))
             if identity.key != ANONYMOUS and grant is not None and grant.valid(now) and grant.accepted_at >= recent:
                 return True
         public = self._grants.get((ANONYMOUS, repo))
-        return public is not None and public.accepted_at >= now - GRANT_SECONDS
+        return public is not None and public.accepted_at >= now - self._fast
 
     async def permitted(self, client: Client, repo: str) -> bool:
         """Without a fresh answer: is `repo` readable anonymously, or does one of the client's
@@ -292,10 +312,14 @@ class Access:
         return False
 
     async def _grant(self, identity: str, repo: str) -> Grant | None:
-        """An unexpired grant: from memory, else from the store (after a restart)."""
+        """An unexpired grant: from memory, else from the store (after a restart); in a cluster, one
+        held in memory for longer than CLUSTER_GRANT_SECONDS only if the cluster still holds it."""
         now = time.time()
-        grant = self._grants.get((identity, repo))
-        if grant is None and (identity, repo) not in self._revoked:  # the store may lag a revocation
+        key = (identity, repo)
+        grant = self._grants.get(key)
+        if grant is not None and self._cluster and now - self._confirmed_at(key, grant) > CLUSTER_GRANT_SECONDS:
+            grant = await self._read_back(key, grant, now)
+        elif grant is None and key not in self._revoked:  # the store may lag a revocation
             try:
                 grant = await asyncio.to_thread(self._records.grant, identity, repo)
             except STORE_ERRORS:
@@ -303,6 +327,23 @@ class Access:
             if grant is not None and grant.valid(now):
                 self._grants[(identity, repo)] = grant
         return grant if grant is not None and grant.valid(now) else None
+
+    def _confirmed_at(self, key: tuple[str, str], grant: Grant) -> float:
+        return max(grant.accepted_at, self._confirmed.get(key, 0.0))
+
+    async def _read_back(self, key: tuple[str, str], grant: Grant, now: float) -> Grant | None:
+        """The memory's grant if the cluster's records still hold one (another node may have revoked it)."""
+        try:
+            stored = await asyncio.to_thread(self._records.grant, *key)
+        except STORE_ERRORS:
+            return grant  # no records answer (neither Redis nor this node's disk): as on one node
+        if stored is None or not stored.valid(now):
+            self._grants.pop(key, None)
+            self._unsaved.pop(key, None)
+            self._saved_at.pop(key, None)
+            return None
+        self._confirmed[key] = now
+        return grant
 
     async def holds_grants(self, identity: str) -> bool:
         """Has the upstream accepted this identity for anything (a credential the store recorded)?"""

@@ -84,6 +84,15 @@ class AccessRecords(Protocol):
     def close(self) -> None: ...
 
 
+class LocalAccessRecords(AccessRecords, Protocol):
+    """A node's own records, which also keep the revocations the cluster's records have not taken
+    yet (store/shared/access.py), so that a restart still owes them."""
+
+    def pending_drops(self) -> set[tuple[str, str]]: ...
+    def keep_pending_drop(self, identity: str, repository: str) -> None: ...
+    def forget_pending_drop(self, identity: str, repository: str) -> None: ...
+
+
 class DiskAccessRecords:
     """`AccessRecords` in `<cache_dir>/access/` (diskcache: SQLite, expiring keys)."""
 
@@ -154,6 +163,20 @@ class DiskAccessRecords:
                 challenges[registry] = challenge
             self._cache.set("challenges", json.dumps(challenges, sort_keys=True))
 
+    def pending_drops(self) -> set[tuple[str, str]]:
+        found = set()
+        for key in self._cache.iterkeys():  # read once, at start
+            if isinstance(key, str) and key.startswith("pending "):
+                identity, _, repository = key.removeprefix("pending ").partition(" ")
+                found.add((identity, repository))
+        return found
+
+    def keep_pending_drop(self, identity: str, repository: str) -> None:
+        self._cache.set(f"pending {identity} {repository}", 1)  # never expires: owed until paid
+
+    def forget_pending_drop(self, identity: str, repository: str) -> None:
+        self._cache.delete(f"pending {identity} {repository}")
+
     def close(self) -> None:
         self._cache.close()
 
@@ -207,8 +230,8 @@ class RecordWriter:
         self._queue = self._worker = None
 
 
-# DiskAccessRecords provides the protocol (checked by the type checker).
-_CHECKED: type[AccessRecords] = DiskAccessRecords
+# DiskAccessRecords provides the protocols (checked by the type checker).
+_CHECKED: type[LocalAccessRecords] = DiskAccessRecords
 
 # (priority, order queued, what, work, called if it fails)
 _Write = tuple[int, int, str, Callable[[], None], Callable[[], None] | None]

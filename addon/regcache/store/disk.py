@@ -53,7 +53,7 @@ import diskcache
 from diskcache.core import DBNAME, MODE_BINARY
 
 from regcache.oci.digest import verify_digest
-from regcache.oci.manifest import Manifest, manifest_references
+from regcache.oci.manifest import Manifest
 from regcache.oci.media import accept_key
 from regcache.oci.reference import TagRef
 from regcache.store import keys
@@ -61,7 +61,7 @@ from regcache.store.base import Entry, Store, TagRecord, capped_records
 from regcache.store.errors import StoreError, UseRecorder
 from regcache.store.lock import lock_cache_dir, unlock_cache_dir
 from regcache.store.staging import BlobStaging
-from regcache.store.walk import reachable
+from regcache.store.walk import manifest_needs, reachable
 
 log = logging.getLogger("regcache")
 
@@ -113,18 +113,6 @@ def _manifest_of(raw: object) -> Manifest | None:
     return Manifest(media_type.decode(), body)
 
 
-def _manifest_needs(manifest: Manifest) -> tuple[str, ...]:
-    """The store keys a manifest refers to: an index's platform manifests, an image's config and
-    layers; none for one that does not parse."""
-    try:
-        child_manifests, blobs = manifest_references(manifest)
-        return tuple(keys.manifest_key(str(d.get("digest"))) for d in child_manifests) + tuple(
-            keys.blob_key(str(d.get("digest"))) for d in blobs
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return ()
-
-
 def _tag_needs(raw: str) -> tuple[str, ...]:
     """The manifests a stored tag entry's records name."""
     try:
@@ -138,7 +126,7 @@ def _needs_of(key: str, raw: object) -> tuple[str, ...]:
     if keys.is_kind(key, keys.TAG) and isinstance(raw, str):
         return _tag_needs(raw)
     if keys.is_kind(key, keys.MANIFEST) and (manifest := _manifest_of(raw)) is not None:
-        return _manifest_needs(manifest)
+        return tuple(manifest_needs(manifest))
     return ()
 
 
@@ -703,7 +691,7 @@ class DiskStore:
         """What a manifest at hand needs: from memory, or parsed once and kept."""
         needed = self._needs.get(key)
         if needed is None:
-            needed = _manifest_needs(manifest)
+            needed = tuple(manifest_needs(manifest))
             self._needs.put(key, needed)
         return needed
 

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from regcache.store.keys import BLOB, MANIFEST, is_kind
+from regcache.oci.manifest import Manifest, manifest_references
+from regcache.store.keys import BLOB, MANIFEST, blob_key, is_kind, manifest_key
+
+
+def manifest_needs(manifest: Manifest) -> list[str]:
+    """The store keys a manifest refers to (an index its platform manifests, an image manifest its
+    config and layers); [] when it cannot be read as one. What every store's `needs` answers for a
+    manifest, however it holds the manifest."""
+    try:
+        child_manifests, blobs = manifest_references(manifest)
+        return [manifest_key(str(d.get("digest"))) for d in child_manifests] + [
+            blob_key(str(d.get("digest"))) for d in blobs
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def lacking(root: str, needs: Callable[[str], list[str]], present: Callable[[str], bool]) -> list[str]:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from regcache.config import RedisSettings
-from regcache.store.access import ANONYMOUS, AccessRecords, Grant, TokenRecord
+from regcache.store.access import ANONYMOUS, AccessRecords, Grant, LocalAccessRecords, TokenRecord
 from regcache.store.shared.errors import Breaker, RedisUnavailable, SharedUnavailable
 from regcache.store.shared.redis_client import sync_connection, text
 
@@ -131,15 +132,32 @@ class ClusterAccessRecords:
     grant another node revoked stays revoked), and the node's own only during an outage. Records
     read from the node's own fail closed at worst: identities are hashed under the secret read at
     start (the cluster's, or the node's own when Redis was down then), and a record hashed under
-    the other one simply matches nobody."""
+    the other one simply matches nobody.
 
-    def __init__(self, cluster: RedisAccessRecords, local: AccessRecords) -> None:
+    A revocation (`drop_grant`) Redis could not take is owed to it: kept pending with the node's
+    own records (so a restart still owes it), replayed before every later call on Redis, and
+    until then the grant reads as absent whatever Redis says. Access fails closed."""
+
+    def __init__(self, cluster: RedisAccessRecords, local: LocalAccessRecords) -> None:
         self._cluster = cluster
         self._local = local
+        self._lock = threading.Lock()  # calls come from worker threads
+        self._pending = local.pending_drops()
+
+    def _on_cluster(self, call: Callable[[AccessRecords], T]) -> T:
+        """`call` on Redis once the revocations owed to it are in (raises SharedUnavailable)."""
+        with self._lock:
+            owed = sorted(self._pending)
+        for identity, repository in owed:
+            self._cluster.drop_grant(identity, repository)
+            with self._lock:
+                self._pending.discard((identity, repository))
+            self._local.forget_pending_drop(identity, repository)
+        return call(self._cluster)
 
     def _read(self, read: Callable[[AccessRecords], T]) -> T:
         try:
-            return read(self._cluster)
+            return self._on_cluster(read)
         except SharedUnavailable:
             return read(self._local)
 
@@ -148,19 +166,33 @@ class ClusterAccessRecords:
             write(self._local)
         finally:
             with contextlib.suppress(SharedUnavailable):  # the breaker has said so, once
-                write(self._cluster)
+                self._on_cluster(write)
+
+    def pending(self, identity: str, repository: str) -> bool:
+        """Is a revocation of this grant still owed to Redis?"""
+        with self._lock:
+            return (identity, repository) in self._pending
 
     def secret(self) -> bytes:
         return self._read(lambda records: records.secret())
 
     def grant(self, identity: str, repository: str) -> Grant | None:
-        return self._read(lambda records: records.grant(identity, repository))
+        found = self._read(lambda records: records.grant(identity, repository))
+        return None if self.pending(identity, repository) else found
 
     def put_grant(self, identity: str, repository: str, grant: Grant) -> None:
         self._write(lambda records: records.put_grant(identity, repository, grant))
 
     def drop_grant(self, identity: str, repository: str) -> None:
-        self._write(lambda records: records.drop_grant(identity, repository))
+        try:
+            self._local.drop_grant(identity, repository)
+        finally:
+            try:
+                self._on_cluster(lambda records: records.drop_grant(identity, repository))
+            except SharedUnavailable:  # owed to Redis, on disk too so that a restart still owes it
+                with self._lock:
+                    self._pending.add((identity, repository))
+                self._local.keep_pending_drop(identity, repository)
 
     def holds_grants(self, identity: str) -> bool:
         return self._read(lambda records: records.holds_grants(identity))
