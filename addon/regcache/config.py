@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -447,6 +448,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
 #   size_limit: 2TiB                     # the bucket's share (default: no limit)
 #   max_age: 30d                         # default: the top-level max_age
 #   lease_seconds: 15                    # a dead fill holder is replaced after at most this long
+#   access_secret_file: /etc/regcache/access-secret  # or access_secret_env: the same ≥ 32 characters on
+#                                        # every node, keying the access records' identity hashes (required)
 #   s3:
 #     endpoint: http://s3.internal:7480  # any S3-compatible store, path-style addressing
 #     bucket: regcache                   # must exist and be writable (checked at start-up)
@@ -511,6 +514,9 @@ class SharedSettings:
     redis: RedisSettings
     node: str
     max_age: float
+    # The key of the access records' identity hashes, the same on every node (from a file or the
+    # environment, never from Redis: whoever reads Redis must not be able to test guesses).
+    access_secret: bytes = field(repr=False)
     size_limit: int | None = None
     lease_seconds: float = 15.0
 
@@ -521,7 +527,10 @@ _S3_KEYS = {
     *(f"{name}{suffix}" for name in ("access_key", "secret_key") for suffix in ("", "_file", "_env")),
 }  # fmt: skip
 _REDIS_KEYS = {"url", "timeout", "prefix", "username", "password", "password_file", "password_env"}
-_SHARED_KEYS = {"s3", "redis", "node", "size_limit", "max_age", "lease_seconds"}
+_SHARED_KEYS = {
+    "s3", "redis", "node", "size_limit", "max_age", "lease_seconds", "access_secret_file", "access_secret_env",
+}  # fmt: skip
+MIN_ACCESS_SECRET = 32  # characters
 
 
 def _map(key: str, value: object, known: set[str], example: str) -> dict[str, object]:
@@ -646,6 +655,31 @@ def parse_redis(key: str, raw: object) -> RedisSettings:
     return RedisSettings(**values)  # type: ignore[arg-type]
 
 
+def _access_secret(key: str, entry: dict[str, object]) -> bytes:
+    value = _secret(key, entry, "access_secret")
+    if value is None:
+        raise ConfigError(
+            f"{key}.access_secret_file",
+            f"required (or access_secret_env): a secret of at least {MIN_ACCESS_SECRET} characters, the same on "
+            "every node (e.g. the output of `openssl rand -hex 32`)",
+        )
+    if len(value) < MIN_ACCESS_SECRET:
+        given = "access_secret_file" if "access_secret_file" in entry else "access_secret_env"
+        raise ConfigError(f"{key}.{given}", f"must be at least {MIN_ACCESS_SECRET} characters, got {len(value)}")
+    return value.encode()
+
+
+def unprotected_redis(settings: RedisSettings) -> bool:
+    """Is this Redis reached without a password over the network? (Whoever can write it can grant access.)"""
+    if settings.password is not None or settings.url.startswith("unix:"):
+        return False
+    host = urlsplit(settings.url).hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
 def default_node() -> str:
     """This machine's host name, shortened to what a node id may hold."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip(".-_")[:63]
@@ -665,6 +699,7 @@ def parse_shared(key: str, raw: object, max_age: float) -> SharedSettings:
         if "node" in entry
         else default_node(),
         "max_age": parse_duration(f"{key}.max_age", entry["max_age"]) if "max_age" in entry else max_age,
+        "access_secret": _access_secret(key, entry),
     }
     if entry.get("size_limit") is not None:
         values["size_limit"] = parse_size(f"{key}.size_limit", entry["size_limit"])

@@ -44,7 +44,8 @@ def tiered(ceph: Ceph, redis_server: Redis, tmp_path: Path) -> Iterator[TieredSt
     run = uuid.uuid4().hex[:12]
     s3 = S3Settings(ceph.endpoint, ceph.bucket, ceph.access_key, ceph.secret_key, region=ceph.region, prefix=f"{run}/")
     redis = RedisSettings(redis_server.url, timeout=1.0, prefix=f"t{run}:")
-    store = open_tiered(DiskStore(tmp_path / "cache", 10**12), SharedSettings(s3, redis, node="sweeper", max_age=0))
+    settings = SharedSettings(s3, redis, node="sweeper", max_age=0, access_secret=b"s" * 32)
+    store = open_tiered(DiskStore(tmp_path / "cache", 10**12), settings)
     yield store
     store.close()
 
