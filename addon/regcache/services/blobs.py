@@ -304,10 +304,14 @@ class Fill:
 class Fills:
     """The running fills, by digest (single flight)."""
 
-    def __init__(self, store: Store, upstream: UpstreamClient, shared: SharedTier | None = None) -> None:
+    def __init__(
+        self, store: Store, upstream: UpstreamClient, shared: SharedTier | None = None, offline: bool = False
+    ) -> None:
+        """`offline`: never upstream; a fill comes from the cluster's bucket or fails."""
         self._store = store
         self._upstream = upstream
         self._shared = shared  # the cluster (store/shared/tiered.py); None: this node alone
+        self._offline = offline
         # This node's signed URL where other nodes follow its fill of a digest (set by the fronts).
         self.fill_url: Callable[[str], str] | None = None
         self._fills: dict[str, Fill] = {}
@@ -428,7 +432,13 @@ class Fills:
         self, fill: Fill, url: str, headers: CIMultiDict[str], leased: contextlib.AsyncExitStack
     ) -> Opened:
         """The fill's source, `fill.origin` set: upstream on a single node; in a cluster the bucket,
-        the lease holder's fill, or upstream under this node's lease (Redis down: upstream alone)."""
+        the lease holder's fill, or upstream under this node's lease (Redis down: upstream alone).
+        Offline: the bucket's copy only (no lease: this node would fetch nothing under it)."""
+        if self._offline:
+            opened = await self._from_bucket(fill) if self._shared is not None else None
+            if opened is None:
+                raise UpstreamUnavailable("offline: not in the shared bucket (or S3 unavailable)")
+            return opened
         if self._shared is not None:
             try:
                 found = await self._cluster_source(fill, leased)

@@ -85,7 +85,7 @@ class Runtime:
             shared_records = RedisAccessRecords(shared.redis, shared.access_secret, breaker=self.tiered.redis.breaker)
             self.records = ClusterAccessRecords(shared_records, self.records)
         self.upstream = UpstreamClient(settings)
-        self.fills = Fills(self.store, self.upstream, self.tiered)
+        self.fills = Fills(self.store, self.upstream, self.tiered, offline)
         self.access = Access(self.store, self.records, self.upstream, settings, offline, self.tiered is not None)
         self.tokens = TokenService(self.access, self.records, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline, self.tiered)
