@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -615,11 +615,10 @@ def _redis_url(key: str, value: object) -> tuple[str, str | None, str | None]:
     example = "redis://redis.internal:6379/0"
     parts = _url_parts(key, value, example)
     if parts.scheme == "unix":
-        if not parts.path or parts.netloc or parts.fragment:
-            raise ConfigError(key, f"expected unix:///path/to/redis.sock (password: the password key), got {value!r}")
-        return str(value), None, None
+        return _unix_redis_url(key, parts)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(key, f"expected a URL such as {example} (rediss:// for TLS), got {value!r}")
+        shown = "(not shown: it may hold a secret)" if parts.query or parts.password else repr(value)
+        raise ConfigError(key, f"expected a URL such as {example} (rediss:// for TLS, no query), got {shown}")
     try:
         parts.port  # noqa: B018 (raises on a bad port)
     except ValueError as err:
@@ -630,6 +629,27 @@ def _redis_url(key: str, value: object) -> tuple[str, str | None, str | None]:
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return urlunsplit((parts.scheme, netloc, parts.path, "", "")), username, password
+
+
+def _unix_redis_url(key: str, parts: SplitResult) -> tuple[str, str | None, str | None]:
+    """`unix:///path/to/socket[?db=N][&password=…]`: the URL keeps only `db`, the password moves out
+    (the URL is logged); any other query is an error (never echoed: it may hold a secret)."""
+    example = "unix:///path/to/redis.sock?db=0"
+    if not parts.path or parts.netloc or parts.fragment:
+        raise ConfigError(key, f"expected a socket URL such as {example} (password: the password key)")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as err:
+        raise ConfigError(key, f"expected a socket URL such as {example}: bad query") from err
+    unknown = sorted(set(query) - {"db", "password"})
+    if unknown or any(len(values) > 1 for values in query.values()):
+        raise ConfigError(key, f"a socket URL takes only db= and password= in its query, got {unknown or 'repeats'}")
+    db = query.get("db", [None])[0]
+    if db is not None and not db.isdigit():
+        raise ConfigError(key, "db= must be a database number such as 0")
+    password = query.get("password", [None])[0] or None
+    url = f"unix://{parts.path}" + (f"?db={db}" if db is not None else "")
+    return url, None, password
 
 
 def parse_redis(key: str, raw: object) -> RedisSettings:

@@ -137,6 +137,26 @@ def test_a_password_in_the_redis_url_is_moved_out_of_it() -> None:
     assert (redis.url, redis.password, redis.username) == ("redis://redis:6379/0", "p@ss", None)
     assert "p@ss" not in repr(redis)
     assert shared(redis="unix:///run/redis.sock?db=1").redis.url == "unix:///run/redis.sock?db=1"
+    assert shared(redis="unix:///run/redis.sock").redis.url == "unix:///run/redis.sock"
+    socket = shared(redis="unix:///run/redis.sock?db=2&password=s%26cret").redis
+    assert (socket.url, socket.password) == ("unix:///run/redis.sock?db=2", "s&cret") and "cret" not in repr(socket)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix:///run/redis.sock?db=x",
+        "unix:///run/redis.sock?db=1&db=2",
+        "unix:///run/redis.sock?password=TOPSECRET&colour=blue",
+        "unix:///run/redis.sock?TOPSECRET",
+        "unix://host/run/redis.sock?password=TOPSECRET",
+        "redis://redis:6379/0?password=TOPSECRET",
+    ],
+)
+def test_bad_redis_urls_name_the_key_and_never_echo_a_secret(url: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        shared(redis=url)
+    assert err.value.key == "shared.redis" and "TOPSECRET" not in str(err.value), str(err.value)
 
 
 def test_max_age_defaults_to_the_top_level_one() -> None:
