@@ -823,6 +823,23 @@ def test_a_kept_lease_outlives_its_time_and_knows_when_it_is_lost(on_nodes: OnNo
     on_nodes(go, 2)
 
 
+def test_a_kept_lease_publishes_its_url_anew_at_every_renewal(on_nodes: OnNodes) -> None:
+    """A fill URL is short-lived: the lease signs it anew each renewal, so a late follower reads a
+    fresh one; the release still finds the lease (its value changed)."""
+
+    async def go(a: SharedRedis, b: SharedRedis) -> None:
+        made = iter(range(1000))
+        lease = await a.leases.acquire("fill-z", 0.3, url=lambda: f"http://a/fill?n={next(made)}")
+        assert lease is not None and lease.holder.url == "http://a/fill?n=0"
+        async with lease.kept():
+            await asyncio.sleep(0.5)  # a renewal every 0.1 s
+            seen = await b.leases.holder("fill-z")
+            assert seen is not None and seen.url not in (None, "http://a/fill?n=0") and seen.token == lease.token
+        assert await b.leases.holder("fill-z") is None and not lease.lost.is_set()
+
+    on_nodes(go, 2)
+
+
 def test_a_late_follower_sees_every_fill_event(on_nodes: OnNodes) -> None:
     """Progress published before a follower joins is not lost (a stream, not pub/sub); the follower ends
     after `done`; a quiet fill raises FillStalled; a failed fill ends with its reason."""

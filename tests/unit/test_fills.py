@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
 from regcache.config import load_settings
+from regcache.fronts.blobserver import BlobServer
+from regcache.fronts.listener import Timeouts
 from regcache.oci.digest import digest_of
 from regcache.services.blobs import RELAY_BUFFER, Fill, Fills, RelayStalled
 from regcache.services.upstream import UpstreamClient
@@ -92,7 +95,7 @@ class BucketFailing:
     async def shared_chunks(self, digest: str) -> tuple[int, AsyncIterable[bytes]] | None:
         raise S3Unavailable("S3: connection refused")
 
-    async def acquire(self, name: str, url: str | None) -> FillLease | None:
+    async def acquire(self, name: str, url: Callable[[], str] | None) -> FillLease | None:
         return Lease()
 
     async def holder(self, name: str) -> FillHolder | None:
@@ -136,6 +139,36 @@ def test_offline_a_fill_the_bucket_cannot_send_never_goes_upstream(tmp_path: Pat
             assert fill.error is not None and "offline" in fill.error
             assert asked == [] and not store.has_blob(digest)
             await fills.close(wait=True)
+            await client.close()
+            store.close()
+
+    asyncio.run(go())
+
+
+def test_a_fill_url_serves_only_while_the_fill_runs_or_just_committed(tmp_path: Path) -> None:
+    """A signed /fills/ URL (other nodes read it from Redis) gives nothing of this node's stored copy
+    once no fill of it runs here: 404 with a registry error; a signed /blobs/ URL still serves."""
+    body = b"private layer"
+    digest = digest_of(body)
+
+    async def go() -> None:
+        store = DiskStore(tmp_path / "store", 10**9)
+        staging = store.stage_blob(digest)
+        staging.write(body)
+        store.commit_blob(staging, len(body))
+        client = UpstreamClient(load_settings(None))
+        server = BlobServer(store, Fills(store, client), ("127.0.0.1", 0), Timeouts(5, 5))
+        server.listener.bind()
+        await server.listener.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(server.listener.url + server.urls.path("fills", digest, 60)) as fill:
+                    assert fill.status == 404 and body not in await fill.read()
+                    assert (await fill.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+                async with session.get(server.listener.url + server.urls.path("blobs", digest)) as stored:
+                    assert stored.status == 200 and await stored.read() == body
+        finally:
+            await server.listener.stop()
             await client.close()
             store.close()
 

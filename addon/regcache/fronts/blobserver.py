@@ -87,7 +87,12 @@ class BlobServer:
 
     async def _signed_blob(self, request: web.Request) -> web.StreamResponse:
         source: BlobSource = "fills" if request.path.startswith("/fills/") else "blobs"
-        return await self.respond(request, source, request.match_info["digest"])
+        digest = request.match_info["digest"]
+        if source == "fills" and self._fills.get(digest) is None:
+            # A fill URL (other nodes read it from Redis) is no pass to this node's copy of the
+            # blob: it serves only while the fill runs, or for COMMITTED_GRACE_SECONDS after.
+            return _error(404, "BLOB_UNKNOWN", "no fill of this blob is running on this node", digest)
+        return await self.respond(request, source, digest)
 
     async def _stored_blob(
         self, digest: str, headers: Mapping[str, str], from_fill: bool = False, path: str | None = None

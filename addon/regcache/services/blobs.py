@@ -92,8 +92,9 @@ class HolderGone(Exception):
 
 # Where a fill's bytes come from (module docstring).
 FillOrigin = Literal["upstream", "node", "bucket"]
-# A fill URL a lease publishes stays valid this long: longer than any fill (it names one digest).
-FILL_URL_SECONDS = 6 * 3600.0
+# A fill URL a lease publishes stays valid this many lease times (signed anew at every renewal,
+# every third of one), and the blob endpoint serves it only while the fill runs or just committed.
+FILL_URL_LEASES = 4
 # While another node holds a blob's lease but its fill cannot be followed yet (starting, ending,
 # dead until its lease expires): look again after this long.
 CLUSTER_RETRY_SECONDS = 0.1
@@ -459,8 +460,7 @@ class Fills:
         while time.monotonic() < deadline:
             if (opened := await self._from_bucket(fill)) is not None:
                 return opened
-            url = self.fill_url(fill.digest) if self.fill_url is not None else None
-            lease = await shared.acquire(name, url)
+            lease = await shared.acquire(name, self._fill_url_of(fill.digest))
             if lease is not None:
                 # A holder uploads before it lets go: the lease may be free because the blob is there now.
                 if (opened := await self._from_bucket(fill)) is not None:
@@ -478,6 +478,11 @@ class Fills:
             await asyncio.sleep(CLUSTER_RETRY_SECONDS)  # the holder is starting, ending or dead
         log.warning("cluster lease of %s not obtainable: fetching upstream without it", fill.digest)
         return None
+
+    def _fill_url_of(self, digest: str) -> Callable[[], str] | None:
+        """What makes this node's fill URL of `digest` (signed anew at each lease renewal)."""
+        make = self.fill_url
+        return None if make is None else lambda: make(digest)
 
     async def _from_bucket(self, fill: Fill) -> Opened | None:
         """The bucket's copy (`fill.origin` then `bucket`), None if it has none or S3 is down."""

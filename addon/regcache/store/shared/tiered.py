@@ -303,9 +303,10 @@ class TieredStore:
             await asyncio.to_thread(self.redis.inventory.added, keys.blob_key(digest), size)
         return True
 
-    async def acquire(self, name: str, url: str | None) -> Lease | None:
+    async def acquire(self, name: str, url: Callable[[], str] | None) -> Lease | None:
         """The cluster lease `name` (e.g. `blob:<digest>`) for this node; None if another node holds
-        it. SharedUnavailable while Redis is down (the caller goes on alone)."""
+        it. `url` makes the URL its fill is followed at (anew at every renewal). SharedUnavailable
+        while Redis is down (the caller goes on alone)."""
         return await self.redis.leases.acquire(name, self.lease_seconds, url)
 
     async def holder(self, name: str) -> FillHolder | None:
