@@ -447,7 +447,7 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
 #   node: cache-a                        # this node's id in the cluster (default: the host name)
 #   size_limit: 2TiB                     # the bucket's share (default: no limit)
 #   max_age: 30d                         # default: the top-level max_age
-#   lease_seconds: 15                    # a dead fill holder is replaced after at most this long
+#   lease_seconds: 15                    # a dead fill holder is replaced after at most this long (1 s to 1 h)
 #   access_secret_file: /etc/regcache/access-secret  # or access_secret_env: the same ≥ 32 characters on
 #                                        # every node, keying the access records' identity hashes (required)
 #   s3:
@@ -475,6 +475,9 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_PREFIX = "regcache:"
 # SigV4 presigned URLs are valid for at most a week.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600.0
+MAX_TIMEOUT_SECONDS = 24 * 3600.0  # S3 and Redis timeouts
+MAX_ABANDONED_SECONDS = 365 * 24 * 3600.0
+LEASE_SECONDS_RANGE = (1.0, 3600.0)  # shorter: Redis hammered by renewals; longer: a dead holder blocks for long
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
@@ -549,12 +552,15 @@ def _matching(key: str, value: object, pattern: re.Pattern[str], what: str) -> s
     return value
 
 
-def _seconds(key: str, value: object, *, most: float | None = None) -> float:
-    """A duration larger than zero (and at most `most`)."""
+def _seconds(key: str, value: object, *, most: float, least: float = 0.0) -> float:
+    """A duration larger than zero (and than `least`, if given), at most `most`: finite, so that
+    timers and Redis expiries take it."""
     seconds = parse_duration(key, value)
     if seconds <= 0:
         raise ConfigError(key, f"must be larger than zero, got {value!r}")
-    if most is not None and seconds > most:
+    if seconds < least:
+        raise ConfigError(key, f"must be at least {least:g} seconds, got {value!r}")
+    if not seconds <= most:  # also infinity
         raise ConfigError(key, f"must be at most {most:g} seconds, got {value!r}")
     return seconds
 
@@ -601,9 +607,10 @@ def parse_s3(key: str, raw: object) -> S3Settings:
     if "presign_seconds" in entry:
         values["presign_seconds"] = _seconds(f"{key}.presign_seconds", entry["presign_seconds"],
                                              most=MAX_PRESIGN_SECONDS)
-    for name in ("connect_timeout", "timeout", "abandoned_uploads_after"):
+    for name, most in (("connect_timeout", MAX_TIMEOUT_SECONDS), ("timeout", MAX_TIMEOUT_SECONDS),
+                       ("abandoned_uploads_after", MAX_ABANDONED_SECONDS)):  # fmt: skip
         if name in entry:
-            values[name] = _seconds(f"{key}.{name}", entry[name])
+            values[name] = _seconds(f"{key}.{name}", entry[name], most=most)
     if entry.get("proxy") is not None:
         values["proxy"] = urlunsplit(_base_url(f"{key}.proxy", entry["proxy"], "http://proxy.internal:3128"))
     return S3Settings(**values)  # type: ignore[arg-type]
@@ -669,7 +676,7 @@ def parse_redis(key: str, raw: object) -> RedisSettings:
             raise ConfigError(url_key, "has a user name, and so has the username key: give it once")
         values["username"] = _matching(f"{key}.username", entry["username"], re.compile(r"\S+"), "a user name")
     if "timeout" in entry:
-        values["timeout"] = _seconds(f"{key}.timeout", entry["timeout"])
+        values["timeout"] = _seconds(f"{key}.timeout", entry["timeout"], most=MAX_TIMEOUT_SECONDS)
     if "prefix" in entry:
         values["prefix"] = _matching(f"{key}.prefix", entry["prefix"], _REDIS_PREFIX_RE, "a prefix such as regcache:")
     return RedisSettings(**values)  # type: ignore[arg-type]
@@ -724,7 +731,8 @@ def parse_shared(key: str, raw: object, max_age: float) -> SharedSettings:
     if entry.get("size_limit") is not None:
         values["size_limit"] = parse_size(f"{key}.size_limit", entry["size_limit"])
     if "lease_seconds" in entry:
-        values["lease_seconds"] = _seconds(f"{key}.lease_seconds", entry["lease_seconds"])
+        least, most = LEASE_SECONDS_RANGE
+        values["lease_seconds"] = _seconds(f"{key}.lease_seconds", entry["lease_seconds"], least=least, most=most)
     return SharedSettings(**values)  # type: ignore[arg-type]
 
 
