@@ -7,7 +7,9 @@ It runs on mitmproxy's own event loop and serves, for a valid signature only:
 - `/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
 - `/fills/<digest>`: a blob still being fetched, following the staging file as it grows (past
   what the disk took, from the fill's memory), and breaking the connection if the fill fails so
-  the client never takes a partial blob as whole. Both fronts follow fills here.
+  the client never takes a partial blob as whole. Both fronts follow fills here. A signed fill
+  URL serves only while this node's fill of the digest runs or has just committed (other nodes
+  read these URLs from Redis: never a pass to the stored copy); otherwise `404 BLOB_UNKNOWN`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 A node about to fetch a blob or a manifest from upstream takes the lease on it (`Leases.acquire`:
 SET NX PX). The lease's value names the node, where its fill can be followed (its blob endpoint's
-fill URL) and a token unique to this acquisition. Only the holder renews it (a Lua
-compare-and-pexpire: a lease that expired and was taken by another node is not extended by its
-former holder) and only the holder releases it (compare-and-delete). The sweep lock is a lease too.
+fill URL, short-lived and signed anew at every renewal) and a token unique to this acquisition.
+Only the holder renews it (a Lua compare-and-set with a new expiry: a lease that expired and was
+taken by another node is not extended by its former holder) and only the holder releases it
+(compare-and-delete). The sweep lock is a lease too.
 
 While it fills, the holder publishes progress to a Redis stream named by its token
 (`FillEvents`): followers read it from the start, so one that comes late misses nothing (pub/sub
