@@ -3,7 +3,7 @@
 A node about to fetch a blob or a manifest from upstream takes the lease on it (`Leases.acquire`:
 SET NX PX). The lease's value names the node, where its fill can be followed (its blob endpoint's
 fill URL, short-lived and signed anew at every renewal) and a token unique to this acquisition.
-Only the holder renews it (a Lua compare-and-set with a new expiry: a lease that expired and was
+Only the holder renews it (a Lua compare-and-pexpire, or -set with a new URL: a lease that expired and was
 taken by another node is not extended by its former holder) and only the holder releases it
 (compare-and-delete). The sweep lock is a lease too.
 
@@ -38,7 +38,10 @@ log = logging.getLogger("regcache")
 # Extend a lease only while we still hold it.
 RENEW_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[2]) and 1
+  if ARGV[3] then
+    return redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[2]) and 1
+  end
+  return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -91,8 +94,11 @@ class Lease:
 
     async def renew(self) -> bool:
         """Extend it by `seconds` (its URL made anew) if this node still holds it; False if it does not."""
-        renewed = self.holder if self._url is None else replace(self.holder, url=self._url())
-        if not await self._leases._compare(self, self._leases._renew, int(self.seconds * 1000), renewed.value()):
+        milliseconds = int(self.seconds * 1000)
+        if self._url is None:
+            return await self._leases._compare(self, self._leases._renew, milliseconds)
+        renewed = replace(self.holder, url=self._url())
+        if not await self._leases._compare(self, self._leases._renew, milliseconds, renewed.value()):
             return False
         self.holder = renewed
         return True
