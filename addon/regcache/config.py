@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -446,7 +447,9 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
 #   node: cache-a                        # this node's id in the cluster (default: the host name)
 #   size_limit: 2TiB                     # the bucket's share (default: no limit)
 #   max_age: 30d                         # default: the top-level max_age
-#   lease_seconds: 15                    # a dead fill holder is replaced after at most this long
+#   lease_seconds: 15                    # a dead fill holder is replaced after at most this long (1 s to 1 h)
+#   access_secret_file: /etc/regcache/access-secret  # or access_secret_env: the same ≥ 32 characters on
+#                                        # every node, keying the access records' identity hashes (required)
 #   s3:
 #     endpoint: http://s3.internal:7480  # any S3-compatible store, path-style addressing
 #     bucket: regcache                   # must exist and be writable (checked at start-up)
@@ -472,6 +475,9 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_PREFIX = "regcache:"
 # SigV4 presigned URLs are valid for at most a week.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600.0
+MAX_TIMEOUT_SECONDS = 24 * 3600.0  # S3 and Redis timeouts
+MAX_ABANDONED_SECONDS = 365 * 24 * 3600.0
+LEASE_SECONDS_RANGE = (1.0, 3600.0)  # shorter: Redis hammered by renewals; longer: a dead holder blocks for long
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
@@ -511,6 +517,9 @@ class SharedSettings:
     redis: RedisSettings
     node: str
     max_age: float
+    # The key of the access records' identity hashes, the same on every node (from a file or the
+    # environment, never from Redis: whoever reads Redis must not be able to test guesses).
+    access_secret: bytes = field(repr=False)
     size_limit: int | None = None
     lease_seconds: float = 15.0
 
@@ -521,7 +530,10 @@ _S3_KEYS = {
     *(f"{name}{suffix}" for name in ("access_key", "secret_key") for suffix in ("", "_file", "_env")),
 }  # fmt: skip
 _REDIS_KEYS = {"url", "timeout", "prefix", "username", "password", "password_file", "password_env"}
-_SHARED_KEYS = {"s3", "redis", "node", "size_limit", "max_age", "lease_seconds"}
+_SHARED_KEYS = {
+    "s3", "redis", "node", "size_limit", "max_age", "lease_seconds", "access_secret_file", "access_secret_env",
+}  # fmt: skip
+MIN_ACCESS_SECRET = 32  # characters
 
 
 def _map(key: str, value: object, known: set[str], example: str) -> dict[str, object]:
@@ -540,12 +552,15 @@ def _matching(key: str, value: object, pattern: re.Pattern[str], what: str) -> s
     return value
 
 
-def _seconds(key: str, value: object, *, most: float | None = None) -> float:
-    """A duration larger than zero (and at most `most`)."""
+def _seconds(key: str, value: object, *, most: float, least: float = 0.0) -> float:
+    """A duration larger than zero (and than `least`, if given), at most `most`: finite, so that
+    timers and Redis expiries take it."""
     seconds = parse_duration(key, value)
     if seconds <= 0:
         raise ConfigError(key, f"must be larger than zero, got {value!r}")
-    if most is not None and seconds > most:
+    if seconds < least:
+        raise ConfigError(key, f"must be at least {least:g} seconds, got {value!r}")
+    if not seconds <= most:  # also infinity
         raise ConfigError(key, f"must be at most {most:g} seconds, got {value!r}")
     return seconds
 
@@ -592,9 +607,10 @@ def parse_s3(key: str, raw: object) -> S3Settings:
     if "presign_seconds" in entry:
         values["presign_seconds"] = _seconds(f"{key}.presign_seconds", entry["presign_seconds"],
                                              most=MAX_PRESIGN_SECONDS)
-    for name in ("connect_timeout", "timeout", "abandoned_uploads_after"):
+    for name, most in (("connect_timeout", MAX_TIMEOUT_SECONDS), ("timeout", MAX_TIMEOUT_SECONDS),
+                       ("abandoned_uploads_after", MAX_ABANDONED_SECONDS)):  # fmt: skip
         if name in entry:
-            values[name] = _seconds(f"{key}.{name}", entry[name])
+            values[name] = _seconds(f"{key}.{name}", entry[name], most=most)
     if entry.get("proxy") is not None:
         values["proxy"] = urlunsplit(_base_url(f"{key}.proxy", entry["proxy"], "http://proxy.internal:3128"))
     return S3Settings(**values)  # type: ignore[arg-type]
@@ -606,11 +622,10 @@ def _redis_url(key: str, value: object) -> tuple[str, str | None, str | None]:
     example = "redis://redis.internal:6379/0"
     parts = _url_parts(key, value, example)
     if parts.scheme == "unix":
-        if not parts.path or parts.netloc or parts.fragment:
-            raise ConfigError(key, f"expected unix:///path/to/redis.sock (password: the password key), got {value!r}")
-        return str(value), None, None
+        return _unix_redis_url(key, parts)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(key, f"expected a URL such as {example} (rediss:// for TLS), got {value!r}")
+        shown = "(not shown: it may hold a secret)" if parts.query or parts.password else repr(value)
+        raise ConfigError(key, f"expected a URL such as {example} (rediss:// for TLS, no query), got {shown}")
     try:
         parts.port  # noqa: B018 (raises on a bad port)
     except ValueError as err:
@@ -621,6 +636,27 @@ def _redis_url(key: str, value: object) -> tuple[str, str | None, str | None]:
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     return urlunsplit((parts.scheme, netloc, parts.path, "", "")), username, password
+
+
+def _unix_redis_url(key: str, parts: SplitResult) -> tuple[str, str | None, str | None]:
+    """`unix:///path/to/socket[?db=N][&password=…]`: the URL keeps only `db`, the password moves out
+    (the URL is logged); any other query is an error (never echoed: it may hold a secret)."""
+    example = "unix:///path/to/redis.sock?db=0"
+    if not parts.path or parts.netloc or parts.fragment:
+        raise ConfigError(key, f"expected a socket URL such as {example} (password: the password key)")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as err:
+        raise ConfigError(key, f"expected a socket URL such as {example}: bad query") from err
+    unknown = sorted(set(query) - {"db", "password"})
+    if unknown or any(len(values) > 1 for values in query.values()):
+        raise ConfigError(key, f"a socket URL takes only db= and password= in its query, got {unknown or 'repeats'}")
+    db = query.get("db", [None])[0]
+    if db is not None and not db.isdigit():
+        raise ConfigError(key, "db= must be a database number such as 0")
+    password = query.get("password", [None])[0] or None
+    url = f"unix://{parts.path}" + (f"?db={db}" if db is not None else "")
+    return url, None, password
 
 
 def parse_redis(key: str, raw: object) -> RedisSettings:
@@ -640,10 +676,35 @@ def parse_redis(key: str, raw: object) -> RedisSettings:
             raise ConfigError(url_key, "has a user name, and so has the username key: give it once")
         values["username"] = _matching(f"{key}.username", entry["username"], re.compile(r"\S+"), "a user name")
     if "timeout" in entry:
-        values["timeout"] = _seconds(f"{key}.timeout", entry["timeout"])
+        values["timeout"] = _seconds(f"{key}.timeout", entry["timeout"], most=MAX_TIMEOUT_SECONDS)
     if "prefix" in entry:
         values["prefix"] = _matching(f"{key}.prefix", entry["prefix"], _REDIS_PREFIX_RE, "a prefix such as regcache:")
     return RedisSettings(**values)  # type: ignore[arg-type]
+
+
+def _access_secret(key: str, entry: dict[str, object]) -> bytes:
+    value = _secret(key, entry, "access_secret")
+    if value is None:
+        raise ConfigError(
+            f"{key}.access_secret_file",
+            f"required (or access_secret_env): a secret of at least {MIN_ACCESS_SECRET} characters, the same on "
+            "every node (e.g. the output of `openssl rand -hex 32`)",
+        )
+    if len(value) < MIN_ACCESS_SECRET:
+        given = "access_secret_file" if "access_secret_file" in entry else "access_secret_env"
+        raise ConfigError(f"{key}.{given}", f"must be at least {MIN_ACCESS_SECRET} characters, got {len(value)}")
+    return value.encode()
+
+
+def unprotected_redis(settings: RedisSettings) -> bool:
+    """Is this Redis reached without a password over the network? (Whoever can write it can grant access.)"""
+    if settings.password is not None or settings.url.startswith("unix:"):
+        return False
+    host = urlsplit(settings.url).hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 def default_node() -> str:
@@ -665,11 +726,13 @@ def parse_shared(key: str, raw: object, max_age: float) -> SharedSettings:
         if "node" in entry
         else default_node(),
         "max_age": parse_duration(f"{key}.max_age", entry["max_age"]) if "max_age" in entry else max_age,
+        "access_secret": _access_secret(key, entry),
     }
     if entry.get("size_limit") is not None:
         values["size_limit"] = parse_size(f"{key}.size_limit", entry["size_limit"])
     if "lease_seconds" in entry:
-        values["lease_seconds"] = _seconds(f"{key}.lease_seconds", entry["lease_seconds"])
+        least, most = LEASE_SECONDS_RANGE
+        values["lease_seconds"] = _seconds(f"{key}.lease_seconds", entry["lease_seconds"], least=least, most=most)
     return SharedSettings(**values)  # type: ignore[arg-type]
 
 

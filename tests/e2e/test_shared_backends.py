@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis as redis_client
 from bed.ceph import Ceph
 from bed.faults import FaultRelay
 from bed.redis import Redis
@@ -71,6 +72,9 @@ def s3_settings(ceph: Ceph, **changes: Any) -> S3Settings:
     settings = S3Settings(ceph.endpoint, ceph.bucket, ceph.access_key, ceph.secret_key, region=ceph.region,
                           prefix=f"{uuid.uuid4().hex}/", connect_timeout=1.0, timeout=2.0)  # fmt: skip
     return replace(settings, **changes)
+
+
+ACCESS_SECRET = b"the-clusters-access-secret-0123456789"
 
 
 def redis_settings(server: Redis, **changes: Any) -> RedisSettings:
@@ -819,6 +823,23 @@ def test_a_kept_lease_outlives_its_time_and_knows_when_it_is_lost(on_nodes: OnNo
     on_nodes(go, 2)
 
 
+def test_a_kept_lease_publishes_its_url_anew_at_every_renewal(on_nodes: OnNodes) -> None:
+    """A fill URL is short-lived: the lease signs it anew each renewal, so a late follower reads a
+    fresh one; the release still finds the lease (its value changed)."""
+
+    async def go(a: SharedRedis, b: SharedRedis) -> None:
+        made = iter(range(1000))
+        lease = await a.leases.acquire("fill-z", 0.3, url=lambda: f"http://a/fill?n={next(made)}")
+        assert lease is not None and lease.holder.url == "http://a/fill?n=0"
+        async with lease.kept():
+            await asyncio.sleep(0.5)  # a renewal every 0.1 s
+            seen = await b.leases.holder("fill-z")
+            assert seen is not None and seen.url not in (None, "http://a/fill?n=0") and seen.token == lease.token
+        assert await b.leases.holder("fill-z") is None and not lease.lost.is_set()
+
+    on_nodes(go, 2)
+
+
 def test_a_late_follower_sees_every_fill_event(on_nodes: OnNodes) -> None:
     """Progress published before a follower joins is not lost (a stream, not pub/sub); the follower ends
     after `done`; a quiet fill raises FillStalled; a failed fill ends with its reason."""
@@ -867,13 +888,13 @@ def access_records(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[
     if request.param == "disk":
         return lambda: DiskAccessRecords(tmp_path)
     settings = redis_settings(request.getfixturevalue("redis_server"))
-    return lambda: RedisAccessRecords(settings)
+    return lambda: RedisAccessRecords(settings, ACCESS_SECRET)
 
 
 def test_access_records_keep_what_they_should_across_reopening(access_records: Callable[[], AccessRecords]) -> None:
     records = access_records()
     secret = records.secret()
-    assert len(secret) == 32 and records.secret() == secret
+    assert len(secret) >= 32 and records.secret() == secret
     now = time.time()
     records.put_grant("basic:a", "docker.io/library/x", Grant(now, now + 3600))
     records.put_grant(ANONYMOUS, "docker.io/library/p", Grant(now, None))
@@ -930,14 +951,19 @@ def test_access_records_expire_as_on_disk(access_records: Callable[[], AccessRec
 
 
 def test_redis_access_records_are_one_set_for_the_cluster(redis_server: Redis) -> None:
-    """Two nodes (two clients) share one secret, so identities hash alike, and see each other's grants;
-    another prefix is another cluster."""
+    """Two nodes (two clients) share the configured secret, so identities hash alike, and see each
+    other's grants; another prefix is another cluster. The secret is nowhere in Redis."""
     settings = redis_settings(redis_server)
-    a, b = RedisAccessRecords(settings), RedisAccessRecords(settings)
-    other = RedisAccessRecords(replace(settings, prefix=settings.prefix + "other:"))
-    assert a.secret() == b.secret() != other.secret()
+    a, b = RedisAccessRecords(settings, ACCESS_SECRET), RedisAccessRecords(settings, ACCESS_SECRET)
+    other = RedisAccessRecords(replace(settings, prefix=settings.prefix + "other:"), ACCESS_SECRET)
+    assert a.secret() == b.secret() == ACCESS_SECRET
     a.put_grant("basic:a", "docker.io/library/x", Grant(time.time(), time.time() + 60))
     assert b.holds_grants("basic:a") and not other.holds_grants("basic:a")
+    client = redis_client.Redis.from_url(redis_server.url)
+    stored = [client.dump(key) or b"" for key in client.scan_iter(f"{settings.prefix}*")]
+    assert stored and not any(ACCESS_SECRET in value for value in stored)
+    assert not client.exists(f"{settings.prefix}access:secret")
+    client.close()
     for one in (a, b, other):
         one.close()
 
@@ -950,7 +976,7 @@ def test_a_revocation_redis_missed_is_owed_to_it_across_a_restart(redis_server: 
     held = Grant(time.time(), time.time() + 3600)
 
     def node() -> ClusterAccessRecords:
-        return ClusterAccessRecords(RedisAccessRecords(settings, breaker=Breaker("Redis", RedisUnavailable, 0)),
+        return ClusterAccessRecords(RedisAccessRecords(settings, ACCESS_SECRET, Breaker("Redis", RedisUnavailable, 0)),
                                     DiskAccessRecords(tmp_path))  # fmt: skip
 
     records = node()
@@ -960,7 +986,7 @@ def test_a_revocation_redis_missed_is_owed_to_it_across_a_restart(redis_server: 
     assert records.grant("basic:a", "r/x") is None
     records.close()
     redis_server.start()
-    other = RedisAccessRecords(settings)  # another node, or a Redis that kept its data
+    other = RedisAccessRecords(settings, ACCESS_SECRET)  # another node, or a Redis that kept its data
     other.put_grant("basic:a", "r/x", held)
     other.put_grant("basic:a", "r/y", held)
 
@@ -1027,14 +1053,14 @@ def test_redis_down_or_hung_fails_fast_with_one_exception(
     async def go(asking: SharedRedis) -> tuple[float, float]:
         asking.breaker.retry_after = 0  # asks Redis every time
         r = SharedRedis(asking.settings, "node-b", retry_after=0.5)
-        records = RedisAccessRecords(r.settings, breaker=r.breaker)
+        records = RedisAccessRecords(r.settings, ACCESS_SECRET, breaker=r.breaker)
         r.tags.put(REF, ("a",), record("sha256:" + "a" * 64, 1.0))
         redis_server.stop()
         down = await all_fail(asking, 0.5)
         await all_fail(r, 0.5)  # the first asks, the others are not tried
         with pytest.raises(RedisUnavailable, match="not tried"):
             r.pins.pins()
-        for sync_call in (records.secret, lambda: records.grant("i", "r"), records.realms):
+        for sync_call in (lambda: records.grant("i", "r"), records.realms):
             fails_within(0.2, OSError, sync_call)
         redis_server.start()
         assert await until_works(lambda: r.tags.records(REF)) == {}  # a restarted bed Redis is empty

@@ -49,9 +49,11 @@ class Cluster:
     """``start(n)``: n more nodes of one cluster (a bucket prefix and a Redis prefix of this test's
     own); `shared` changes the nodes' `shared` section, `settings` the rest of their configuration."""
 
-    def __init__(self, ceph: Ceph, redis_server: Redis, regcache_with: Callable[..., Mitmdump]) -> None:
+    def __init__(self, ceph: Ceph, redis_server: Redis, regcache_with: Callable[..., Mitmdump], workdir: Path) -> None:
         self._ceph, self._redis, self._regcache_with = ceph, redis_server, regcache_with
         self.run = uuid.uuid4().hex[:12]
+        self.access_secret = workdir / "access-secret"  # the same on every node
+        self.access_secret.write_text(f"access-secret-{self.run}-{uuid.uuid4().hex}\n")
         self.prefix = f"{self.run}/"
         self.redis_url = redis_server.url
         self.nodes: list[Mitmdump] = []
@@ -61,7 +63,9 @@ class Cluster:
         s3 = {"endpoint": ceph.endpoint, "bucket": ceph.bucket, "region": ceph.region, "access_key": ceph.access_key,
               "secret_key": ceph.secret_key, "prefix": self.prefix, **changes.pop("s3", {})}  # fmt: skip
         redis = {"url": self._redis.url, "prefix": f"t{self.run}:", "timeout": 1}
-        return {"node": f"node{len(self.nodes)}", "s3": s3, "redis": redis, **changes}
+        section = {"node": f"node{len(self.nodes)}", "s3": s3, "redis": redis,
+                   "access_secret_file": str(self.access_secret), **changes}  # fmt: skip
+        return {key: value for key, value in section.items() if value is not None}  # None: left out
 
     def start(self, count: int, shared: dict[str, Any] | None = None, **settings: Any) -> list[Mitmdump]:
         nodes = []
@@ -84,8 +88,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(ceph: Ceph, redis_server: Redis, regcache_with: Callable[..., Mitmdump]) -> Cluster:
-    return Cluster(ceph, redis_server, regcache_with)
+def cluster(ceph: Ceph, redis_server: Redis, regcache_with: Callable[..., Mitmdump], tmp_path: Path) -> Cluster:
+    return Cluster(ceph, redis_server, regcache_with, tmp_path)
 
 
 def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
@@ -256,6 +260,14 @@ def test_a_missing_bucket_stops_start_up_with_one_line(cluster: Cluster) -> None
         cluster(1, shared={"s3": {"bucket": "no-such-bucket"}})
     lines = [line for line in failed.value.args[0].splitlines() if line.startswith("[") and "no-such-bucket" in line]
     assert len(lines) == 1 and "shared.s3.bucket: no-such-bucket" in lines[0] and "does not exist" in lines[0], lines
+    assert "Traceback" not in failed.value.args[0]
+
+
+def test_a_node_without_the_access_secret_stops_start_up_with_one_line(cluster: Cluster) -> None:
+    with pytest.raises(MitmError) as failed:
+        cluster(1, shared={"access_secret_file": None})
+    lines = [line for line in failed.value.args[0].splitlines() if "shared.access_secret_file" in line]
+    assert len(lines) == 1 and "required (or access_secret_env)" in lines[0], lines
     assert "Traceback" not in failed.value.args[0]
 
 

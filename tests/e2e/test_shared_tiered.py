@@ -44,7 +44,8 @@ def tiered(ceph: Ceph, redis_server: Redis, tmp_path: Path) -> Iterator[TieredSt
     run = uuid.uuid4().hex[:12]
     s3 = S3Settings(ceph.endpoint, ceph.bucket, ceph.access_key, ceph.secret_key, region=ceph.region, prefix=f"{run}/")
     redis = RedisSettings(redis_server.url, timeout=1.0, prefix=f"t{run}:")
-    store = open_tiered(DiskStore(tmp_path / "cache", 10**12), SharedSettings(s3, redis, node="sweeper", max_age=0))
+    settings = SharedSettings(s3, redis, node="sweeper", max_age=0, access_secret=b"s" * 32)
+    store = open_tiered(DiskStore(tmp_path / "cache", 10**12), settings)
     yield store
     store.close()
 
@@ -125,3 +126,23 @@ def test_the_sweep_keeps_pins_and_shared_layers_and_goes_by_last_use(tiered: Tie
     assert old_tag == {}
     assert after_age == {key for key in pinned.entry_keys() if not key.startswith("tag:")}, after_age
     assert tiered.redis.tags.records(new.ref) == {} and tiered.redis.tags.records(pinned.ref) != {}
+
+
+def test_a_pinned_manifest_missing_from_the_inventory_still_keeps_its_blobs(tiered: TieredStore, ceph: Ceph) -> None:
+    """A manifest written while Redis was down is in the bucket but not in the inventory: pinned, its
+    blobs stay when the sweep removes everything past max_age."""
+    pinned = Image("pinned-uncounted", [b"u" * 100_000])
+    other = Image("other", [b"x" * 100_000])
+    t0 = time.time() + 1000
+
+    async def scenario() -> set[str]:
+        for image in (pinned, other):
+            await image.put(tiered, t0)
+        await asyncio.to_thread(tiered.pin, pinned.ref, pinned.digest)
+        await asyncio.to_thread(tiered.redis.inventory.forget, [keys.manifest_key(pinned.digest)])
+        tiered.settings = replace(tiered.settings, max_age=50.0)
+        await tiered.sweep(now=t0 + 200)
+        return await asyncio.to_thread(bucket_keys, ceph, tiered)
+
+    left = asyncio.run(scenario())
+    assert left == {key for key in pinned.entry_keys() if not key.startswith("tag:")}, left

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from regcache.config import ConfigError, SharedSettings, load_settings, parse_shared, settings_from_mapping
+from regcache.config import (
+    ConfigError,
+    SharedSettings,
+    load_settings,
+    parse_shared,
+    settings_from_mapping,
+    unprotected_redis,
+)
 from regcache.store.shared.errors import Breaker, RedisUnavailable, SharedUnavailable
 from regcache.store.shared.s3 import MiB, digest_of_key, object_key, part_size
 from regcache.store.shared.sigv4 import SigV4, parse_uploads
@@ -17,10 +24,17 @@ from regcache.store.shared.sigv4 import SigV4, parse_uploads
 S3 = {"endpoint": "http://s3.internal:7480", "bucket": "regcache", "access_key": "AK", "secret_key": "SK"}
 DIGEST = "sha256:" + "ab" * 32
 BLOB_URL = "http://cache-a.internal:5080"
+ACCESS_SECRET = "the-clusters-access-secret-0123456789"
+ACCESS = {"access_secret_env": "I16_ACCESS_SECRET"}
+
+
+@pytest.fixture(autouse=True)
+def access_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("I16_ACCESS_SECRET", ACCESS_SECRET)
 
 
 def shared(**changes: object) -> SharedSettings:
-    raw: dict[str, object] = {"s3": dict(S3), "redis": "redis://redis.internal:6379/0", **changes}
+    raw: dict[str, object] = {"s3": dict(S3), "redis": "redis://redis.internal:6379/0", **ACCESS, **changes}
     return parse_shared("shared", raw, max_age=3600.0)
 
 
@@ -47,8 +61,10 @@ shared:
     access_key_env: I16_ACCESS
     secret_key_file: {tmp_path / "secret"}
   redis: redis://redis.internal:6379/0
+  access_secret_file: {tmp_path / "access"}
 """
     )
+    (tmp_path / "access").write_text(ACCESS_SECRET + "\n")
     settings = load_settings(str(path)).shared
     assert settings is not None
     s3 = settings.s3
@@ -59,6 +75,43 @@ shared:
         "redis://redis.internal:6379/0", "regcache:", 2.0)  # fmt: skip
     assert (settings.node, settings.max_age, settings.size_limit) == ("cache-a", 2 * 86400, None)
     assert "the-secret-key" not in repr(settings) and "the-access-key" not in repr(settings)
+    assert settings.access_secret == ACCESS_SECRET.encode() and ACCESS_SECRET not in repr(settings)
+
+
+def test_the_access_secret_is_required_long_and_read_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """Never from Redis, never inline: one line naming the key when it is missing, short or unreadable."""
+    cases: list[tuple[dict[str, object], str, str]] = [
+        ({"access_secret_env": None}, "shared.access_secret_file", "required (or access_secret_env)"),
+        ({"access_secret_env": "I16_UNSET_VARIABLE"}, "shared.access_secret_env", "is not set"),
+        ({"access_secret_env": None, "access_secret_file": str(tmp_path / "none")}, "shared.access_secret_file",
+         "cannot read"),
+        ({"access_secret_env": None, "access_secret_file": str(tmp_path / "short")}, "shared.access_secret_file",
+         "at least 32 characters, got 5"),
+        ({"access_secret": ACCESS_SECRET}, "shared.access_secret", "unknown key"),
+        ({"access_secret_file": str(tmp_path / "short")}, "shared.access_secret_env", "give only one"),
+    ]  # fmt: skip
+    (tmp_path / "short").write_text("short\n")
+    for changes, key, message in cases:
+        raw = {"s3": dict(S3), "redis": "redis://r", **ACCESS, **changes}
+        with pytest.raises(ConfigError) as err:
+            parse_shared("shared", {k: v for k, v in raw.items() if v is not None}, max_age=0)
+        assert (err.value.key, message in str(err.value)) == (key, True), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("redis", "unprotected"),
+    [
+        ("redis://redis.internal:6379/0", True),
+        ("redis://10.0.0.5:6379/0", True),
+        ("redis://:pw@redis.internal:6379/0", False),
+        ("redis://127.0.0.1:6379/0", False),
+        ("redis://localhost:6379/0", False),
+        ("redis://[::1]:6379/0", False),
+        ("unix:///run/redis.sock", False),
+    ],
+)
+def test_a_redis_without_password_off_this_host_is_flagged(redis: str, unprotected: bool) -> None:
+    assert unprotected_redis(shared(redis=redis).redis) is unprotected
 
 
 def test_every_setting() -> None:
@@ -84,10 +137,30 @@ def test_a_password_in_the_redis_url_is_moved_out_of_it() -> None:
     assert (redis.url, redis.password, redis.username) == ("redis://redis:6379/0", "p@ss", None)
     assert "p@ss" not in repr(redis)
     assert shared(redis="unix:///run/redis.sock?db=1").redis.url == "unix:///run/redis.sock?db=1"
+    assert shared(redis="unix:///run/redis.sock").redis.url == "unix:///run/redis.sock"
+    socket = shared(redis="unix:///run/redis.sock?db=2&password=s%26cret").redis
+    assert (socket.url, socket.password) == ("unix:///run/redis.sock?db=2", "s&cret") and "cret" not in repr(socket)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix:///run/redis.sock?db=x",
+        "unix:///run/redis.sock?db=1&db=2",
+        "unix:///run/redis.sock?password=TOPSECRET&colour=blue",
+        "unix:///run/redis.sock?TOPSECRET",
+        "unix://host/run/redis.sock?password=TOPSECRET",
+        "redis://redis:6379/0?password=TOPSECRET",
+    ],
+)
+def test_bad_redis_urls_name_the_key_and_never_echo_a_secret(url: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        shared(redis=url)
+    assert err.value.key == "shared.redis" and "TOPSECRET" not in str(err.value), str(err.value)
 
 
 def test_max_age_defaults_to_the_top_level_one() -> None:
-    section = {"s3": S3, "redis": "redis://r:6379"}
+    section = {"s3": S3, "redis": "redis://r:6379", **ACCESS}
     settings = settings_from_mapping({"max_age": "3d", "blob_url": BLOB_URL, "shared": section})
     assert settings.shared is not None and settings.shared.max_age == 3 * 86400
     default = settings_from_mapping({"blob_url": BLOB_URL, "shared": section})
@@ -128,6 +201,14 @@ def test_max_age_defaults_to_the_top_level_one() -> None:
         ({"size_limit": "lots"}, "shared.size_limit"),
         ({"max_age": "ever"}, "shared.max_age"),
         ({"lease_seconds": -1}, "shared.lease_seconds"),
+        ({"lease_seconds": 0.01}, "shared.lease_seconds"),
+        ({"lease_seconds": "2h"}, "shared.lease_seconds"),
+        ({"lease_seconds": float("inf")}, "shared.lease_seconds"),
+        ({"s3": {**S3, "timeout": float("inf")}}, "shared.s3.timeout"),
+        ({"s3": {**S3, "connect_timeout": "2d"}}, "shared.s3.connect_timeout"),
+        ({"s3": {**S3, "abandoned_uploads_after": float("inf")}}, "shared.s3.abandoned_uploads_after"),
+        ({"redis": {"url": "redis://r", "timeout": float("inf")}}, "shared.redis.timeout"),
+        ({"redis": {"url": "redis://r", "timeout": "2d"}}, "shared.redis.timeout"),
         ({"colour": "blue"}, "shared.colour"),
     ],
 )
@@ -146,7 +227,7 @@ def test_missing_sections_and_wrong_shapes_name_their_key() -> None:
 
 def test_a_shared_store_needs_a_blob_url_other_nodes_reach() -> None:
     with pytest.raises(ConfigError) as err:
-        settings_from_mapping({"shared": {"s3": S3, "redis": "redis://r:6379"}})
+        settings_from_mapping({"shared": {"s3": S3, "redis": "redis://r:6379", **ACCESS}})
     assert err.value.key == "blob_url" and "other nodes" in str(err.value)
 
 

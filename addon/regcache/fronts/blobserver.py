@@ -7,7 +7,9 @@ It runs on mitmproxy's own event loop and serves, for a valid signature only:
 - `/blobs/<digest>`: a stored blob via sendfile (aiohttp's FileResponse: Range → 206);
 - `/fills/<digest>`: a blob still being fetched, following the staging file as it grows (past
   what the disk took, from the fill's memory), and breaking the connection if the fill fails so
-  the client never takes a partial blob as whole. Both fronts follow fills here.
+  the client never takes a partial blob as whole. Both fronts follow fills here. A signed fill
+  URL serves only while this node's fill of the digest runs or has just committed (other nodes
+  read these URLs from Redis: never a pass to the stored copy); otherwise `404 BLOB_UNKNOWN`.
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ class BlobServer:
 
     async def _signed_blob(self, request: web.Request) -> web.StreamResponse:
         source: BlobSource = "fills" if request.path.startswith("/fills/") else "blobs"
-        return await self.respond(request, source, request.match_info["digest"])
+        digest = request.match_info["digest"]
+        if source == "fills" and self._fills.get(digest) is None:
+            # A fill URL (other nodes read it from Redis) is no pass to this node's copy of the
+            # blob: it serves only while the fill runs, or for COMMITTED_GRACE_SECONDS after.
+            return _error(404, "BLOB_UNKNOWN", "no fill of this blob is running on this node", digest)
+        return await self.respond(request, source, digest)
 
     async def _stored_blob(
         self, digest: str, headers: Mapping[str, str], from_fill: bool = False, path: str | None = None

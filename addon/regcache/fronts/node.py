@@ -17,7 +17,7 @@ from regcache.config import Settings
 from regcache.fronts.blobserver import BlobServer
 from regcache.fronts.listener import Listener, Timeouts
 from regcache.fronts.mirror import MirrorServer
-from regcache.services.blobs import FILL_URL_SECONDS
+from regcache.services.blobs import FILL_URL_LEASES
 from regcache.services.runtime import Runtime
 from regcache.store.shared.errors import BucketUnusable
 
@@ -58,7 +58,9 @@ class Node:
 
     def _fill_url(self, digest: str) -> str:
         """The signed URL of this node's fill of `digest`, as other nodes reach it (`blob_url`)."""
-        return f"{self.runtime.settings.blob_url}{self.blob_server.urls.path('fills', digest, FILL_URL_SECONDS)}"
+        settings = self.runtime.settings
+        lifetime = FILL_URL_LEASES * (settings.shared.lease_seconds if settings.shared is not None else 15.0)
+        return f"{settings.blob_url}{self.blob_server.urls.path('fills', digest, lifetime)}"
 
     def listeners(self) -> list[Listener]:
         return [self.blob_server.listener, *(mirror.listener for mirror in self.mirrors)]

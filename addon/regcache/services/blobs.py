@@ -92,8 +92,9 @@ class HolderGone(Exception):
 
 # Where a fill's bytes come from (module docstring).
 FillOrigin = Literal["upstream", "node", "bucket"]
-# A fill URL a lease publishes stays valid this long: longer than any fill (it names one digest).
-FILL_URL_SECONDS = 6 * 3600.0
+# A fill URL a lease publishes stays valid this many lease times (signed anew at every renewal,
+# every third of one), and the blob endpoint serves it only while the fill runs or just committed.
+FILL_URL_LEASES = 4
 # While another node holds a blob's lease but its fill cannot be followed yet (starting, ending,
 # dead until its lease expires): look again after this long.
 CLUSTER_RETRY_SECONDS = 0.1
@@ -304,10 +305,14 @@ class Fill:
 class Fills:
     """The running fills, by digest (single flight)."""
 
-    def __init__(self, store: Store, upstream: UpstreamClient, shared: SharedTier | None = None) -> None:
+    def __init__(
+        self, store: Store, upstream: UpstreamClient, shared: SharedTier | None = None, offline: bool = False
+    ) -> None:
+        """`offline`: never upstream; a fill comes from the cluster's bucket or fails."""
         self._store = store
         self._upstream = upstream
         self._shared = shared  # the cluster (store/shared/tiered.py); None: this node alone
+        self._offline = offline
         # This node's signed URL where other nodes follow its fill of a digest (set by the fronts).
         self.fill_url: Callable[[str], str] | None = None
         self._fills: dict[str, Fill] = {}
@@ -428,7 +433,13 @@ class Fills:
         self, fill: Fill, url: str, headers: CIMultiDict[str], leased: contextlib.AsyncExitStack
     ) -> Opened:
         """The fill's source, `fill.origin` set: upstream on a single node; in a cluster the bucket,
-        the lease holder's fill, or upstream under this node's lease (Redis down: upstream alone)."""
+        the lease holder's fill, or upstream under this node's lease (Redis down: upstream alone).
+        Offline: the bucket's copy only (no lease: this node would fetch nothing under it)."""
+        if self._offline:
+            opened = await self._from_bucket(fill) if self._shared is not None else None
+            if opened is None:
+                raise UpstreamUnavailable("offline: not in the shared bucket (or S3 unavailable)")
+            return opened
         if self._shared is not None:
             try:
                 found = await self._cluster_source(fill, leased)
@@ -449,8 +460,7 @@ class Fills:
         while time.monotonic() < deadline:
             if (opened := await self._from_bucket(fill)) is not None:
                 return opened
-            url = self.fill_url(fill.digest) if self.fill_url is not None else None
-            lease = await shared.acquire(name, url)
+            lease = await shared.acquire(name, self._fill_url_of(fill.digest))
             if lease is not None:
                 # A holder uploads before it lets go: the lease may be free because the blob is there now.
                 if (opened := await self._from_bucket(fill)) is not None:
@@ -468,6 +478,11 @@ class Fills:
             await asyncio.sleep(CLUSTER_RETRY_SECONDS)  # the holder is starting, ending or dead
         log.warning("cluster lease of %s not obtainable: fetching upstream without it", fill.digest)
         return None
+
+    def _fill_url_of(self, digest: str) -> Callable[[], str] | None:
+        """What makes this node's fill URL of `digest` (signed anew at each lease renewal)."""
+        make = self.fill_url
+        return None if make is None else lambda: make(digest)
 
     async def _from_bucket(self, fill: Fill) -> Opened | None:
         """The bucket's copy (`fill.origin` then `bucket`), None if it has none or S3 is down."""

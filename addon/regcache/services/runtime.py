@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from regcache.config import Settings
+from regcache.config import Settings, unprotected_redis
 from regcache.metrics import METRICS
 from regcache.oci.api import API_VERSION_HEADER, INVALID_MESSAGES, Kind, RegistryRequest, error_body
 from regcache.services.access import Access
@@ -75,10 +75,17 @@ class Runtime:
             )
         self.records: AccessRecords = DiskAccessRecords(settings.cache_dir)
         if self.tiered is not None and settings.shared is not None:  # grants are the cluster's, as strict
-            shared_records = RedisAccessRecords(settings.shared.redis, breaker=self.tiered.redis.breaker)
+            shared = settings.shared
+            if unprotected_redis(shared.redis):
+                log.warning(
+                    "regcache: shared.redis %s has no password and is not on this host: whoever can reach it can "
+                    "grant access to private images; give it a password (and TLS, rediss://)",
+                    shared.redis.url,
+                )
+            shared_records = RedisAccessRecords(shared.redis, shared.access_secret, breaker=self.tiered.redis.breaker)
             self.records = ClusterAccessRecords(shared_records, self.records)
         self.upstream = UpstreamClient(settings)
-        self.fills = Fills(self.store, self.upstream, self.tiered)
+        self.fills = Fills(self.store, self.upstream, self.tiered, offline)
         self.access = Access(self.store, self.records, self.upstream, settings, offline, self.tiered is not None)
         self.tokens = TokenService(self.access, self.records, self.upstream, offline)
         self.manifests = ManifestService(self.store, self.upstream, self.access, offline, self.tiered)

@@ -1,7 +1,8 @@
 """`AccessRecords` (store/access.py) in Redis: one set of access records for the whole cluster.
 
 The same records and semantics as `DiskAccessRecords`, so every node applies the same rules: one
-secret (the key of every identity hash, so an identity hashes alike on every node), grants with
+secret (the key of every identity hash, so an identity hashes alike on every node: the configured
+`shared.access_secret_file`/`_env`, never stored in Redis next to the hashes it keys), grants with
 their expiry as a Redis TTL, `held` per identity (until the latest of its grants expires), token
 records expiring with their tokens, the auth realms and the registries' last challenges. Nothing
 here is a credential (identities and token keys are keyed hashes), but whoever can write this
@@ -11,7 +12,7 @@ The protocol is blocking (callers use `asyncio.to_thread` or `RecordWriter`), so
 synchronous client; every call raises RedisUnavailable (an OSError, as `RecordWriter` expects of
 a failing store) when Redis is unusable.
 
-Keys (under the prefix): access:secret (string), access:grant:<identity> <repository> (JSON, TTL),
+Keys (under the prefix): access:grant:<identity> <repository> (JSON, TTL),
 access:held:<identity> (TTL), access:token:<key> (JSON, TTL), access:realms (set),
 access:challenges (hash registry → challenge).
 """
@@ -19,15 +20,14 @@ access:challenges (hash registry → challenge).
 from __future__ import annotations
 
 import contextlib
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from regcache.config import RedisSettings
+from regcache.config import MIN_ACCESS_SECRET, RedisSettings
 from regcache.store.access import ANONYMOUS, AccessRecords, Grant, LocalAccessRecords, TokenRecord
-from regcache.store.shared.errors import Breaker, RedisUnavailable, SharedUnavailable
+from regcache.store.shared.errors import Breaker, SharedUnavailable
 from regcache.store.shared.redis_client import sync_connection, text
 
 T = TypeVar("T")
@@ -36,21 +36,20 @@ T = TypeVar("T")
 class RedisAccessRecords:
     """`AccessRecords` on the cluster's Redis."""
 
-    def __init__(self, settings: RedisSettings, breaker: Breaker | None = None) -> None:
-        """`breaker`: the node's SharedRedis breaker, so that an outage is one outage."""
+    def __init__(self, settings: RedisSettings, secret: bytes, breaker: Breaker | None = None) -> None:
+        """`secret`: the cluster's (config: shared.access_secret_*); `breaker`: the node's SharedRedis
+        breaker, so that an outage is one outage."""
+        if len(secret) < MIN_ACCESS_SECRET:
+            raise ValueError("the access records' secret is too short")
         conn = sync_connection(settings, breaker)
         self._r, self._keys, self._guard = conn.client, conn.keys, conn.guarded
+        self._secret = secret
 
     def _key(self, name: str) -> str:
         return self._keys.access(name)
 
     def secret(self) -> bytes:
-        with self._guard("reading the access records' secret"):
-            self._r.set(self._key("secret"), secrets.token_bytes(32), nx=True)  # once per cluster
-            value = self._r.get(self._key("secret"))
-        if not isinstance(value, bytes) or len(value) != 32:
-            raise RedisUnavailable("Redis: the access records' secret is missing or damaged")
-        return value
+        return self._secret
 
     def grant(self, identity: str, repository: str) -> Grant | None:
         with self._guard("reading an access grant"):
@@ -129,10 +128,8 @@ def _milliseconds_left(until: float) -> int | None:
 class ClusterAccessRecords:
     """The cluster's access records (Redis), and this node's own (`local`, on disk) while Redis
     cannot answer: writes go to both; a read takes Redis's answer whenever Redis gives one (so a
-    grant another node revoked stays revoked), and the node's own only during an outage. Records
-    read from the node's own fail closed at worst: identities are hashed under the secret read at
-    start (the cluster's, or the node's own when Redis was down then), and a record hashed under
-    the other one simply matches nobody.
+    grant another node revoked stays revoked), and the node's own only during an outage. Both are
+    keyed by the cluster's configured secret.
 
     A revocation (`drop_grant`) Redis could not take is owed to it: kept pending with the node's
     own records (so a restart still owes it), replayed before every later call on Redis, and
@@ -174,7 +171,7 @@ class ClusterAccessRecords:
             return (identity, repository) in self._pending
 
     def secret(self) -> bytes:
-        return self._read(lambda records: records.secret())
+        return self._cluster.secret()  # configured: needs no Redis
 
     def grant(self, identity: str, repository: str) -> Grant | None:
         found = self._read(lambda records: records.grant(identity, repository))

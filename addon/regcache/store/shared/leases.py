@@ -2,9 +2,10 @@
 
 A node about to fetch a blob or a manifest from upstream takes the lease on it (`Leases.acquire`:
 SET NX PX). The lease's value names the node, where its fill can be followed (its blob endpoint's
-fill URL) and a token unique to this acquisition. Only the holder renews it (a Lua
-compare-and-pexpire: a lease that expired and was taken by another node is not extended by its
-former holder) and only the holder releases it (compare-and-delete). The sweep lock is a lease too.
+fill URL, short-lived and signed anew at every renewal) and a token unique to this acquisition.
+Only the holder renews it (a Lua compare-and-pexpire, or -set with a new URL: a lease that expired and was
+taken by another node is not extended by its former holder) and only the holder releases it
+(compare-and-delete). The sweep lock is a lease too.
 
 While it fills, the holder publishes progress to a Redis stream named by its token
 (`FillEvents`): followers read it from the start, so one that comes late misses nothing (pub/sub
@@ -22,8 +23,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import redis.asyncio as aredis
@@ -37,6 +38,9 @@ log = logging.getLogger("regcache")
 # Extend a lease only while we still hold it.
 RENEW_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
+  if ARGV[3] then
+    return redis.call('set', KEYS[1], ARGV[3], 'PX', ARGV[2]) and 1
+  end
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
@@ -73,11 +77,15 @@ class LeaseHolder:
 class Lease:
     """A lease this node holds (until it expires, is released, or `kept` finds it lost)."""
 
-    def __init__(self, leases: Leases, name: str, holder: LeaseHolder, seconds: float) -> None:
+    def __init__(
+        self, leases: Leases, name: str, holder: LeaseHolder, seconds: float, url: Callable[[], str] | None = None
+    ) -> None:
+        """`url`: makes the URL it publishes anew at every renewal (a signed URL kept short-lived)."""
         self._leases = leases
         self.name = name
         self.holder = holder
         self.seconds = seconds
+        self._url = url
         self.lost = asyncio.Event()  # set by `kept` when renewing finds the lease gone
 
     @property
@@ -85,8 +93,15 @@ class Lease:
         return self.holder.token
 
     async def renew(self) -> bool:
-        """Extend it by `seconds` if this node still holds it; False if it does not."""
-        return await self._leases._compare(self, self._leases._renew, int(self.seconds * 1000))
+        """Extend it by `seconds` (its URL made anew) if this node still holds it; False if it does not."""
+        milliseconds = int(self.seconds * 1000)
+        if self._url is None:
+            return await self._leases._compare(self, self._leases._renew, milliseconds)
+        renewed = replace(self.holder, url=self._url())
+        if not await self._leases._compare(self, self._leases._renew, milliseconds, renewed.value()):
+            return False
+        self.holder = renewed
+        return True
 
     async def release(self) -> bool:
         """Give it up if this node still holds it; False if it did not."""
@@ -131,12 +146,16 @@ class Leases:
         self._renew = conn.client.register_script(RENEW_SCRIPT)
         self._release = conn.client.register_script(RELEASE_SCRIPT)
 
-    async def acquire(self, name: str, seconds: float, url: str | None = None) -> Lease | None:
-        """Take the lease for `seconds` unless another holds it; None if another does."""
-        holder = LeaseHolder(self._node, url, uuid.uuid4().hex)
+    async def acquire(
+        self, name: str, seconds: float, url: str | Callable[[], str] | None = None
+    ) -> Lease | None:
+        """Take the lease for `seconds` unless another holds it; None if another does. `url`: where
+        its fill can be followed, or what makes that URL (anew at every renewal)."""
+        making = url if callable(url) else None
+        holder = LeaseHolder(self._node, url() if callable(url) else url, uuid.uuid4().hex)
         with self._guard(f"taking the lease {name}"):
             taken = await self._r.set(self._k.lease(name), holder.value(), nx=True, px=int(seconds * 1000))
-        return Lease(self, name, holder, seconds) if taken else None
+        return Lease(self, name, holder, seconds, making) if taken else None
 
     async def holder(self, name: str) -> LeaseHolder | None:
         """Who holds the lease now (None: nobody)."""
@@ -144,7 +163,7 @@ class Leases:
             raw = await self._r.get(self._k.lease(name))
         return None if raw is None else LeaseHolder.of(raw)
 
-    async def _compare(self, lease: Lease, script: AsyncScript, *args: int) -> bool:
+    async def _compare(self, lease: Lease, script: AsyncScript, *args: int | str) -> bool:
         """Run a compare-and-… script on the lease's key with its value (and `args`)."""
         with self._guard(f"the lease {lease.name}"):
             done = await script(keys=[self._k.lease(lease.name)], args=[lease.holder.value(), *args])

@@ -303,9 +303,10 @@ class TieredStore:
             await asyncio.to_thread(self.redis.inventory.added, keys.blob_key(digest), size)
         return True
 
-    async def acquire(self, name: str, url: str | None) -> Lease | None:
+    async def acquire(self, name: str, url: Callable[[], str] | None) -> Lease | None:
         """The cluster lease `name` (e.g. `blob:<digest>`) for this node; None if another node holds
-        it. SharedUnavailable while Redis is down (the caller goes on alone)."""
+        it. `url` makes the URL its fill is followed at (anew at every renewal). SharedUnavailable
+        while Redis is down (the caller goes on alone)."""
         return await self.redis.leases.acquire(name, self.lease_seconds, url)
 
     async def holder(self, name: str) -> FillHolder | None:
@@ -345,14 +346,24 @@ class TieredStore:
         """(key, size) to remove from the bucket, in order: blocking (Redis and S3 reads)."""
         inventory = self.redis.inventory.everything()
         last_use = {key: when for key, (_, when) in inventory.items()}
-        needs = {key: self._shared_needs(key) for key in inventory if keys.is_kind(key, keys.TAG, keys.MANIFEST)}
+        needs: dict[str, list[str]] = {}
+
+        def needs_of(key: str) -> list[str]:
+            """Also of manifests the inventory lacks (written while Redis was down): a pin on one
+            still protects what it needs."""
+            if key not in needs:
+                needs[key] = self._shared_needs(key) if keys.is_kind(key, keys.TAG, keys.MANIFEST) else []
+            return needs[key]
+
+        for key in inventory:
+            needs_of(key)
         for _ in range(3):  # tag → index → platform manifest → blobs: in use while what needs it is
             for key, needed in needs.items():
                 for other in needed:
                     if other in last_use and last_use[other] < last_use[key]:
                         last_use[other] = last_use[key]
         pins = self.redis.pins.pins()
-        pinned = reachable((keys.manifest_key(d) for d in pins.values()), lambda key: needs.get(key, []))
+        pinned = reachable((keys.manifest_key(d) for d in pins.values()), needs_of)
         pinned |= {keys.tag_key(ref) for ref in pins}
         # Least recently used first; among equals what needs the others first (tag, manifest, blobs),
         # so a sweep that stops half-way leaves no manifest without its blobs.
