@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import os
 import re
@@ -449,7 +451,8 @@ def settings_from_mapping(raw: Mapping[str, object]) -> Settings:
 #   max_age: 30d                         # default: the top-level max_age
 #   lease_seconds: 15                    # a dead fill holder is replaced after at most this long (1 s to 1 h)
 #   access_secret_file: /etc/regcache/access-secret  # or access_secret_env: the same ≥ 32 characters on
-#                                        # every node, keying the access records' identity hashes (required)
+#                                        # every node, keying the access records' identity hashes
+#                                        # (default: derived from s3.secret_key)
 #   s3:
 #     endpoint: http://s3.internal:7480  # any S3-compatible store, path-style addressing
 #     bucket: regcache                   # must exist and be writable (checked at start-up)
@@ -682,14 +685,19 @@ def parse_redis(key: str, raw: object) -> RedisSettings:
     return RedisSettings(**values)  # type: ignore[arg-type]
 
 
-def _access_secret(key: str, entry: dict[str, object]) -> bytes:
+# What the default access secret is derived for (`_access_secret`): a new label, a new secret.
+ACCESS_SECRET_LABEL = b"regcache shared access secret v1"
+
+
+def _access_secret(key: str, entry: dict[str, object], s3: S3Settings) -> bytes:
+    """The key of the access records' identity hashes: `access_secret_file`/`_env` when given, else
+    derived from the S3 secret key (HMAC-SHA256 under it). Every node has that key, it is never in
+    Redis, and whoever holds it can read every cached blob from the bucket anyway, so the hashes in
+    Redis stay unforgeable for whoever can only read Redis. Rotating the S3 key (or changing the
+    configured secret) makes recorded credentials unknown: clients are asked upstream again."""
     value = _secret(key, entry, "access_secret")
     if value is None:
-        raise ConfigError(
-            f"{key}.access_secret_file",
-            f"required (or access_secret_env): a secret of at least {MIN_ACCESS_SECRET} characters, the same on "
-            "every node (e.g. the output of `openssl rand -hex 32`)",
-        )
+        return hmac.new(s3.secret_key.encode(), ACCESS_SECRET_LABEL, hashlib.sha256).hexdigest().encode()
     if len(value) < MIN_ACCESS_SECRET:
         given = "access_secret_file" if "access_secret_file" in entry else "access_secret_env"
         raise ConfigError(f"{key}.{given}", f"must be at least {MIN_ACCESS_SECRET} characters, got {len(value)}")
@@ -719,14 +727,15 @@ def parse_shared(key: str, raw: object, max_age: float) -> SharedSettings:
     for required in ("s3", "redis"):
         if required not in entry:
             raise ConfigError(f"{key}.{required}", "required")
+    s3 = parse_s3(f"{key}.s3", entry["s3"])
     values: dict[str, object] = {
-        "s3": parse_s3(f"{key}.s3", entry["s3"]),
+        "s3": s3,
         "redis": parse_redis(f"{key}.redis", entry["redis"]),
         "node": _matching(f"{key}.node", entry["node"], _NODE_RE, "letters, digits, . _ - (at most 63)")
         if "node" in entry
         else default_node(),
         "max_age": parse_duration(f"{key}.max_age", entry["max_age"]) if "max_age" in entry else max_age,
-        "access_secret": _access_secret(key, entry),
+        "access_secret": _access_secret(key, entry, s3),
     }
     if entry.get("size_limit") is not None:
         values["size_limit"] = parse_size(f"{key}.size_limit", entry["size_limit"])

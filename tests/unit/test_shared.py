@@ -78,10 +78,21 @@ shared:
     assert settings.access_secret == ACCESS_SECRET.encode() and ACCESS_SECRET not in repr(settings)
 
 
-def test_the_access_secret_is_required_long_and_read_from_a_file_or_the_environment(tmp_path: Path) -> None:
-    """Never from Redis, never inline: one line naming the key when it is missing, short or unreadable."""
+def test_without_an_access_secret_it_is_derived_from_the_s3_secret_key() -> None:
+    """The same on every node that has the S3 key, another for another key, and neither the key itself."""
+
+    def derived(secret_key: str) -> bytes:
+        raw = {"s3": {**S3, "secret_key": secret_key}, "redis": "redis://r"}
+        return parse_shared("shared", raw, max_age=0).access_secret
+
+    first = derived("s3-secret-one")
+    assert first == derived("s3-secret-one") and first != derived("s3-secret-two")
+    assert len(first) >= 32 and b"s3-secret-one" not in first
+
+
+def test_the_access_secret_is_long_and_read_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """Never from Redis, never inline: one line naming the key when it is short or unreadable."""
     cases: list[tuple[dict[str, object], str, str]] = [
-        ({"access_secret_env": None}, "shared.access_secret_file", "required (or access_secret_env)"),
         ({"access_secret_env": "I16_UNSET_VARIABLE"}, "shared.access_secret_env", "is not set"),
         ({"access_secret_env": None, "access_secret_file": str(tmp_path / "none")}, "shared.access_secret_file",
          "cannot read"),

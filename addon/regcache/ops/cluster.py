@@ -56,7 +56,7 @@ class Cluster:
     redis: SharedRedis
 
     def access_records(self) -> RedisAccessRecords:
-        return RedisAccessRecords(self.settings.redis)
+        return RedisAccessRecords(self.settings.redis, self.settings.access_secret)
 
 
 @contextlib.asynccontextmanager
