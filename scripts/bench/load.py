@@ -59,13 +59,12 @@ import datetime as dt
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +105,9 @@ from bench.small_big import (
     RSS_LIMIT,
     Bed,
     Cache,
+    CacheTurns,
     DockerdClient,
     PullClient,
-    ReferenceCache,
-    RegcacheCache,
     SkopeoClient,
     _choices,
     describe_image,
@@ -730,7 +728,7 @@ class RealClients:
 # -- the bench ---------------------------------------------------------------------------------------
 
 
-class Bench:
+class Bench(CacheTurns):
     def __init__(self, args: argparse.Namespace, workdir: Path, out: Path, stack: contextlib.ExitStack) -> None:
         self.args = args
         self.workdir = workdir
@@ -771,25 +769,6 @@ class Bench:
                 self.stack.callback(daemon.close)
                 daemon.start()
                 self.real.append((name, DockerdClient(daemon)))
-
-    def new_cache(self, path: str, label: str) -> Cache:
-        """A cache process of its own for every phase, with an empty store."""
-        workdir = self.workdir / "caches" / label
-        shutil.rmtree(workdir, ignore_errors=True)
-        if path == REFERENCE:
-            return ReferenceCache(workdir, self.bed.loopback.url, self.mirror_port)
-        regcache = RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
-        return regcache.through_mirror() if path == MIRROR else regcache
-
-    @contextlib.contextmanager
-    def running(self, cache: Cache) -> Iterator[Cache]:
-        cache.start()
-        try:
-            yield cache
-        finally:
-            cache.stop()
-            self.notes += cache.notes()
-            shutil.rmtree(self.workdir / "caches", ignore_errors=True)
 
     def spec(self, path: str, images: Sequence[PushedImage], clients: int, duration: float | None) -> loadclient.Spec:
         if path == PROXY:

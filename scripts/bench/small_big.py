@@ -913,7 +913,43 @@ def py_spy_record(pid: int, dest: Path, fmt: str = "flamegraph") -> Iterator[Non
 # -- the bench ----------------------------------------------------------------------------------
 
 
-class Bench:
+class CacheTurns:
+    """The caches a bench measures in turn, one process per phase: what `Bench` here and the load
+    bench's share. One cache at a time: the reference listens on the mirror port, as regcache's
+    mirror does."""
+
+    workdir: Path
+    confdir: Path
+    regcache_port: int
+    mirror_port: int
+    notes: list[str]
+
+    @property
+    def bed(self) -> Bed:
+        raise NotImplementedError
+
+    def new_cache(self, path: str, label: str) -> Cache:
+        """A cache process of its own, with an empty store."""
+        workdir = self.workdir / "caches" / label
+        shutil.rmtree(workdir, ignore_errors=True)
+        if path == REFERENCE:
+            return ReferenceCache(workdir, self.bed.loopback.url, self.mirror_port)
+        regcache = RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
+        return regcache.through_mirror() if path == MIRROR else regcache
+
+    @contextlib.contextmanager
+    def running(self, cache: Cache) -> Iterator[Cache]:
+        """``cache`` started; stopped and its store removed afterwards."""
+        cache.start()
+        try:
+            yield cache
+        finally:
+            cache.stop()
+            self.notes += cache.notes()
+            shutil.rmtree(self.workdir / "caches", ignore_errors=True)
+
+
+class Bench(CacheTurns):
     """The bed, the clients, the caches; what was measured so far in ``pulls`` and ``hits``."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path, out: Path, stack: contextlib.ExitStack) -> None:
@@ -963,26 +999,6 @@ class Bench:
     def uses_mirror_port(self) -> bool:
         """dockerd pulls the reference and regcache's mirror as its ``registry-mirrors``."""
         return bool({REFERENCE, MIRROR} & set(self.args.paths))
-
-    def new_cache(self, path: str, label: str) -> Cache:
-        """One cache at a time: the reference listens on the mirror port, as regcache's mirror does."""
-        workdir = self.workdir / "caches" / label
-        shutil.rmtree(workdir, ignore_errors=True)
-        if path == REFERENCE:
-            return ReferenceCache(workdir, self.bed.loopback.url, self.mirror_port)
-        regcache = RegcacheCache(workdir, self.bed.hostmap, self.confdir, self.regcache_port, self.mirror_port)
-        return regcache.through_mirror() if path == MIRROR else regcache
-
-    @contextlib.contextmanager
-    def running(self, cache: Cache) -> Iterator[Cache]:
-        """``cache`` started; stopped and its store removed afterwards."""
-        cache.start()
-        try:
-            yield cache
-        finally:
-            cache.stop()
-            self.notes += cache.notes()
-            shutil.rmtree(self.workdir / "caches", ignore_errors=True)
 
     # measuring
 
