@@ -25,6 +25,7 @@ import pytest
 import redis as redis_client
 from bed.cdn import Cdn
 from bed.ceph import Ceph
+from bed.faults import FaultRelay
 from bed.images import ImageSet, PushedImage, push_variant
 from bed.mitm import MitmError
 from bed.redis import Redis
@@ -35,6 +36,17 @@ from bed.tokens import TokenServer
 
 from .test_access import ALICE, BOB, private_to_alice
 from .test_lifecycle import wait_for_staging
+from .test_private_outage import (  # noqa: F401 - fault_relay: the fixture
+    assert_fails_closed,
+    basic,
+    bearer,
+    cache_private_and_public,
+    fault_relay,
+    objects,
+    relayed,
+    set_condition,
+    token_through,
+)
 from .test_pull import request_through
 
 pytestmark = pytest.mark.shared_store
@@ -392,3 +404,41 @@ def test_a_node_waits_for_the_node_fetching_a_manifest(
     other.close()
     assert upstream_registry.manifest_gets(mark) == 0
     assert "fetched by another node" in node.log()
+
+
+@pytest.mark.parametrize("condition", ["registry-down", "429"])
+def test_a_private_image_cached_on_one_node_fails_closed_on_another_in_an_outage(
+    condition: str,
+    cluster: Cluster,
+    images: ImageSet,
+    fault_relay: FaultRelay,  # noqa: F811 - the fixture
+    bed_hostmap: dict[str, str],
+    upstream_registry: Registry,
+    token_server: TokenServer,
+    skopeo_factory: Callable[..., Skopeo],
+    bed_workdir: Path,
+    tmp_path: Path,
+) -> None:
+    """The single node's probe matrix (test_private_outage) across nodes: alice caches her image on
+    one node; another node, which never saw it, serves it to nobody else with the upstream up, down
+    or answering 429, and still to alice (the grant is the cluster's, in Redis)."""
+    secret = push_variant(upstream_registry, bed_workdir / "outage-secret", "library/outage-secret", "1",
+                          seed=uuid.uuid4().hex)  # fmt: skip
+    private_to_alice(token_server, secret.repo)
+    first, second = cluster(2, upstreams=relayed(bed_hostmap, fault_relay))
+    public = images.oci_single
+    cache_private_and_public(first, skopeo_factory, secret, public, tmp_path)
+    others = {
+        "none": {},
+        "made-up": bearer("made-up-12345"),
+        "anonymous-token": bearer(token_through(second, secret.repo)),
+        "bob-token": bearer(token_through(second, secret.repo, BOB)),
+        "wrong-password": basic("alice:never-used"),
+    }
+    alice_token = {"alice-token": bearer(token_through(second, secret.repo, ALICE))}
+    paths = objects(secret, public.repo)
+    assert_fails_closed(second, "up", paths, others, alice_token)
+
+    set_condition(condition, fault_relay, [upstream_registry])
+    owner = {**alice_token, "alice-basic": basic(ALICE)}
+    assert_fails_closed(second, condition, paths, others, owner, objects(public))
