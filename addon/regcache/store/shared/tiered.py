@@ -34,7 +34,7 @@ from typing import BinaryIO, TypeVar
 
 from regcache.config import SharedSettings
 from regcache.oci.digest import DigestMismatch, verify_digest
-from regcache.oci.manifest import Manifest, manifest_references
+from regcache.oci.manifest import Manifest
 from regcache.oci.reference import TagRef
 from regcache.store import keys
 from regcache.store.base import Entry, FillHolder, SharedBlob, SharedTier, Store, TagRecord
@@ -44,7 +44,7 @@ from regcache.store.shared.leases import SWEEP_LOCK, Lease, LeaseHolder
 from regcache.store.shared.redis import SharedRedis
 from regcache.store.shared.s3 import SharedObjects
 from regcache.store.staging import BlobStaging
-from regcache.store.walk import reachable
+from regcache.store.walk import manifest_needs, reachable
 
 log = logging.getLogger("regcache")
 T = TypeVar("T")
@@ -392,15 +392,7 @@ class TieredStore:
             records = _shared(lambda: self.redis.tags.records(keys.tag_ref_of(key))) or {}
             return [keys.manifest_key(record.digest) for record in records.values()]
         manifest = self.peek_manifest(keys.subject(key))
-        if manifest is None:
-            return []
-        try:
-            children, blobs = manifest_references(manifest)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return []
-        return [keys.manifest_key(str(d.get("digest"))) for d in children] + [
-            keys.blob_key(str(d.get("digest"))) for d in blobs
-        ]
+        return [] if manifest is None else manifest_needs(manifest)
 
     async def _remove_shared(self, key: str) -> None:
         """One entry out of the bucket and Redis (tags: Redis only)."""
