@@ -314,9 +314,11 @@ asyncio.run(objects.blobs.put_file(digest, Path(fifo), 100 << 20))
 """
 
 
-def _feed(fifo: Path, mib: int, stop: threading.Event) -> threading.Thread:
-    """Write `mib` MiB into the FIFO (in the background), then keep it open until `stop`; gives up
-    quietly when the reader goes away (or never came: see `_unblock`)."""
+def _feed(fifo: Path, mib: int, stop: threading.Event, after_stop: int = 0) -> threading.Thread:
+    """Write `mib` MiB into the FIFO (in the background), keep it open until `stop`, then write
+    `after_stop` MiB more: that fails at once when the reader has let go of the pipe, and waits for
+    ever when a reader holds it without reading (the test's join then times out). Gives up quietly
+    when the reader goes away (or never came: see `_unblock`)."""
 
     def feed() -> None:
         with contextlib.suppress(BrokenPipeError), fifo.open("wb") as out:
@@ -324,10 +326,18 @@ def _feed(fifo: Path, mib: int, stop: threading.Event) -> threading.Thread:
                 out.write(bytes([i % 256]) * MiB)
             out.flush()
             stop.wait(30)
+            for _ in range(after_stop):
+                out.write(bytes(MiB))
+            out.flush()
 
     thread = threading.Thread(target=feed, daemon=True)
     thread.start()
     return thread
+
+
+def _join(thread: threading.Thread, why: str) -> None:
+    thread.join(20)
+    assert not thread.is_alive(), why
 
 
 def _unblock(fifo: Path) -> None:
@@ -364,23 +374,24 @@ def test_killed_or_cancelled_uploads_leave_nothing_visible_and_the_sweep_aborts_
         proc.wait()
         stop.set()
         _unblock(fifo)
-        feeder.join()
+        _join(feeder, "the FIFO's writer is still blocked after its reader was killed")
     objects = SharedObjects(settings)
 
     async def cancel_one() -> None:
         fifo2 = tmp_path / "cancelled.fifo"
         os.mkfifo(fifo2)
         stop2 = threading.Event()
-        feeder2 = _feed(fifo2, 20, stop2)
+        feeder2 = _feed(fifo2, 20, stop2, after_stop=20)
         task = asyncio.create_task(objects.blobs.put_file(cancelled, fifo2, 100 * MiB))
+        deadline = time.monotonic() + 20
         while len(ceph.s3.multipart_uploads(ceph.bucket, settings.prefix)) < 2:
-            assert not task.done()
+            assert not task.done() and time.monotonic() < deadline, "the second upload did not begin"
             await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        stop2.set()
-        await asyncio.to_thread(feeder2.join)
+        stop2.set()  # the cancelled upload must have let go of its file: the writer fails, not waits
+        await asyncio.to_thread(_join, feeder2, "the cancelled upload still holds its file open")
 
     run(cancel_one)
 

@@ -31,13 +31,14 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 import obstore
@@ -259,9 +260,13 @@ class SharedBlobs(_Objects):
             with self._guarded(f"PUT {key}"):
                 await obstore.put_async(self._store, key, data, use_multipart=False)
         else:
-            with self._guarded(f"PUT {key} ({size} bytes, in parts)"):
-                await obstore.put_async(self._store, key, _verified_chunks(path, digest, size),
-                                        chunk_size=part_size(size), max_concurrency=_PARTS_IN_FLIGHT)  # fmt: skip
+            chunks = _VerifiedChunks(path, digest, size)
+            try:
+                with self._guarded(f"PUT {key} ({size} bytes, in parts)"):
+                    await obstore.put_async(self._store, key, chunks,
+                                            chunk_size=part_size(size), max_concurrency=_PARTS_IN_FLIGHT)  # fmt: skip
+            finally:
+                chunks.close()
         return True
 
     async def presigned_url(self, digest: str, seconds: float | None = None) -> str:
@@ -289,26 +294,63 @@ class SharedBlobs(_Objects):
         return BlobStream(result, key, self._breaker)
 
 
-async def _verified_chunks(path: Path, digest: str, size: int) -> AsyncIterator[bytes]:
-    """The file's bytes, read and hashed off the event loop; raises DigestMismatch at the end
-    (before the upload could complete) unless they are exactly the blob."""
-    hasher = hashlib.new(digest.partition(":")[0])
-    read = 0
-    with path.open("rb") as handle:
+class _VerifiedChunks:
+    """The file's bytes as an upload's source, read and hashed off the event loop; the last read
+    raises DigestMismatch (before the upload could complete) unless they are exactly the blob.
 
-        def next_chunk() -> bytes:
-            chunk = handle.read(_READ_SIZE)
-            hasher.update(chunk)
+    `close` lets go of the file as soon as the upload ends, however it ends: when an upload is
+    cancelled, obstore may still hold this iterator, and a generator would keep the file open until
+    the garbage collector found it (a pipe's writer would wait for it that long)."""
+
+    def __init__(self, path: Path, digest: str, size: int) -> None:
+        self._path, self._digest, self._size = path, digest, size
+        self._hasher = hashlib.new(digest.partition(":")[0])
+        self._read = 0
+        self._lock = threading.Lock()  # held by a read in flight; close waits for it off the loop
+        self._handle: BinaryIO | None = path.open("rb")
+
+    def __aiter__(self) -> _VerifiedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await asyncio.to_thread(self._next_chunk)
+        if chunk and self._read <= self._size:
             return chunk
+        actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
+        if self._read != self._size or actual != self._digest:
+            raise DigestMismatch(
+                f"{self._digest}: {self._path} no longer holds the blob ({self._read} bytes hashing to {actual})"
+            )
+        raise StopAsyncIteration
 
-        while chunk := await asyncio.to_thread(next_chunk):
-            read += len(chunk)
-            if read > size:
-                break
-            yield chunk
-    actual = f"{hasher.name}:{hasher.hexdigest()}"
-    if read != size or actual != digest:
-        raise DigestMismatch(f"{digest}: {path} no longer holds the blob ({read} bytes hashing to {actual})")
+    def _next_chunk(self) -> bytes:
+        with self._lock:
+            if self._handle is None:  # closed: the upload is over
+                return b""
+            chunk = self._handle.read(_READ_SIZE)
+        self._read += len(chunk)
+        self._hasher.update(chunk)
+        return chunk
+
+    def _release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _release_after_read(self) -> None:
+        with self._lock:
+            self._release()
+
+    def close(self) -> None:
+        """Close the file now, or right after the read in flight (waiting in a worker thread, not
+        on the event loop)."""
+        if not self._lock.acquire(blocking=False):
+            asyncio.get_running_loop().run_in_executor(None, self._release_after_read)
+            return
+        try:
+            self._release()
+        finally:
+            self._lock.release()
 
 
 class SharedManifests(_Objects):
