@@ -1102,13 +1102,18 @@ class Bench(CacheTurns):
         with contextlib.ExitStack() as running:
             for cache in starting:
                 running.enter_context(self.running(cache))
+            regcache_filled = False
             for path, cache in caches.items():  # fill each cache, then forget the client's copy
                 ref = cache.ref(client.name, image.ref)
                 client.forget(ref)
                 mark = cache.mark()
                 client.pull(ref, image, cache.via_proxy)
-                if cache.wait_stored(image, mark) is None:
+                # The proxy and the mirror are one process: its second fill finds every blob stored
+                # already and logs no new STORED line, so only its first is waited for.
+                ours = path in (REGCACHE, MIRROR)
+                if not (ours and regcache_filled) and cache.wait_stored(image, mark) is None:
                     self.notes.append(f"interleaved {name}/{client.name}/{path}: not every blob stored")
+                regcache_filled = regcache_filled or ours
                 client.forget(ref)
             for round_ in range(1, self.args.interleave + 1):
                 for path in path_order(list(caches), round_):
