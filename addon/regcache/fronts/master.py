@@ -73,6 +73,15 @@ class RegcacheMaster(master.Master):
             if isinstance(handler, mitmproxy_log.LegacyLogEvents) and handler.master is self:
                 handler.addFilter(AddLogListened(self.addons))
 
+    async def done(self) -> None:
+        """Stop taking proxy connections first, then what mitmproxy does: it keeps its listeners
+        open to the very end, and a client connecting in those last milliseconds left a connection
+        task pending when the event loop closed ("Task was destroyed but it is pending!"). The
+        connections already open go on until the loop ends, as before."""
+        if (servers := self.addons.get("proxyserver")) is not None:
+            await servers.servers.update([])
+        await super().done()
+
 
 class AddLogListened(logging.Filter):
     """Passes a log record to mitmproxy's `add_log` events only while some addon implements
