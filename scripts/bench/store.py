@@ -29,7 +29,8 @@ used. Then, on a newly opened store (nothing in memory), each ``--samples`` time
   one thread, for ``--idle-seconds``, then while another thread runs one real eviction step of the
   store (``size_limit`` just under its volume: down to 90 %, a tenth of the store, as a full cache
   does after each ~10 % of new content), ``--eviction-rounds`` times: the latencies requests see
-  while the store evicts (the workers serving them share the GIL with the evicting thread).
+  while the store evicts (the workers serving them share the GIL with the evicting thread); and
+  ``request CPU``: the same requests' CPU time (the serving thread's), apart from their waits.
 
 The table gives median and p99 in milliseconds per size, and the ratio of the largest size's median to
 the smallest's (target: at most 2); then the requests' p99 during the evictions against idle (target: at
@@ -329,17 +330,21 @@ def measure_requests(
     (down to 90 %: a tenth of the store, from the oldest)."""
     idle = result.samples["request, idle"] = []
     during = result.samples["request, during eviction"] = []
+    # The same requests' CPU time (this thread's): what a slow one spent working, not waiting.
+    idle_cpu = result.samples["request CPU, idle"] = []
+    during_cpu = result.samples["request CPU, during eviction"] = []
     newest = live[len(live) // 2 :]  # never reached by these evictions
     removed = freed = 0
     seconds = 0.0
     for _ in range(args.eviction_rounds):
-        paced_requests(store, newest, rng, args.request_interval, idle, before(time.monotonic() + args.idle_seconds))
+        going = before(time.monotonic() + args.idle_seconds)
+        paced_requests(store, newest, rng, args.request_interval, (idle, idle_cpu), going)
         store.size_limit = store.volume() - 1  # over its limit
         outcome: list[tuple[int, int]] = []
         evicting = threading.Thread(target=lambda out=outcome: out.append(store.evict()))
         started = time.monotonic()
         evicting.start()
-        paced_requests(store, newest, rng, args.request_interval, during, evicting.is_alive)
+        paced_requests(store, newest, rng, args.request_interval, (during, during_cpu), evicting.is_alive)
         evicting.join()
         seconds += time.monotonic() - started
         removed, freed = removed + outcome[0][0], freed + outcome[0][1]
@@ -356,13 +361,16 @@ def before(deadline: float) -> Callable[[], bool]:
 
 
 def paced_requests(
-    store: DiskStore, images: list[Image], rng: random.Random, interval: float, samples: list[float],
-    going: Callable[[], bool],
+    store: DiskStore, images: list[Image], rng: random.Random, interval: float,
+    samples: tuple[list[float], list[float]], going: Callable[[], bool],
 ) -> None:
-    """A request every `interval` seconds (or back to back, if one takes longer) while `going()`."""
+    """A request every `interval` seconds (or back to back, if one takes longer) while `going()`;
+    each one's wall time and CPU time (this thread's) into `samples`."""
+    walls, cpus = samples
     while going():
-        started = time.monotonic()
-        timed(samples, request, store, rng.choice(images))
+        started, cpu = time.monotonic(), time.thread_time()
+        timed(walls, request, store, rng.choice(images))
+        cpus.append(time.thread_time() - cpu)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
