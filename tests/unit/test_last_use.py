@@ -122,11 +122,17 @@ def test_a_hit_on_an_index_counts_for_all_it_needs_and_parses_nothing_twice(
     assert store.entries()[b(layer1)].last_use > before
 
 
+@pytest.fixture(params=[False, True], ids=["here", "apart"])
+def apart(request: pytest.FixtureRequest) -> bool:
+    """Remove in this process, or in the helper process the running cache removes in."""
+    return bool(request.param)
+
+
 @pytest.mark.parametrize("used", ["a", "b"])
-def test_a_layer_shared_by_two_images_stays_while_either_tag_is_used(tmp_path: Path, used: str) -> None:
+def test_a_layer_shared_by_two_images_stays_while_either_tag_is_used(tmp_path: Path, used: str, apart: bool) -> None:
     """A and B share a base layer, stored before their own. Only the tag of one is used since (a
     replay: its client had every layer): the other's own layer goes first, the shared one stays."""
-    store = DiskStore(tmp_path, 10**9)
+    store = DiskStore(tmp_path, 10**9, remove_apart=apart)
     base, a_only, b_only = (blob(store, name) for name in ("base", "a-only", "b-only"))
     config_a, config_b = blob(store, "config-a", 10), blob(store, "config-b", 10)
     refs = {
@@ -144,10 +150,10 @@ def test_a_layer_shared_by_two_images_stays_while_either_tag_is_used(tmp_path: P
     assert not store.has_blob(other)
 
 
-def test_a_platform_manifest_pulled_by_digest_keeps_its_blobs(tmp_path: Path) -> None:
+def test_a_platform_manifest_pulled_by_digest_keeps_its_blobs(tmp_path: Path, apart: bool) -> None:
     """dockerd HEADs the tag and GETs the platform manifest by digest; it has the layers and fetches
     none. That manifest's layers stay; those of the platform nobody pulled go first."""
-    store = DiskStore(tmp_path, 10**9)
+    store = DiskStore(tmp_path, 10**9, remove_apart=apart)
     layer1, layer2, config1, config2 = (blob(store, name) for name in ("l1", "l2", "c1", "c2"))
     platform1, platform2 = image(store, config1, layer1), image(store, config2, layer2)
     tag(store, "x", index(platform1, platform2, store=store), INDEX)
@@ -171,8 +177,8 @@ def build_pinned(store: DiskStore) -> tuple[TagRef, set[str], set[str]]:
     return pinned, set(pinned_blobs), set(other_blobs)
 
 
-def test_pinned_images_are_never_evicted(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, 10**9)
+def test_pinned_images_are_never_evicted(tmp_path: Path, apart: bool) -> None:
+    store = DiskStore(tmp_path, 10**9, remove_apart=apart)
     _, pinned, others = build_pinned(store)
     store.size_limit = 1  # everything that may go, goes
     removed, freed = store.evict()
@@ -180,11 +186,11 @@ def test_pinned_images_are_never_evicted(tmp_path: Path) -> None:
     assert stored(store, *pinned, *others) == pinned
 
 
-def test_max_age_removes_what_no_use_reached_pins_excepted(tmp_path: Path) -> None:
+def test_max_age_removes_what_no_use_reached_pins_excepted(tmp_path: Path, apart: bool) -> None:
     """An hour later, with a max_age of half an hour: the image whose tag was used keeps every
     entry it needs (its blobs were not read themselves); the pinned one stays; the other image goes
     whole, tag, manifests, blobs and access records."""
-    store = DiskStore(tmp_path, 10**9)
+    store = DiskStore(tmp_path, 10**9, remove_apart=apart)
     pinned, pinned_blobs, other_blobs = build_pinned(store)
     used_blobs = {blob(store, name) for name in ("uc", "ul")}
     used_image = image(store, *sorted(used_blobs))
@@ -330,3 +336,36 @@ def test_eviction_lets_others_write_between_its_batches(tmp_path: Path, monkeypa
     removed, _ = store.evict()
     assert removed == 20
     assert len(writes) >= 20 // 4 - 1
+
+
+def test_the_running_cache_removes_in_a_helper_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`remove_apart`: the removing is done by another process (this one's removal fails if
+    called), and its files and rows are gone as this process sees them."""
+    store = DiskStore(tmp_path, 10**9, remove_apart=True)
+    old, new = blob(store, "old"), blob(store, "new")
+    aged(store, [b(old), b(new)])
+    old_file = store.blob_file(old)
+
+    def not_here(*args: object) -> tuple[int, int]:
+        raise AssertionError("removed in this process")
+
+    monkeypatch.setattr(DiskStore, "_remove_oldest", not_here)
+    limit_to_free(store, LAYER / 2)
+    assert store.evict() == (1, LAYER)
+    assert stored(store, old, new) == {new}
+    assert old_file is not None and not old_file.exists()
+    assert store.expire_unused(0.0, now=time.time() + 10) == (1, LAYER)
+    assert not store.entries()
+
+
+def test_a_failing_helper_leaves_the_removing_to_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DiskStore(tmp_path, 10**9, remove_apart=True)
+    old, new = blob(store, "old"), blob(store, "new")
+    aged(store, [b(old), b(new)])
+    monkeypatch.setattr(disk, "REMOVER", "regcache.store.no_such_module")
+    limit_to_free(store, LAYER / 2)
+    assert store.evict() == (1, LAYER)
+    assert stored(store, old, new) == {new}
+    assert "the evict helper failed" in caplog.text and "removing in this process" in caplog.text

@@ -56,7 +56,8 @@ class Runtime:
         """Opens the store (raises StoreError, OSError, sqlite3.Error; with `shared`, BucketUnusable)."""
         self.settings = settings
         self.offline = offline
-        disk = DiskStore(settings.cache_dir, settings.size_limit)
+        # Evictions and expiry sweeps in a helper process: in a thread they slow requests (disk.py).
+        disk = DiskStore(settings.cache_dir, settings.size_limit, remove_apart=True)
         # A cluster's node: its disk as L1 under the shared bucket and Redis (store/shared/tiered.py).
         self.tiered: TieredStore | None = None
         if settings.shared is not None:
