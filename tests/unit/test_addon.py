@@ -132,7 +132,9 @@ def test_running_freezes_the_start_up_heap(tmp_path: Path) -> None:
 
     async def go() -> int:
         addon = RegistryCache()
-        with taddons.context(addon, proxyauth.ProxyAuth()) as tctx:  # running() reads proxyauth
+        # ProxyAuth first (running() reads its options): added after the addon, its options would
+        # configure the addon on the default config, opening a store in ~/.cache/regcache.
+        with taddons.context(proxyauth.ProxyAuth(), addon) as tctx:
             tctx.configure(addon, regcache_config=config)
             addon.running()
             frozen = gc.get_freeze_count()
@@ -170,7 +172,7 @@ def test_a_reload_keeps_the_ports_the_cache_dir_and_its_running_fills(tmp_path: 
 
     async def go() -> None:
         addon = RegistryCache()
-        with taddons.context(addon, proxyauth.ProxyAuth()) as tctx:
+        with taddons.context(proxyauth.ProxyAuth(), addon) as tctx:  # that order: as above
             tctx.configure(addon, regcache_config=str(first))
             addon.running()
             await asyncio.gather(*cache_module._background_tasks)
