@@ -632,10 +632,10 @@ class DiskStore:
             if done.returncode == 0:
                 removed, freed = json.loads(done.stdout)
                 return int(removed), int(freed)
-            failure = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            log.warning("regcache: the %s helper failed (%s): removing in this process", action, failure[0])
-        except (OSError, ValueError) as err:
-            log.warning("regcache: the %s helper could not run (%s): removing in this process", action, err)
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        except (OSError, ValueError) as err:  # could not start; said something else than its answer
+            why = str(err)
+        log.warning("regcache: the %s helper failed (%s): removing in this process", action, why)
         return None
 
     def unused(self, max_age: float, now: float | None = None) -> list[tuple[str, int]]:
