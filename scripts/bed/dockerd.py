@@ -112,6 +112,9 @@ class Dockerd(ProcessOwner):
     def env(self) -> dict[str, str]:
         env = proxied_env(without_proxies(), self.workdir, self.proxy_url, self.ca_pem)
         env.pop("DOCKER_HOST", None)
+        # dockerd's containerd inherits it: a containerd that does not stop in time gets SIGUSR1
+        # before SIGKILL and writes its goroutine dump to $TMPDIR, which close() removes.
+        env["TMPDIR"] = str(self.rundir)
         return env
 
     def start(self, timeout: float = 30.0) -> None:
