@@ -13,6 +13,7 @@ import pytest
 from bed.setup_scripts import SCRIPTS, run_setup, systemd_environment
 
 from regcache.config import DEFAULT_REGISTRIES
+from regcache.ops.cli import dockerd_instructions
 from regcache.ops.setup import client as client_setup
 from regcache.ops.setup import fileplan
 
@@ -187,6 +188,19 @@ def test_daemon_json_with_proxy_and_mirror_then_without_the_mirror(root: Path, c
     daemon_json.write_text(json.dumps({**settings, "debug": True}))
     run_setup("dockerd", "--undo", root=root)
     assert json.loads(daemon_json.read_bytes()) == {**json.loads(USER_DAEMON_JSON), "debug": True}
+
+
+def test_the_steps_regcache_run_prints_are_what_setup_dockerd_writes(root: Path, ca: Path) -> None:
+    mirror = "http://127.0.0.1:5055"
+    steps = dockerd_instructions("http://127.0.0.1:3128", ca, mirror)
+    run_setup("dockerd", "--ca", str(ca), "--mirror", mirror, root=root)
+    for name, value in systemd_environment((root / DOCKER_DROPIN).read_text()).items():
+        assert f'Environment="{name}={value}"' in steps
+    run_setup("dockerd", "--ca", str(ca), "--method", "daemon-json", "--mirror", mirror, root=root)
+    written = json.loads((root / DAEMON_JSON).read_bytes())
+    assert json.dumps({"proxies": written["proxies"]}) in steps
+    assert json.dumps({"registry-mirrors": written["registry-mirrors"][:1]}) in steps
+    assert "registry-mirrors" not in dockerd_instructions("http://127.0.0.1:3128", ca)
 
 
 def test_an_undo_record_from_before_several_json_keys_still_undoes() -> None:

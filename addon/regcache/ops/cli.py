@@ -125,7 +125,15 @@ def regcache_command() -> str:
 
 def dockerd_instructions(proxy: str, ca_cert: Path, mirror: str | None = None) -> str:
     also = f" --mirror {mirror}" if mirror else ""
-    regcache = regcache_command()
+    regcache, no_proxy = regcache_command(), client_setup.DEFAULT_NO_PROXY
+    # The lines `setup dockerd` writes, from the same functions.
+    environment = "".join(
+        f'       Environment="{name}={value}"\n'
+        for name, value in client_setup.proxy_environment(proxy, no_proxy).items()
+    )
+    proxies = json.dumps({"proxies": client_setup.daemon_json_proxies(proxy, no_proxy)})
+    mirrors = json.dumps({"registry-mirrors": [mirror]})
+    mirror_step = f"     and the Docker Hub mirror first in /etc/docker/daemon.json: {mirrors}\n" if mirror else ""
     return f"""\
 Point dockerd at regcache (the proxy goes in dockerd's environment, not the docker CLI's):
   sudo {regcache} setup dockerd --proxy {proxy} --ca {ca_cert}{also}
@@ -135,9 +143,9 @@ does it all (--dry-run shows the changes, --undo takes them back); by hand:
      or start dockerd with SSL_CERT_FILE=<a bundle of the system roots plus that certificate>.
   2. Give dockerd the proxy, e.g. a systemd drop-in /etc/systemd/system/docker.service.d/regcache.conf:
        [Service]
-       Environment="HTTPS_PROXY={proxy}"
-     or in /etc/docker/daemon.json (Docker 23+): {{"proxies": {{"https-proxy": "{proxy}"}}}}
-  3. systemctl daemon-reload && systemctl restart docker
+{environment}     or in /etc/docker/daemon.json (Docker 23+):
+       {proxies}
+{mirror_step}  3. systemctl daemon-reload && systemctl restart docker
 containerd and podman/skopeo/buildah: {regcache} setup containerd, {regcache} setup podman (README).
 """
 

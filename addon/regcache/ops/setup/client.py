@@ -150,6 +150,11 @@ def proxy_environment(proxy: str, no_proxy: str) -> dict[str, str]:
     return {"HTTPS_PROXY": proxy, **({"NO_PROXY": no_proxy} if no_proxy else {})}
 
 
+def daemon_json_proxies(proxy: str, no_proxy: str) -> dict[str, str]:
+    """daemon.json `proxies` (Docker >= 23): what the drop-in's environment says."""
+    return {"https-proxy": proxy, **({"no-proxy": no_proxy} if no_proxy else {})}
+
+
 def secret_mode(*values: str) -> int:
     """0600 for a file that would hold a password (a proxy URL with USER:PASS@), else 0644."""
     return 0o600 if any(re.search(r"://[^/@]*:[^/@]*@", value) for value in values) else 0o644
@@ -229,7 +234,7 @@ def dockerd_files(
     values: tuple[tuple[str, object], ...] = ()
     files: list[WholeFile | JsonKey] = [trusted_ca(trust, ca, "docker")]
     if method == "daemon-json":
-        values = (("proxies", {"https-proxy": proxy, **({"no-proxy": no_proxy} if no_proxy else {})}),)
+        values = (("proxies", daemon_json_proxies(proxy, no_proxy)),)
     else:
         content = systemd_dropin("setup-dockerd", proxy_environment(proxy, no_proxy))
         path = "/etc/systemd/system/docker.service.d/regcache.conf"
