@@ -619,7 +619,8 @@ class DiskStore:
 
         Why: in a thread, the removal's Python and its SQLite calls keep taking the GIL from the
         threads and the event loop serving requests, and those pay for each hand-over (request
-        p99 during an eviction 2.4x idle here; 1.3-1.7x with the helper: scripts/bench-store)."""
+        p99 during an eviction 2.0-3.1x idle in a thread, 1.3-1.8x with the helper, from 10k to
+        1M entries: scripts/bench-store, docs/benchmarks.md)."""
         if not self.remove_apart or self.read_only:
             return None
         self.flush_uses()  # the helper sees only the uses written

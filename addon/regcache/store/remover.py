@@ -5,7 +5,8 @@ and prints `[entries, bytes]` removed as JSON; a store error: one line on stderr
 
 Why a process (disk.py, `DiskStore.remove_apart`): in a thread of the cache, an eviction's Python
 takes the GIL from the threads and the event loop serving requests for as long as it works
-(scripts/bench-store: request p99 2.4x idle during an eviction in a thread, 1.3-1.7x with it here).
+(scripts/bench-store, 10k to 1M entries: request p99 during an eviction 2.0-3.1x idle in a thread,
+1.3-1.8x with the helper).
 """
 
 from __future__ import annotations
