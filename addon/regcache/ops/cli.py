@@ -125,10 +125,11 @@ def regcache_command() -> str:
 
 def dockerd_instructions(proxy: str, ca_cert: Path, mirror: str | None = None) -> str:
     also = f" --mirror {mirror}" if mirror else ""
-    regcache, no_proxy = regcache_command(), client_setup.DEFAULT_NO_PROXY
-    # The lines `setup dockerd` writes, from the same functions.
+    regcache = regcache_command()
+    no_proxy = client_setup.DEFAULT_NO_PROXY
+    # The lines `setup dockerd` writes, from the same functions (quoting and `%` escapes included).
     environment = "".join(
-        f'       Environment="{name}={value}"\n'
+        f"       Environment={client_setup.systemd_word(f'{name}={value}', quote=True)}\n"
         for name, value in client_setup.proxy_environment(proxy, no_proxy).items()
     )
     proxies = json.dumps({"proxies": client_setup.daemon_json_proxies(proxy, no_proxy)})
